@@ -61,6 +61,14 @@ def softmax_entropy(weight: torch.Tensor) -> float:
     return float((torch.log(s) - t / s) / math.log(n))
 
 
+def poc_histogram_entropy(weight: torch.Tensor, bins: int = HIST_BINS) -> float:
+    """The published PoC's computation, kept as the reference: np.histogram over the fp16 weights.
+    Exact but slow (tens of M params/s); tests and bench/plan_speed.py compare against it."""
+    hist, _ = np.histogram(weight.detach().float().cpu().numpy().astype(np.float16).ravel(), bins=bins)
+    p = hist[hist > 0] / hist.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 ENTROPY_FUNCTIONS = {"histogram": histogram_entropy, "softmax": softmax_entropy}
 
 

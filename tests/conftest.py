@@ -1,0 +1,70 @@
+"""Tiny models the tests build themselves (dimensions multiples of 64), saved as safetensors."""
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+    "qwen2": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+    "gpt2": dict(n_embd=128, n_layer=3, n_head=2, vocab_size=256, n_positions=256),
+}
+
+
+def build_tiny(kind: str, directory: Path, seed: int = 0, dtype=torch.float16, **overrides) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(kind, **{**TINY[kind], **overrides})
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    # Give blocks different weight spreads, so entropies (and the plan) differ between blocks.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and (".layers." in name or ".h." in name):
+                idx = int(name.split(".layers." if ".layers." in name else ".h.")[1].split(".")[0])
+                p.mul_(0.5 + idx)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    cache = {}
+
+    def make(kind="llama", seed=0, **overrides):
+        key = (kind, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = build_tiny(kind, tmp_path_factory.mktemp(kind), seed, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_copy(tiny_factory, tmp_path):
+    """A private copy the test may modify."""
+
+    def make(kind="llama", **kw):
+        dst = tmp_path / f"{kind}_copy"
+        shutil.copytree(tiny_factory(kind, **kw), dst)
+        return dst
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real embedded model, converted once into the repo's models/ (reused across runs)."""
+    from ewq.source import resolve_model
+
+    return resolve_model("smollm2-135m", REPO / "models").path
