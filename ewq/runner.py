@@ -1,0 +1,216 @@
+"""What benchmark.py and benchmark_original.py do: one runner, the scripts differ only in `kind`.
+
+    checkpoint -> (plan) -> load on the CPU -> apply plan block by block -> move to device
+    -> suite (speed, memory) -> (quality) -> result JSON in benchmark_results/
+"""
+
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from .apply import BACKENDS, QUANT_TYPES, QuantSettings, apply_plan, load_model, weight_bytes_by_precision
+from .common import ArgumentParser, EWQError, check_writable_dir
+from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, load_plan, plan_hash
+from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_parser(kind: str) -> ArgumentParser:
+    from .bench import CPU_DEFAULT_NEW_TOKENS, CUDA_DEFAULT_NEW_TOKENS, task_names
+
+    what = "the EWQ-quantized model (a plan applied)" if kind == "ewq" else "the original, unquantized model"
+    p = ArgumentParser(prog="benchmark.py" if kind == "ewq" else "benchmark_original.py",
+                       description=f"Benchmark {what}: speed, memory (and quality with --quality). "
+                                   f"The last line of stdout is the path of the result JSON.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory, Hugging Face id, or '{DEFAULT_MODEL}' (default)")
+    if kind == "ewq":
+        p.add_argument("--plan", default=None,
+                       help="plan JSON from main_cache_model.py, or a built-in baseline: "
+                            f"{', '.join(BUILTIN_PLANS)} (default: the newest plan in --plans-dir for this model's weights)")
+        p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
+                       help="bitsandbytes (default): Linear8bitLt / Linear4bit; torch-dynamic: torch's dynamic int8 "
+                            "PTQ on the CPU for 8-bit blocks (4-bit blocks refused)")
+        p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type (default nf4)")
+        p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
+        p.add_argument("--int8-threshold", type=float, default=6.0,
+                       help="LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 outlier path)")
+        p.add_argument("--plans-dir", default="quantized_models", help="where plans are looked for (default quantized_models/)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu; "
+                        "float32 for --backend torch-dynamic)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"exactly this many new tokens per prompt, EOS ignored (default {CUDA_DEFAULT_NEW_TOKENS} on cuda, "
+                        f"{CPU_DEFAULT_NEW_TOKENS} on cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt; median, min, max reported (default 3)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of: {', '.join(task_names())} (default all)")
+    p.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
+    p.add_argument("--out-dir", default="benchmark_results", help="where the result JSON goes (default benchmark_results/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    return p
+
+
+def pick_device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise EWQError(f"--device cuda, but CUDA is not available to torch {torch.__version__}; use --device cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def pick_dtype(choice, device: str, backend: str) -> torch.dtype:
+    if choice:
+        return DTYPES[choice]
+    if backend == "torch-dynamic":
+        return torch.float32
+    # On this project's 2-core CPU bf16 decoded as fast as fp32 (docs/RESULTS.md) and keeps raw blocks
+    # at 16 bits, like fp16 on a GPU; fp16 matmuls are slow on most CPUs.
+    return torch.float16 if device == "cuda" else torch.bfloat16
+
+
+def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str):
+    """(plan, path or None): a built-in baseline, the given file, or the newest plan for these weights."""
+    if spec in BUILTIN_PLANS:
+        return builtin_plan(spec, source, ckpt, fingerprint), None
+    if spec:
+        plan, path = load_plan(spec), Path(spec)
+    else:
+        matches = []
+        for candidate in sorted(Path(plans_dir).glob("quant_plan_*.json"), key=lambda f: f.stat().st_mtime):
+            try:
+                plan = load_plan(candidate)
+            except EWQError:
+                continue
+            if plan["model"]["fingerprint"] == fingerprint:
+                matches.append((candidate, plan))
+        if not matches:
+            raise EWQError(f"no plan for this model's weights in {plans_dir}/; make one with: "
+                           f"python main_cache_model.py --model {model_spec}")
+        path, plan = matches[-1]
+    check_plan_matches(plan, fingerprint, len(ckpt.blocks), path)
+    return plan, path
+
+
+def variant_name(plan: dict, kind: str) -> str:
+    if kind == "original":
+        return "original"
+    m = plan["method"]
+    if m["name"] == "entropy":
+        return f"ewq-{m['entropy']}-k{m['k']:g}"
+    return m["name"]
+
+
+def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
+    """Refuse early, with numbers, rather than die of an out-of-memory kill half way."""
+    params = sum(t.numel for t in ckpt.tensors)
+    need = params * torch.finfo(dtype).bits / 8 / 1e9  # the float model exists once on the CPU before quantizing
+    free = psutil.virtual_memory().available / 1e9
+    if need > 0.95 * free:
+        raise EWQError(f"out of memory: the weights need {need:.2f} GB in {dtype} on the CPU, {free:.2f} GB is free; "
+                       f"close other programs or use a machine with more RAM")
+    if device == "cuda":
+        ratio = torch.finfo(dtype).bits / 16
+        need_gpu = plan["size"]["model_bytes_after"] * ratio / 1e9
+        free_gpu = torch.cuda.mem_get_info()[0] / 1e9
+        if need_gpu > 0.95 * free_gpu:
+            raise EWQError(f"out of GPU memory: the weights need {need_gpu:.2f} GB, {free_gpu:.2f} GB is free on "
+                           f"{torch.cuda.get_device_name()}; free the GPU or choose a smaller plan")
+
+
+def prepare(args, kind: str):
+    """Resolve model and plan, load, quantize, move. Returns everything the measurements need."""
+    from transformers import AutoTokenizer
+
+    from .analysis import fingerprint as weights_fingerprint
+    from .checkpoint import open_checkpoint
+    from .source import resolve_model
+
+    source = resolve_model(args.model, args.models_dir)
+    ckpt = open_checkpoint(source.path)
+    fp = weights_fingerprint(ckpt, progress=not args.no_progress)
+    if kind == "ewq":
+        plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
+        settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold)
+    else:
+        plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
+    device = pick_device(args.device)
+    if settings.backend == "torch-dynamic" and device != "cpu":
+        raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
+    dtype = pick_dtype(args.dtype, device, settings.backend)
+    check_memory(ckpt, dtype, device, plan)
+
+    start = time.perf_counter()
+    model = load_model(source.path, dtype)
+    load_s = time.perf_counter() - start
+    quantize_s = apply_plan(model, plan, settings, dtype, progress=not args.no_progress) if kind == "ewq" else 0.0
+    if device != "cpu":
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return dict(source=source, ckpt=ckpt, fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings,
+                device=device, dtype=dtype, model=model, tokenizer=tokenizer, load_s=load_s, quantize_s=quantize_s)
+
+
+def run(kind: str, argv=None) -> Path:
+    from . import bench
+
+    args = build_parser(kind).parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 2:
+        raise EWQError(f"--max-new-tokens must be at least 2 (a first token and one decoded), got {args.max_new_tokens}")
+    if args.repeats < 1:
+        raise EWQError(f"--repeats must be at least 1, got {args.repeats}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    suite = bench.load_suite(tasks)
+    out_dir = check_writable_dir(args.out_dir)
+
+    ctx = prepare(args, kind)
+    device, plan = ctx["device"], ctx["plan"]
+    cpu = device == "cpu"
+    new_tokens = args.max_new_tokens or (bench.CPU_DEFAULT_NEW_TOKENS if cpu else bench.CUDA_DEFAULT_NEW_TOKENS)
+    if cpu and args.max_new_tokens is None:
+        print(f"note: on the CPU the suite decodes {new_tokens} tokens per prompt by default (--max-new-tokens to change)")
+    try:
+        tests = bench.run_suite(ctx["model"], ctx["tokenizer"], suite, new_tokens, args.repeats, device,
+                                progress=not args.no_progress)
+    except torch.cuda.OutOfMemoryError:
+        raise EWQError(f"out of GPU memory during generation ({torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
+                       f"allocated at peak); lower --max-new-tokens or choose a smaller plan") from None
+
+    by_precision = weight_bytes_by_precision(ctx["model"], plan)
+    weight_bytes = sum(by_precision.values())
+    block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
+    block_params = plan["size"]["block_params"]
+    result = {
+        "schema_version": bench.RESULT_SCHEMA_VERSION,
+        "kind": kind,
+        "variant": variant_name(plan, kind),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"id": ctx["source"].id, "path": str(ctx["source"].path), "fingerprint": ctx["fingerprint"],
+                  "architecture": ctx["ckpt"].architecture, "block_count": len(ctx["ckpt"].blocks)},
+        "plan": None if kind == "original" else {
+            "path": str(ctx["plan_path"]) if ctx["plan_path"] else None, "name": plan["method"]["name"],
+            "hash": plan_hash(plan), "method": plan["method"], "counts": plan["counts"],
+            "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])]},
+        "environment": bench.environment(device, ctx["dtype"], ctx["settings"]),
+        "settings": {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
+                     "prompts": len(suite), "warmup_tokens": min(bench.WARMUP_TOKENS, new_tokens), "greedy": True},
+        "load": {"path_taken": "quantized-from-checkpoint" if kind == "ewq" else "original-checkpoint",
+                 "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"]},
+        "memory": {
+            "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,
+            "block_avg_bits_per_weight": 8 * block_bytes / block_params,
+            "peak_allocated_gb": max(t["peak_memory_gb"] for t in tests),
+            "peak_source": "torch.cuda.max_memory_allocated" if not cpu else "process peak RSS (VmHWM) during the suite",
+            "driver_process_gb": bench.driver_process_gb(device),
+        },
+        "speed": bench.speed_summary(tests, weight_bytes),
+        "tests": tests,
+        "quality": None,
+    }
+    name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
+    path = bench.write_result(result, out_dir, name_hash)
+    print(bench.format_table(result))
+    return path
