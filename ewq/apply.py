@@ -186,22 +186,23 @@ def weight_bytes_by_precision(model, plan: dict | None) -> dict:
     """Bytes of every weight tensor, grouped by the precision of the block that holds it;
     everything outside the blocks (embeddings, norms, lm_head) is `other`. Tied tensors count once."""
     groups = {"raw": 0, "8-bit": 0, "4-bit": 0, "other": 0}
-    seen = set()
+    seen_tensors, seen_modules = set(), set()
 
-    def count(module, group):
-        for m in module.modules():
+    def count(modules, group):
+        for m in modules:
+            if id(m) in seen_modules:
+                continue
+            seen_modules.add(id(m))
             for t in m.parameters(recurse=False):  # buffers (rotary tables, causal masks) are not weights
                 key = (t.data_ptr(), t.numel())
-                if t.numel() and key not in seen:
-                    seen.add(key)
+                if t.numel() and key not in seen_tensors:
+                    seen_tensors.add(key)
                     groups[group] += _bytes(t)
             groups[group] += layer_state_bytes(m)
 
-    prefix = plan["model"]["block_prefix"] if plan else None
-    blocks = block_list(model, prefix) if prefix else None
-    if blocks is not None:
+    if plan:
         precisions = {b["index"]: b["precision"] for b in plan["blocks"]}
-        for i, block in enumerate(blocks):
-            count(block, precisions[i])
-    count(model, "other")  # what is left: modules outside the blocks (seen tensors are skipped)
+        for i, block in enumerate(block_list(model, plan["model"]["block_prefix"])):
+            count(block.modules(), precisions[i])
+    count(model.modules(), "other")  # what is left: embeddings, final norm, lm_head
     return groups

@@ -143,6 +143,10 @@ def load_plan(path) -> dict:
     except (OSError, ValueError) as e:
         raise EWQError(f"plan file {path} is not valid JSON ({e}); fix it or regenerate it with main_cache_model.py") from None
     validate_plan(plan, path)
+    # counts and sizes derive from the precisions, which a person may have edited: recompute them
+    plan["blocks"].sort(key=lambda b: b["index"])
+    plan["counts"] = counts(plan["blocks"])
+    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"])
     return plan
 
 
@@ -153,6 +157,7 @@ def validate_plan(plan: dict, path="plan") -> None:
         n = int(plan["model"]["block_count"])
         blocks = plan["blocks"]
         plan["model"]["fingerprint"]
+        int(plan["other"]["params"])
     except (KeyError, TypeError, ValueError):
         raise EWQError(f"{path} lacks model.block_count, model.fingerprint or blocks; regenerate it with main_cache_model.py") from None
     seen = set()
@@ -162,6 +167,8 @@ def validate_plan(plan: dict, path="plan") -> None:
         if b["index"] in seen:
             raise EWQError(f"{path}: block {b['index']} appears twice")
         seen.add(b["index"])
+        if not all(isinstance(b.get(f), int) and b[f] >= 0 for f in ("params", "rows")):
+            raise EWQError(f"{path}: block {b['index']} lacks integer 'params' and 'rows'; regenerate the plan")
         if b.get("precision") not in PRECISIONS:
             raise EWQError(f"{path}: block {b['index']} has unknown precision {b.get('precision')!r}; "
                            f"use one of {', '.join(PRECISIONS)}")

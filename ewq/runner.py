@@ -129,6 +129,9 @@ def prepare(args, kind: str):
     from .checkpoint import open_checkpoint
     from .source import resolve_model
 
+    device = pick_device(args.device)
+    if kind == "ewq" and args.backend == "torch-dynamic" and device != "cpu":
+        raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
     source = resolve_model(args.model, args.models_dir)
     ckpt = open_checkpoint(source.path)
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
@@ -137,9 +140,6 @@ def prepare(args, kind: str):
         settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold)
     else:
         plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
-    device = pick_device(args.device)
-    if settings.backend == "torch-dynamic" and device != "cpu":
-        raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
     dtype = pick_dtype(args.dtype, device, settings.backend)
     check_memory(ckpt, dtype, device, plan)
 

@@ -14,15 +14,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False),
     "qwen2": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
-    "gpt2": dict(n_embd=128, n_layer=3, n_head=2, vocab_size=256, n_positions=256),
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=256),
+    "gpt2": dict(n_embd=128, n_layer=3, n_head=2, vocab_size=320, n_positions=256),
 }
 
 
 def build_tiny(kind: str, directory: Path, seed: int = 0, dtype=torch.float16, **overrides) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(kind, **{**TINY[kind], **overrides})
@@ -33,8 +36,23 @@ def build_tiny(kind: str, directory: Path, seed: int = 0, dtype=torch.float16, *
             if p.dim() == 2 and (".layers." in name or ".h." in name):
                 idx = int(name.split(".layers." if ".layers." in name else ".h.")[1].split(".")[0])
                 p.mul_(0.5 + idx)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = 256
     model.save_pretrained(directory, safe_serialization=True)
+    save_byte_tokenizer(directory)
     return directory
+
+
+def save_byte_tokenizer(directory: Path) -> None:
+    """A byte-level tokenizer with no merges: ids 0..255 are bytes, 256 is end-of-text (fits vocab 320)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<|endoftext|>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(directory)
 
 
 @pytest.fixture(scope="session")
