@@ -218,6 +218,11 @@ def format_table(result: dict) -> str:
                  f"max {s['decode_tok_s_max']:.2f}), prefill {s['prefill_s_median']:.3f} s, weights "
                  f"{m['weight_gb']:.3f} GB, peak {m['peak_allocated_gb']:.3f} GB ({m['peak_source']}), "
                  f"{s['bandwidth_gb_s']:.2f} GB/s on {result['environment']['device_name']}")
+    q = result.get("quality")
+    if q:
+        lines.append(f"quality: perplexity {q['perplexity']:.3f}, KL {q['kl_mean']:.5f}, top-1 agreement "
+                     f"{q['top1_agreement']:.4f} over {q['eval_tokens']} tokens of {q['corpus']}"
+                     f"{' (reference from cache)' if q['reference_cached'] else ''}")
     return "\n".join(lines)
 
 

@@ -14,10 +14,13 @@ class EWQError(Exception):
 
 
 def write_json_atomic(path, data) -> Path:
-    """Write JSON to a temporary file in the same directory, then rename: readers never see half a file."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

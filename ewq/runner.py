@@ -13,7 +13,10 @@ import torch
 from .apply import BACKENDS, QUANT_TYPES, QuantSettings, apply_plan, load_model, weight_bytes_by_precision
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, load_plan, plan_hash
+from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
+
+CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -48,6 +51,14 @@ def build_parser(kind: str) -> ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt; median, min, max reported (default 3)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset of: {', '.join(task_names())} (default all)")
+    p.add_argument("--quality", action="store_true",
+                   help="also measure perplexity, KL(original || this) and top-1 agreement on text windows")
+    p.add_argument("--eval-text", default=None, help="UTF-8 text file for --quality (default: lee_background.cor from gensim)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help=f"tokens scored by --quality (default {CPU_EVAL_TOKENS} on cpu, {CUDA_EVAL_TOKENS} on cuda)")
+    p.add_argument("--eval-window", type=int, default=WINDOW, help=f"tokens per non-overlapping window (default {WINDOW})")
+    p.add_argument("--kl-top-k", type=int, default=TOP_K,
+                   help=f"the original's top-k log-probs kept for KL; the rest is pooled into one bucket (default {TOP_K})")
     p.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
     p.add_argument("--out-dir", default="benchmark_results", help="where the result JSON goes (default benchmark_results/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -66,9 +77,11 @@ def pick_dtype(choice, device: str, backend: str) -> torch.dtype:
     if choice:
         return DTYPES[choice]
     if backend == "torch-dynamic":
-        return torch.float32
-    # On this project's 2-core CPU bf16 decoded as fast as fp32 (docs/RESULTS.md) and keeps raw blocks
-    # at 16 bits, like fp16 on a GPU; fp16 matmuls are slow on most CPUs.
+        return torch.float32  # torch's dynamic int8 kernels take fp32 activations
+    # CPU, measured on this project's 2-core AVX2 machine (docs/RESULTS.md), SmolLM2, one process:
+    # bf16 decodes 1.7x faster than fp32 (25.6 vs 15.6 tok/s: decode reads every weight, bf16 reads half),
+    # prefill is 3x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
+    # blocks at 16 bits as fp16 does on a GPU, so bf16 is the CPU default.
     return torch.float16 if device == "cuda" else torch.bfloat16
 
 
@@ -143,15 +156,61 @@ def prepare(args, kind: str):
     dtype = pick_dtype(args.dtype, device, settings.backend)
     check_memory(ckpt, dtype, device, plan)
 
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    quality = quality_inputs(args, tokenizer, fp, dtype, device) if args.quality else None
+
     start = time.perf_counter()
     model = load_model(source.path, dtype)
     load_s = time.perf_counter() - start
+    if quality and quality["reference"] is None:  # the float model is here anyway: no reload later
+        quality["reference"] = reference_from_float_model(model, quality, device, progress=not args.no_progress)
     quantize_s = apply_plan(model, plan, settings, dtype, progress=not args.no_progress) if kind == "ewq" else 0.0
     if device != "cpu":
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
     return dict(source=source, ckpt=ckpt, fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings,
-                device=device, dtype=dtype, model=model, tokenizer=tokenizer, load_s=load_s, quantize_s=quantize_s)
+                device=device, dtype=dtype, model=model, tokenizer=tokenizer, load_s=load_s, quantize_s=quantize_s,
+                quality=quality)
+
+
+def quality_inputs(args, tokenizer, fingerprint: str, dtype, device: str) -> dict:
+    """Corpus, windows and (if cached) the original's reference, checked before any model is loaded."""
+    from . import quality
+
+    if args.kl_top_k < 1:
+        raise EWQError(f"--kl-top-k must be at least 1, got {args.kl_top_k}")
+    n_tokens = args.eval_tokens or (CPU_EVAL_TOKENS if device == "cpu" else CUDA_EVAL_TOKENS)
+    if n_tokens < 1:
+        raise EWQError(f"--eval-tokens must be positive, got {n_tokens}")
+    corpus = quality.load_corpus(args.eval_text)
+    windows = quality.make_windows(tokenizer, corpus, n_tokens, args.eval_window)
+    key = quality.reference_key(fingerprint, corpus, windows, dtype, device, args.kl_top_k)
+    path = quality.cache_path(Path(args.out_dir) / ".reference", key)
+    reference = quality.load_reference(path, key)
+    return {"corpus": corpus, "windows": windows, "key": key, "path": path, "reference": reference,
+            "cached": reference is not None}
+
+
+def reference_from_float_model(model, q: dict, device: str, progress: bool) -> dict:
+    from . import quality
+
+    if device != "cpu":
+        model.to(device)
+    reference = quality.compute_reference(model, q["windows"], device, q["key"]["top_k"], progress)
+    if device != "cpu":
+        model.to("cpu")  # quantization happens on the CPU, as for every run
+    quality.save_reference(q["path"], q["key"], reference)
+    return reference
+
+
+def measure_quality(ctx: dict, progress: bool) -> dict:
+    from . import quality
+
+    q = ctx["quality"]
+    start = time.perf_counter()
+    scores = quality.evaluate(ctx["model"], q["reference"], ctx["device"], progress)
+    return {**scores, "corpus": q["corpus"].name, "corpus_sha256": q["corpus"].sha256, "window": q["key"]["window"],
+            "windows": q["key"]["windows"], "kl_top_k": q["key"]["top_k"], "reference_cache": str(q["path"]),
+            "reference_cached": q["cached"], "eval_s": time.perf_counter() - start}
 
 
 def run(kind: str, argv=None) -> Path:
@@ -179,6 +238,7 @@ def run(kind: str, argv=None) -> Path:
         raise EWQError(f"out of GPU memory during generation ({torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
                        f"allocated at peak); lower --max-new-tokens or choose a smaller plan") from None
 
+    quality = measure_quality(ctx, not args.no_progress) if args.quality else None
     by_precision = weight_bytes_by_precision(ctx["model"], plan)
     weight_bytes = sum(by_precision.values())
     block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
@@ -208,7 +268,7 @@ def run(kind: str, argv=None) -> Path:
         },
         "speed": bench.speed_summary(tests, weight_bytes),
         "tests": tests,
-        "quality": None,
+        "quality": quality,
     }
     name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
     path = bench.write_result(result, out_dir, name_hash)

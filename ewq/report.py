@@ -1,0 +1,247 @@
+"""Stage 7: one comparison table (and plots) from benchmark result JSONs.
+
+    python -m ewq.report benchmark_results/            # newest result of each variant in the folder
+    python -m ewq.report a.json b.json --allow-mixed
+
+Per variant: weight GB, peak memory GB, decode tokens/s, prefill s, change vs the original in %,
+average bits per block weight, perplexity, KL(original || variant), top-1 agreement, and agreement of
+the greedy suite outputs with the original's. Written to benchmark_results/report_<time>.md with two
+PNG plots (matplotlib): the plan's per-block entropy coloured by precision, and size vs KL.
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .bench import RESULT_SCHEMA_VERSION
+from .common import ArgumentParser, EWQError, run_cli, unique_path, write_text_atomic
+from .quality import output_agreement
+
+COLORS = {"raw": "#4C72B0", "8-bit": "#DD8452", "4-bit": "#C44E52"}
+
+
+def collect(paths) -> list:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*_benchmark_*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EWQError(f"{p} does not exist; give result JSON files or folders that hold them")
+    if not files:
+        raise EWQError(f"no benchmark result JSON in {', '.join(map(str, paths))}; run benchmark_original.py and "
+                       f"benchmark.py first")
+    results = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EWQError(f"{f} is not readable JSON ({e}); remove it or give other files") from None
+        if not isinstance(r, dict) or r.get("schema_version") != RESULT_SCHEMA_VERSION or r.get("kind") not in ("ewq", "original"):
+            raise EWQError(f"{f} is not an EWQ benchmark result of schema_version {RESULT_SCHEMA_VERSION}; "
+                           f"remove it or give other files")
+        r["_file"] = str(f)
+        results.append(r)
+    return results
+
+
+def newest_per_variant(results) -> list:
+    latest = {}
+    for r in sorted(results, key=lambda r: (r["created"], r["_file"])):
+        latest[r["variant"]] = r
+    return list(latest.values())
+
+
+def check_comparable(results, allow_mixed: bool) -> None:
+    for what, get in (("models", lambda r: r["model"]["fingerprint"]),
+                      ("devices", lambda r: r["environment"]["device_name"])):
+        values = {get(r) for r in results}
+        if len(values) > 1 and not allow_mixed:
+            raise EWQError(f"these results come from different {what} ({', '.join(sorted(v[:40] for v in values))}); "
+                           f"report one at a time, or pass --allow-mixed")
+
+
+def suite_agreement(result, original) -> dict | None:
+    if original is None:
+        return None
+    ref = {(t["task"], t["prompt"]): t for t in original["tests"]}
+    scores = [output_agreement(t["token_ids"], ref[k]["token_ids"], t["text"], ref[k]["text"])
+              for t in result["tests"] if (k := (t["task"], t["prompt"])) in ref]
+    if not scores:
+        return None
+    return {k: statistics.fmean(s[k] for s in scores) for k in scores[0]} | {"prompts": len(scores)}
+
+
+def pct(value, base):
+    return None if base in (None, 0) or value is None else 100 * (value / base - 1)
+
+
+def rows(results) -> list:
+    original = next((r for r in results if r["kind"] == "original"), None)
+    out = []
+    order = sorted(results, key=lambda r: (r["kind"] != "original", -r["memory"]["weight_bytes"]))
+    for r in order:
+        m, s, q = r["memory"], r["speed"], r.get("quality") or {}
+        o = original or {}
+        out.append({
+            "variant": r["variant"],
+            "weight_gb": m["weight_gb"],
+            "weight_change_pct": pct(m["weight_gb"], o.get("memory", {}).get("weight_gb")),
+            "peak_gb": m["peak_allocated_gb"],
+            "peak_change_pct": pct(m["peak_allocated_gb"], o.get("memory", {}).get("peak_allocated_gb")),
+            "decode_tok_s": s["decode_tok_s_median"],
+            "decode_change_pct": pct(s["decode_tok_s_median"], o.get("speed", {}).get("decode_tok_s_median")),
+            "prefill_s": s["prefill_s_median"],
+            "bits_per_weight": m["block_avg_bits_per_weight"],
+            "perplexity": q.get("perplexity"), "kl_mean": q.get("kl_mean"), "top1_agreement": q.get("top1_agreement"),
+            "suite": suite_agreement(r, original),
+            "counts": (r.get("plan") or {}).get("counts"),
+        })
+    return out
+
+
+def fmt(v, spec, signed=False):
+    if v is None:
+        return "–"
+    return format(v, ("+" if signed else "") + spec)
+
+
+def markdown_table(table) -> str:
+    head = ("| variant | blocks raw/8/4 | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | prefill s "
+            "| bits/weight | perplexity | KL | top-1 | suite prefix | ROUGE-L |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for t in table:
+        c = t["counts"]
+        counts = f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" if c else "all raw"
+        suite = t["suite"] or {}
+        lines.append(
+            f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
+            f"| {fmt(t['peak_gb'], '.3f')} | {fmt(t['peak_change_pct'], '.1f', True)}% | {fmt(t['decode_tok_s'], '.2f')} "
+            f"| {fmt(t['decode_change_pct'], '.1f', True)}% | {fmt(t['prefill_s'], '.3f')} | {fmt(t['bits_per_weight'], '.2f')} "
+            f"| {fmt(t['perplexity'], '.3f')} | {fmt(t['kl_mean'], '.4f')} | {fmt(t['top1_agreement'], '.3f')} "
+            f"| {fmt(suite.get('prefix_match'), '.3f')} | {fmt(suite.get('rouge_l'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def plan_of(result):
+    path = (result.get("plan") or {}).get("path")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        from .plan import load_plan
+
+        plan = load_plan(path)
+    except EWQError:
+        return None
+    return plan if plan.get("stats") and all("entropy" in b for b in plan["blocks"]) else None
+
+
+def plot_entropy(plan, path: Path, plt) -> None:
+    blocks = plan["blocks"]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.bar([b["index"] for b in blocks], [b["entropy"] for b in blocks], color=[COLORS[b["precision"]] for b in blocks])
+    from matplotlib.patches import Patch
+
+    st, m = plan["stats"], plan["method"]
+    mu = ax.axhline(st["mean"], color="black", lw=1, label="μ (raw at or above)")
+    low = ax.axhline(st["four_bit_threshold"], color="black", lw=1, ls="--", label=f"μ − {m['k']:g}σ (4-bit below)")
+    handles = [mu, low] + [Patch(color=c, label=p) for p, c in COLORS.items()]
+    lo = min(b["entropy"] for b in blocks)
+    hi = max(b["entropy"] for b in blocks)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9) - 1e-6, hi + 0.1 * (hi - lo + 1e-9) + 1e-6)
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"{m['entropy']} entropy")
+    ax.set_title(f"{plan['model']['id']}: block entropy and chosen precision")
+    ax.legend(handles=handles, fontsize=7, ncol=5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_size_vs_kl(table, path: Path, plt) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in table:
+        if t["kl_mean"] is None:
+            continue
+        ax.scatter(t["weight_gb"], t["kl_mean"], s=30)
+        ax.annotate(t["variant"], (t["weight_gb"], t["kl_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("weight GB")
+    ax.set_ylabel("mean KL(original ‖ variant) per token")
+    ax.set_title("size vs quality (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(results, out_dir) -> tuple:
+    """(markdown text, report path, notes). Plots are written beside the report."""
+    table = rows(results)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = unique_path(out_dir, f"report_{stamp}", ".md")
+    first = results[0]
+    env = first["environment"]
+    notes = []
+    if not any(r["kind"] == "original" for r in results):
+        notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
+    if not any(r.get("quality") for r in results):
+        notes.append("no quality figures: run the benchmarks with --quality")
+    settings = first["settings"]
+    text = [f"# EWQ report — {first['model']['id']}",
+            "",
+            f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
+            f"{env['transformers']}, bitsandbytes {env['bitsandbytes']}. Suite: {settings['prompts']} prompts "
+            f"({', '.join(settings['tasks'])}), {settings['max_new_tokens']} new tokens, {settings['repeats']} repeats, greedy.",
+            "",
+            markdown_table(table), ""]
+    q = next((r["quality"] for r in results if r.get("quality")), None)
+    if q:
+        text.append(f"Quality on {q['eval_tokens']} tokens of {q['corpus']} ({q['windows']} windows of {q['window']}); "
+                    f"KL over the original's top-{q['kl_top_k']} plus a pooled tail. Suite prefix = share of greedy "
+                    f"tokens equal to the original's before the first divergence.")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+    if plt is not None:
+        ewq_results = [r for r in results if plan_of(r)]
+        if ewq_results:
+            p = report_path.with_name(report_path.stem + "_entropy.png")
+            plot_entropy(plan_of(ewq_results[0]), p, plt)
+            text.append(f"\n![block entropy]({p.name})")
+        if any(t["kl_mean"] is not None for t in table):
+            p = report_path.with_name(report_path.stem + "_size_vs_kl.png")
+            plot_size_vs_kl(table, p, plt)
+            text.append(f"\n![size vs KL]({p.name})")
+    text += [f"\n- {n}" for n in notes]
+    text.append("\nResult files: " + ", ".join(Path(r["_file"]).name for r in results))
+    return "\n".join(text) + "\n", report_path, notes
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="python -m ewq.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", default=["benchmark_results"], help="result JSON files or folders (default benchmark_results/)")
+    p.add_argument("--allow-mixed", action="store_true", help="compare results of different models or devices anyway")
+    p.add_argument("--all", action="store_true", help="every result, not only the newest of each variant")
+    p.add_argument("--out-dir", default="benchmark_results", help="where report_<time>.md and the plots go")
+    args = p.parse_args(argv)
+    results = collect(args.paths)
+    if not args.all:
+        results = newest_per_variant(results)
+    check_comparable(results, args.allow_mixed)
+    text, path, _ = build_report(results, args.out_dir)
+    write_text_atomic(path, text)
+    print(text)
+    print(path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
