@@ -5,10 +5,10 @@ The last line of stdout is the path of the plan JSON."""
 
 import sys
 
-from ewq.common import ArgumentParser, run_cli
+from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
-from ewq.plan import format_summary, make_plan
+from ewq.plan import METHODS, format_summary, make_plan
 
 
 def nonnegative_float(text):
@@ -24,11 +24,35 @@ def nonnegative_float(text):
 nonnegative_float.__name__ = "non-negative number"
 
 
+def positive_float(text):
+    value = nonnegative_float(text)
+    if value == 0:
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
 def parse_args(argv):
     p = ArgumentParser(prog="main_cache_model.py", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"local directory (config.json + *.safetensors), Hugging Face id, or '{DEFAULT_MODEL}' "
                         f"(the embedded SmolLM2-135M-Instruct; default)")
+    p.add_argument("--method", choices=METHODS, default="entropy",
+                   help="entropy (default): the mu/sigma rule on block entropy, or lowest entropy lowered first under a "
+                        "size target; sensitivity: measure each block's KL when it alone is 8-/4-bit, then the exact "
+                        "minimum-KL plan for the size; position: llama.cpp's rule, first and last blocks keep most bits. "
+                        "sensitivity and position default to the size of the entropy rule's plan")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--target-bits", type=positive_float, default=None,
+                      help="average bits per weight over the blocks' matrices (raw 16, 8-bit ~8, 4-bit ~4.5)")
+    size.add_argument("--max-weight-gb", type=positive_float, default=None,
+                      help="whole-model weight size in GB (embeddings, norms, lm_head stay 16-bit)")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="tokens of calibration text for --method sensitivity (default 512), from the end of the corpus")
+    p.add_argument("--calib-text", default=None, help="UTF-8 text file for calibration (default: lee_background.cor from gensim)")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type measured by --method sensitivity")
     p.add_argument("--entropy", choices=ENTROPY_KINDS, default="histogram",
                    help="histogram: the PoC's 128-bin Shannon entropy in bits (default); "
                         "softmax: the paper's entropy of softmax(weights), normalised by ln(n)")
@@ -43,8 +67,13 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    path, plan, reused = make_plan(args.model, entropy=args.entropy, k=args.k, bins=HIST_BINS, force=args.force,
-                                   models_dir=args.models_dir, out_dir=args.out_dir, progress=not args.no_progress)
+    if args.calib_tokens is not None and args.calib_tokens < 2:
+        raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    path, plan, reused = make_plan(args.model, method=args.method, entropy=args.entropy, k=args.k, bins=HIST_BINS,
+                                   target_bits=args.target_bits, max_weight_gb=args.max_weight_gb,
+                                   calib_tokens=args.calib_tokens, calib_text=args.calib_text, quant_type=args.quant_type,
+                                   force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
+                                   progress=not args.no_progress)
     print(format_summary(plan))
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")

@@ -26,8 +26,8 @@ WORKERS = 2
 @dataclass
 class Analysis:
     fingerprint: str
-    block_entropies: list  # one float per block, by index
-    matrix_entropies: dict  # tensor name -> entropy of that matrix
+    block_entropies: list  # one float per block, by index, of the primary entropy kind
+    by_kind: dict          # entropy kind -> block entropies (the primary and any `also` kinds)
     seconds: float
 
 
@@ -48,16 +48,19 @@ def combine_digests(digests) -> str:
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
-def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True, fingerprint_only: bool = False) -> Analysis:
-    if entropy not in ENTROPY_FUNCTIONS:
-        raise EWQError(f"unknown entropy kind '{entropy}'; choose one of {', '.join(ENTROPY_FUNCTIONS)}")
-    measure = ENTROPY_FUNCTIONS[entropy]
+def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True, fingerprint_only: bool = False,
+            also=()) -> Analysis:
+    """Fingerprint plus the block entropies of `entropy` (and of the kinds in `also`), in one pass."""
+    kinds = [] if fingerprint_only else list(dict.fromkeys((entropy,) + tuple(also)))
+    unknown = [k for k in kinds if k not in ENTROPY_FUNCTIONS]
+    if unknown:
+        raise EWQError(f"unknown entropy kind '{unknown[0]}'; choose one of {', '.join(ENTROPY_FUNCTIONS)}")
     matrices = {t.name for b in ckpt.blocks for t in b.matrices}
     start = time.perf_counter()
 
     def work(t):
         tensor = _read(t)
-        h = measure(tensor) if (t.name in matrices and not fingerprint_only) else None
+        h = {k: ENTROPY_FUNCTIONS[k](tensor) for k in kinds} if t.name in matrices else {}
         return t, tensor_digest(t, tensor), h
 
     # Read file by file, in header order, so the page cache and disk see sequential reads.
@@ -69,12 +72,11 @@ def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True,
                                                    disable=not progress, leave=False) as bar:
         for t, digest, h in pool.map(work, order):
             digests.append(digest)
-            if h is not None:
-                entropies[t.name] = h
+            entropies[t.name] = h
             bar.update(t.numel)
-    blocks = [] if fingerprint_only else [
-        block_entropy([entropies[t.name] for t in b.matrices], [t.numel for t in b.matrices]) for b in ckpt.blocks]
-    return Analysis(combine_digests(digests), blocks, entropies, time.perf_counter() - start)
+    by_kind = {k: [block_entropy([entropies[t.name][k] for t in b.matrices], [t.numel for t in b.matrices])
+                   for b in ckpt.blocks] for k in kinds}
+    return Analysis(combine_digests(digests), by_kind.get(entropy, []), by_kind, time.perf_counter() - start)
 
 
 def fingerprint(ckpt: Checkpoint, progress: bool = True) -> str:

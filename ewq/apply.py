@@ -78,10 +78,12 @@ def quantizable_layers(block):
     return [(name, m) for name, m in block.named_modules() if type(m) in (nn.Linear, Conv1D)]
 
 
-def quantize_layer(module, precision: str, settings: QuantSettings, dtype: torch.dtype):
+def quantize_layer(module, precision: str, settings: QuantSettings, dtype: torch.dtype, device: str = "cpu"):
+    """A bitsandbytes copy of a float Linear/Conv1D; the float layer itself is left untouched."""
     import bitsandbytes as bnb
 
     weight, bias = _float_weight(module)
+    weight = weight.to("cpu")  # bitsandbytes quantizes when CPU data moves to the target device
     out_f, in_f = weight.shape
     has_bias = bias is not None
     if precision == "8-bit":
@@ -97,7 +99,7 @@ def quantize_layer(module, precision: str, settings: QuantSettings, dtype: torch
         raise EWQError(f"unknown precision '{precision}'")
     if has_bias:
         new.bias = nn.Parameter(bias.data.to(dtype), requires_grad=False)
-    new = new.to("cpu")  # bitsandbytes quantizes here
+    new = new.to(device)  # bitsandbytes quantizes here
     if precision == "4-bit":
         # The AVX512-BF16 fast path repacks 4-bit weights in place on the first forward; the saved or
         # measured state must not depend on whether a forward ran, so keep the portable layout.

@@ -38,18 +38,29 @@ def step(title: str, argv: list) -> str:
 def main(argv=None):
     p = ArgumentParser(prog="python -m ewq.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="model to run the story on (default: the embedded SmolLM2-135M)")
+    p.add_argument("--full", action="store_true",
+                   help="the full suite with the scripts' defaults (all 16 prompts, 4096 evaluation tokens on the CPU) "
+                        "and the softmax-entropy plan too; takes tens of minutes on a 2-core CPU")
+    p.add_argument("--out-dir", default="benchmark_results", help="where results and the report go")
     args = p.parse_args(argv)
+    bench_args = (["--quality", "--no-progress"] if args.full else DEMO_ARGS) + ["--out-dir", args.out_dir]
     start = time.perf_counter()
-    print("note: the CPU demo runs a shortened suite: " + " ".join(DEMO_ARGS))
-    plan = step("plan", ["main_cache_model.py", "--model", args.model, "--no-progress"])
-    results = [
-        step("EWQ benchmark", ["benchmark.py", "--model", args.model, "--plan", plan] + DEMO_ARGS),
-        step("original benchmark", ["benchmark_original.py", "--model", args.model] + DEMO_ARGS),
-        step("uniform 8-bit baseline", ["benchmark.py", "--model", args.model, "--plan", "uniform-8bit"] + DEMO_ARGS),
-        step("uniform 4-bit baseline", ["benchmark.py", "--model", args.model, "--plan", "uniform-4bit"] + DEMO_ARGS),
+    if not args.full:
+        print("note: the CPU demo runs a shortened suite: " + " ".join(DEMO_ARGS) + " (--full for the whole suite)")
+    model = ["--model", args.model]
+    plans = [("plan (histogram entropy)", step("plan", ["main_cache_model.py", "--no-progress"] + model))]
+    if args.full:
+        plans.append(("plan (softmax entropy)", step("plan", ["main_cache_model.py", "--no-progress", "--entropy",
+                                                               "softmax"] + model)))
+    results = [step(f"EWQ benchmark, {title}", ["benchmark.py", "--plan", plan] + model + bench_args) for title, plan in plans]
+    results += [
+        step("original benchmark", ["benchmark_original.py"] + model + bench_args),
+        step("uniform 8-bit baseline", ["benchmark.py", "--plan", "uniform-8bit"] + model + bench_args),
+        step("uniform 4-bit baseline", ["benchmark.py", "--plan", "uniform-4bit"] + model + bench_args),
     ]
     print("== report", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "ewq.report"] + results, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ewq.report", "--out-dir", args.out_dir] + results, cwd=REPO,
+                          stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise EWQError("the report failed; its message is above")
     print(proc.stdout.rstrip())

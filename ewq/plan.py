@@ -190,7 +190,7 @@ def format_summary(plan: dict) -> str:
     lines = [
         f"model      {plan['model']['id']} ({plan['model']['architecture']}, {plan['model']['block_count']} blocks, "
         f"fingerprint {plan['model']['fingerprint'][:12]})",
-        f"method     {json.dumps({k: v for k, v in plan['method'].items() if k != 'rule'})}",
+        f"method     {json.dumps({k: v for k, v in plan['method'].items() if k not in ('rule', 'calibration', 'allocator')})}",
         f"blocks     raw {c['raw']}  8-bit {c['8-bit']}  4-bit {c['4-bit']}",
         f"weights    blocks {s['blocks_bytes_before'] / gb:.3f} GB -> {s['blocks_bytes_after'] / gb:.3f} GB, "
         f"whole model {s['model_bytes_before'] / gb:.3f} GB -> {s['model_bytes_after'] / gb:.3f} GB (estimated)",
@@ -204,21 +204,85 @@ def format_summary(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def make_plan(model: str, entropy: str = "histogram", k: float = 1.0, bins: int = 128, force: bool = False,
-              models_dir="models", out_dir="quantized_models", progress: bool = True):
-    """checkpoint -> analysis -> plan file. Returns (path, plan, reused)."""
+METHODS = ("entropy", "sensitivity", "position")
+
+
+def plan_label(plan: dict) -> str:
+    """A short name for a plan's variant in results and reports."""
+    m = plan["method"]
+    target = m.get("target") or {}
+    size = f"-{target['target_bits']:g}b" if "target_bits" in target else f"-{target['max_weight_gb']:g}gb" if target else ""
+    if m["name"] == "entropy":
+        return f"ewq-{m['entropy']}" + (size or f"-k{m['k']:g}")
+    return m["name"] + size
+
+
+def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k: float = 1.0, bins: int = 128,
+              target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
+              force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True):
+    """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
+
+    Without a size target, `entropy` applies the mu/sigma rule; `sensitivity` and `position` aim at the
+    size of that rule's plan, so every method can be compared at equal size by default."""
+    from . import allocate
     from .analysis import analyze
     from .checkpoint import open_checkpoint
     from .common import check_writable_dir, write_json_atomic
     from .source import resolve_model
 
+    if method not in METHODS:
+        raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if k < 0 or not math.isfinite(k):
         raise EWQError(f"--k must be a finite number >= 0, got {k}")
     out_dir = check_writable_dir(out_dir)
     source = resolve_model(model, models_dir)
     ckpt = open_checkpoint(source.path)
-    analysis = analyze(ckpt, entropy, progress=progress)
-    plan = entropy_plan(source, ckpt, analysis, entropy, k, bins)
+    # the research question needs both entropy definitions beside the measured sensitivity
+    analysis = analyze(ckpt, entropy, progress=progress, also=("histogram", "softmax") if method == "sensitivity" else ())
+    rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins)
+    has_target = target_bits is not None or max_weight_gb is not None
+    if method == "entropy" and not has_target:
+        plan = rule_plan
+    else:
+        blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
+        if has_target:
+            target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
+        else:
+            target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
+                      "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
+        budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"))
+        sizes = allocate.block_sizes(blocks)
+        method_info = {"name": method, "target": target}
+        extra = None
+        if method == "entropy":
+            order = sorted(range(len(blocks)), key=lambda i: (analysis.block_entropies[i], i))
+            precisions = allocate.ordered_allocation(order, sizes, budget)
+            method_info.update(entropy=entropy, bins=bins if entropy == "histogram" else None,
+                               allocator="ordered: lowest entropy lowered first, all to 8-bit, then to 4-bit")
+        elif method == "position":
+            precisions = allocate.ordered_allocation(allocate.position_order(len(blocks)), sizes, budget)
+            method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
+        else:
+            from . import sensitivity
+            from .apply import QuantSettings
+
+            rows, calibration, cached = sensitivity.measure(
+                source, ckpt, analysis.fingerprint, out_dir, calib_tokens or sensitivity.CALIB_TOKENS, calib_text,
+                settings=QuantSettings(quant_type=quant_type), progress=progress)
+            costs = [{"raw": 0.0, "8-bit": r["8-bit"], "4-bit": r["4-bit"]} for r in rows]
+            precisions = allocate.optimal_allocation(costs, sizes, budget)
+            method_info.update(calibration=calibration, quant_type=quant_type,
+                               allocator="exact: minimum summed block KL within the byte budget (Pareto DP)")
+            extra = [{"kl_8bit": round(r["8-bit"], 9), "kl_4bit": round(r["4-bit"], 9),
+                      "entropies": {kind: round(v[i], 9) for kind, v in analysis.by_kind.items()}}
+                     for i, r in enumerate(rows)]
+        plan = build_plan(source, ckpt, analysis.fingerprint, method_info, precisions, analysis.block_entropies,
+                          None, analysis.seconds)
+        if extra:
+            for b, e in zip(plan["blocks"], extra):
+                b.update(e)
+        if method == "sensitivity":
+            plan["run"]["sensitivity_cached"] = cached  # under "run": not part of the plan's identity
     path = out_dir / plan_filename(plan)
     if path.exists() and not force:
         try:

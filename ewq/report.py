@@ -126,7 +126,8 @@ def markdown_table(table) -> str:
     return "\n".join(lines)
 
 
-def plan_of(result):
+def plan_of(result, need_entropy_stats: bool = True):
+    """The plan file a result was made with, if it is still there (for the entropy and research plots)."""
     path = (result.get("plan") or {}).get("path")
     if not path or not Path(path).is_file():
         return None
@@ -136,7 +137,9 @@ def plan_of(result):
         plan = load_plan(path)
     except EWQError:
         return None
-    return plan if plan.get("stats") and all("entropy" in b for b in plan["blocks"]) else None
+    if need_entropy_stats and not (plan.get("stats") and all("entropy" in b for b in plan["blocks"])):
+        return None
+    return plan
 
 
 def plot_entropy(plan, path: Path, plt) -> None:
@@ -174,6 +177,82 @@ def plot_size_vs_kl(table, path: Path, plt) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
+def size_group(result) -> float:
+    """Results compare 'at equal size' when their plans aimed at the same average bits per weight."""
+    plan = result.get("plan") or {}
+    target = (plan.get("method") or {}).get("target") or {}
+    bits = target.get("target_bits") or plan.get("estimated_avg_bits_per_weight")
+    return round(bits, 2) if bits else 16.0
+
+
+def research_section(results, report_path: Path, plt) -> list:
+    """Does entropy predict measured sensitivity? Correlations, a scatter plot, and equal-size comparisons."""
+    sens = next((p for r in reversed(results) if (r.get("plan") or {}).get("name") == "sensitivity"
+                 and (p := plan_of(r, need_entropy_stats=False))), None)
+    lines = ["", "## Does entropy predict sensitivity?", ""]
+    if sens is None:
+        return lines + ["No result of a `--method sensitivity` plan among these files: run "
+                        "`python main_cache_model.py --method sensitivity` and benchmark its plan."]
+    blocks = sens["blocks"]
+    kl4 = [b["kl_4bit"] for b in blocks]
+    kl8 = [b["kl_8bit"] for b in blocks]
+    cal = sens["method"]["calibration"]
+    lines.append(f"Block sensitivity of {sens['model']['id']}: KL(original ‖ one block quantized) on "
+                 f"{cal['windows']} calibration windows of {cal['window']} tokens from the end of {cal['corpus']} "
+                 f"(disjoint from the evaluation windows).")
+    lines += ["", "| entropy | Spearman ρ vs 4-bit KL | Spearman ρ vs 8-bit KL |", "|---|---|---|"]
+    for kind in ("histogram", "softmax"):
+        h = [b["entropies"][kind] for b in blocks]
+        lines.append(f"| {kind} | {spearman(h, kl4):+.3f} | {spearman(h, kl8):+.3f} |")
+    lines.append("\nThe EWQ hypothesis predicts a positive ρ (high entropy = sensitive).")
+    if plt is not None:
+        p = report_path.with_name(report_path.stem + "_entropy_vs_sensitivity.png")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for ax, kind in zip(axes, ("histogram", "softmax")):
+            ax.scatter([b["entropies"][kind] for b in blocks], kl4, s=18)
+            for b in blocks:
+                ax.annotate(str(b["index"]), (b["entropies"][kind], b["kl_4bit"]), fontsize=6)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{kind} entropy of the block")
+            ax.set_ylabel("KL when the block alone is 4-bit")
+        fig.suptitle("block entropy vs measured 4-bit sensitivity")
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        lines.append(f"\n![entropy vs sensitivity]({p.name})")
+    lines += ["", "Equal size: variants grouped by the average bits per weight their plans aim at.", "",
+              "| target bits | variant | blocks raw/8/4 | KL | perplexity | top-1 |", "|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (-size_group(r), (r.get("quality") or {}).get("kl_mean") or 0)):
+        q, c = r.get("quality") or {}, (r.get("plan") or {}).get("counts")
+        counts = f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" if c else "all raw"
+        lines.append(f"| {size_group(r):.2f} | {r['variant']} | {counts} | {fmt(q.get('kl_mean'), '.4f')} "
+                     f"| {fmt(q.get('perplexity'), '.3f')} | {fmt(q.get('top1_agreement'), '.3f')} |")
+    return lines
 
 
 def build_report(results, out_dir) -> tuple:
@@ -221,6 +300,8 @@ def build_report(results, out_dir) -> tuple:
             p = report_path.with_name(report_path.stem + "_size_vs_kl.png")
             plot_size_vs_kl(table, p, plt)
             text.append(f"\n![size vs KL]({p.name})")
+    if any((r.get("plan") or {}).get("name") in ("sensitivity", "position") for r in results):
+        text += research_section(results, report_path, plt)
     text += [f"\n- {n}" for n in notes]
     text.append("\nResult files: " + ", ".join(Path(r["_file"]).name for r in results))
     return "\n".join(text) + "\n", report_path, notes

@@ -12,7 +12,7 @@ import torch
 
 from .apply import BACKENDS, QUANT_TYPES, QuantSettings, apply_plan, load_model, weight_bytes_by_precision
 from .common import ArgumentParser, EWQError, check_writable_dir
-from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, load_plan, plan_hash
+from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, load_plan, plan_hash, plan_label
 from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
 
@@ -106,15 +106,6 @@ def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str):
         path, plan = matches[-1]
     check_plan_matches(plan, fingerprint, len(ckpt.blocks), path)
     return plan, path
-
-
-def variant_name(plan: dict, kind: str) -> str:
-    if kind == "original":
-        return "original"
-    m = plan["method"]
-    if m["name"] == "entropy":
-        return f"ewq-{m['entropy']}-k{m['k']:g}"
-    return m["name"]
 
 
 def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
@@ -246,13 +237,14 @@ def run(kind: str, argv=None) -> Path:
     result = {
         "schema_version": bench.RESULT_SCHEMA_VERSION,
         "kind": kind,
-        "variant": variant_name(plan, kind),
+        "variant": "original" if kind == "original" else plan_label(plan),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"id": ctx["source"].id, "path": str(ctx["source"].path), "fingerprint": ctx["fingerprint"],
                   "architecture": ctx["ckpt"].architecture, "block_count": len(ctx["ckpt"].blocks)},
         "plan": None if kind == "original" else {
             "path": str(ctx["plan_path"]) if ctx["plan_path"] else None, "name": plan["method"]["name"],
             "hash": plan_hash(plan), "method": plan["method"], "counts": plan["counts"],
+            "estimated_avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],
             "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])]},
         "environment": bench.environment(device, ctx["dtype"], ctx["settings"]),
         "settings": {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),

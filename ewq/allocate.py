@@ -1,0 +1,88 @@
+"""Size-targeted plans: choose raw / 8-bit / 4-bit per block so the blocks fit a size target.
+
+Targets: `--target-bits B` (average bits per weight over the blocks' matrices) or `--max-weight-gb G`
+(the whole model: blocks plus the unquantized embeddings, norms and lm_head at 16 bits). Sizes are
+the plan's estimates (plan.estimated_bytes). The chosen plan never exceeds the target; a target
+below the all-4-bit size is refused with the smallest reachable size.
+
+Two allocators:
+  * `optimal_allocation` (method "sensitivity"): minimise the summed measured cost (the KL each block
+    causes when it alone is quantized; treating the blocks' damage as additive is the one modelling
+    assumption) subject to the byte budget. Exact: a dynamic programme over the blocks that keeps
+    only Pareto-optimal (bytes, cost) partial plans; a partial plan that cannot fit even with every
+    remaining block at 4-bit is dropped. With few distinct block sizes the frontier stays small
+    (30 identical blocks: at most 496 states).
+  * `ordered_allocation` (methods "entropy" and "position"): walk the blocks in a fixed order and
+    lower them one at a time, first all to 8-bit, then to 4-bit, until the plan fits. For entropy the
+    order is lowest entropy first ("quantize the lowest-entropy blocks hardest"); for position it is
+    middle blocks first, so the first and last blocks keep the most bits (llama.cpp's rule of thumb).
+"""
+
+from .common import EWQError
+from .plan import PRECISIONS, estimated_bytes
+
+
+def block_sizes(blocks) -> list:
+    return [{p: estimated_bytes(b["params"], b["rows"], p) for p in PRECISIONS} for b in blocks]
+
+
+def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None) -> float:
+    """Bytes the blocks may take. Refuses a target that even all-4-bit cannot meet."""
+    if (target_bits is None) == (max_weight_gb is None):
+        raise EWQError("give exactly one size target: --target-bits or --max-weight-gb")
+    params = sum(b["params"] for b in blocks)
+    smallest = sum(s["4-bit"] for s in block_sizes(blocks))
+    if target_bits is not None:
+        if not target_bits > 0:
+            raise EWQError(f"--target-bits must be positive, got {target_bits}")
+        budget = target_bits / 8 * params
+    else:
+        if not max_weight_gb > 0:
+            raise EWQError(f"--max-weight-gb must be positive, got {max_weight_gb}")
+        budget = max_weight_gb * 1e9 - 2 * other_params
+    if budget < smallest:
+        raise EWQError(f"the size target cannot be met: the smallest reachable plan (every block 4-bit) has "
+                       f"{8 * smallest / params:.3f} bits per weight, {(smallest + 2 * other_params) / 1e9:.3f} GB "
+                       f"for the whole model")
+    return budget
+
+
+def optimal_allocation(costs, sizes, budget: float) -> list:
+    """Exact minimum of sum(costs[i][p_i]) with sum(sizes[i][p_i]) <= budget. costs/sizes: per block {precision: x}."""
+    n = len(sizes)
+    min_rest = [0.0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        min_rest[i] = min_rest[i + 1] + min(sizes[i].values())
+    states = [(0.0, 0.0, ())]  # (bytes so far, cost so far, precisions so far)
+    for i in range(n):
+        grown = [(b + sizes[i][p], c + costs[i][p], ch + (p,)) for b, c, ch in states for p in PRECISIONS
+                 if b + sizes[i][p] + min_rest[i + 1] <= budget]
+        grown.sort(key=lambda s: (s[0], s[1]))
+        states, best = [], float("inf")
+        for s in grown:  # keep the Pareto frontier: more bytes must buy strictly lower cost
+            if s[1] < best:
+                states.append(s)
+                best = s[1]
+    if not states:
+        raise EWQError("no plan fits the size target")
+    return list(min(states, key=lambda s: s[1])[2])
+
+
+def ordered_allocation(order, sizes, budget: float) -> list:
+    """Lower blocks in `order`, first to 8-bit, then to 4-bit, until the total fits the budget."""
+    precisions = ["raw"] * len(sizes)
+    total = sum(s["raw"] for s in sizes)
+    for level in ("8-bit", "4-bit"):
+        for i in order:
+            if total <= budget:
+                return precisions
+            total += sizes[i][level] - sizes[i][precisions[i]]
+            precisions[i] = level
+    if total > budget:
+        raise EWQError("no plan fits the size target")
+    return precisions
+
+
+def position_order(n: int) -> list:
+    """Middle blocks first; the first and last blocks last (they keep the most bits)."""
+    return sorted(range(n), key=lambda i: (-min(i, n - 1 - i), i))
