@@ -1,0 +1,135 @@
+"""Measured sensitivity, size-targeted allocation, and the entropy-vs-sensitivity research section."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+import benchmark
+from ewq import report
+from ewq.allocate import block_sizes, budget_bytes, optimal_allocation, ordered_allocation, position_order
+from ewq.apply import QuantSettings, block_list, load_model
+from ewq.common import EWQError, run_cli
+from ewq.plan import PRECISIONS, make_plan
+from ewq.quality import compute_reference, load_corpus, make_windows
+from ewq.sensitivity import sweep
+
+
+def brute_force(costs, sizes, budget):
+    best = None
+    for choice in itertools.product(PRECISIONS, repeat=len(sizes)):
+        if sum(s[p] for s, p in zip(sizes, choice)) <= budget:
+            cost = sum(c[p] for c, p in zip(costs, choice))
+            if best is None or cost < best[0] - 1e-12:
+                best = (cost, choice)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimal_allocation_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(3, 8)
+    blocks = [{"params": rng.choice([4096, 8192, 12288]), "rows": rng.choice([64, 128])} for _ in range(n)]
+    sizes = block_sizes(blocks)
+    costs = []
+    for _ in range(n):
+        k8 = rng.uniform(0, 0.01)
+        costs.append({"raw": 0.0, "8-bit": k8, "4-bit": k8 + rng.uniform(0, 0.1)})
+    for target_bits in (4.6, 6.0, 9.0, 12.5, 16.0):
+        budget = budget_bytes(blocks, 0, target_bits=target_bits)
+        got = optimal_allocation(costs, sizes, budget)
+        want_cost, _ = brute_force(costs, sizes, budget)
+        assert sum(s[p] for s, p in zip(sizes, got)) <= budget  # the target is met
+        assert sum(c[p] for c, p in zip(costs, got)) == pytest.approx(want_cost, abs=1e-12)  # and optimally
+
+
+def test_ordered_allocation_lowers_the_lowest_first_and_meets_the_target():
+    blocks = [{"params": 65536, "rows": 64}] * 6  # raw 16, 8-bit 8.03, 4-bit 4.5 bits per weight
+    sizes = block_sizes(blocks)
+    entropy = [3.0, 1.0, 2.0, 6.0, 5.0, 4.0]
+    order = sorted(range(6), key=lambda i: entropy[i])
+    budget = budget_bytes(blocks, 0, target_bits=12.5)
+    got = ordered_allocation(order, sizes, budget)
+    assert got == ["8-bit", "8-bit", "8-bit", "raw", "raw", "raw"]
+    got = ordered_allocation(order, sizes, budget_bytes(blocks, 0, target_bits=6.0))
+    assert sum(s[p] for s, p in zip(sizes, got)) <= budget_bytes(blocks, 0, target_bits=6.0)
+    assert [got[i] for i in order] == ["4-bit"] * 4 + ["8-bit"] * 2  # lowest entropy hardest
+    assert position_order(6) == [2, 3, 1, 4, 0, 5]
+
+
+def test_unreachable_target_is_refused_with_the_smallest_size():
+    blocks = [{"params": 6400, "rows": 64}] * 4
+    with pytest.raises(EWQError, match=r"smallest reachable plan .* 4\.500 bits per weight"):
+        budget_bytes(blocks, 1000, target_bits=4.0)
+    with pytest.raises(EWQError, match="GB for the whole model"):
+        budget_bytes(blocks, 1000, max_weight_gb=1e-6)
+
+
+def test_sweep_restores_every_block(tiny_factory):
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_factory("llama")
+    model = load_model(model_dir, torch.float32)
+    windows = make_windows(AutoTokenizer.from_pretrained(model_dir), load_corpus(), 200, 64, from_end=True)
+    before = model(windows).logits
+    reference = compute_reference(model, windows, "cpu", progress=False)
+    blocks = block_list(model, "model.layers")
+    layers_before = [[id(m) for m in b.modules()] for b in blocks]
+    rows = sweep(model, blocks, reference, QuantSettings(), torch.float32, "cpu", progress=False)
+    assert [[id(m) for m in b.modules()] for b in blocks] == layers_before
+    assert torch.equal(model(windows).logits, before)
+    assert all(r["4-bit"] > r["8-bit"] > 0 for r in rows)
+
+
+def test_sensitivity_plan_is_cached_and_hits_targets(tiny_factory, tmp_path, capsys):
+    model_dir = str(tiny_factory("llama"))
+    path1, plan1, _ = make_plan(model_dir, method="sensitivity", out_dir=tmp_path, progress=False, calib_tokens=300)
+    assert plan1["run"]["sensitivity_cached"] is False
+    rule = make_plan(model_dir, out_dir=tmp_path, progress=False)[1]
+    assert plan1["method"]["target"]["target_bits"] == rule["size"]["avg_bits_per_weight"]
+    assert plan1["size"]["avg_bits_per_weight"] <= rule["size"]["avg_bits_per_weight"]
+    for b in plan1["blocks"]:
+        assert b["kl_4bit"] > b["kl_8bit"] > 0 and set(b["entropies"]) == {"histogram", "softmax"}
+    path2, plan2, _ = make_plan(model_dir, method="sensitivity", target_bits=6.0, out_dir=tmp_path, progress=False,
+                                calib_tokens=300)
+    assert plan2["run"]["sensitivity_cached"] is True and path2 != path1
+    assert [b["kl_4bit"] for b in plan2["blocks"]] == [b["kl_4bit"] for b in plan1["blocks"]]
+    assert plan2["size"]["avg_bits_per_weight"] <= 6.0
+    _, plan3, _ = make_plan(model_dir, method="position", target_bits=6.0, out_dir=tmp_path, progress=False)
+    assert plan3["size"]["avg_bits_per_weight"] <= 6.0
+    # position keeps the most bits at the ends
+    bits = {"raw": 16, "8-bit": 8, "4-bit": 4}
+    p = [bits[b["precision"]] for b in plan3["blocks"]]
+    assert p[0] >= p[1] and p[-1] >= p[-2]
+    code = run_cli(__import__("main_cache_model").main, ["--model", model_dir, "--method", "sensitivity", "--target-bits",
+                                                         "3", "--out-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "smallest reachable plan" in err and not list((tmp_path / "x").glob("*.json"))
+
+
+def test_report_answers_the_research_question(tiny_factory, tmp_path, capsys):
+    model_dir = str(tiny_factory("llama"))
+    plans = tmp_path / "plans"
+    sens = make_plan(model_dir, method="sensitivity", target_bits=8.0, out_dir=plans, progress=False, calib_tokens=300)[0]
+    ent = make_plan(model_dir, method="entropy", target_bits=8.0, out_dir=plans, progress=False)[0]
+    out = tmp_path / "results"
+    fast = ["--model", model_dir, "--out-dir", str(out), "--tasks", "math", "--max-new-tokens", "3", "--repeats", "1",
+            "--no-progress", "--quality", "--eval-tokens", "200", "--eval-window", "64"]
+    for plan in (sens, ent, "uniform-8bit"):
+        assert run_cli(benchmark.main, fast + ["--plan", str(plan)]) == 0
+    capsys.readouterr()
+    assert run_cli(report.main, [str(out), "--out-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "## Does entropy predict sensitivity?" in text
+    assert "| histogram |" in text and "| softmax |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 8.00 |")]
+    assert {r.split("|")[2].strip() for r in rows} == {"sensitivity-8b", "ewq-histogram-8b"}
+    assert list(tmp_path.glob("*_entropy_vs_sensitivity.png"))
+
+
+def test_spearman():
+    assert report.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert report.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert report.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
