@@ -40,7 +40,11 @@ def build_parser(kind: str) -> ArgumentParser:
         p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
         p.add_argument("--int8-threshold", type=float, default=6.0,
                        help="LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 outlier path)")
-        p.add_argument("--plans-dir", default="quantized_models", help="where plans are looked for (default quantized_models/)")
+        p.add_argument("--plans-dir", default="quantized_models",
+                       help="where plans are looked for and --save writes (default quantized_models/)")
+        p.add_argument("--save", action="store_true",
+                       help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
+                            "metadata.json); pass that directory as --model later to skip quantizing")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu; "
@@ -126,10 +130,11 @@ def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
 
 
 def prepare(args, kind: str):
-    """Resolve model and plan, load, quantize, move. Returns everything the measurements need."""
+    """Resolve model and plan, load, quantize (or load a saved quantized model), move to the device.
+    Returns everything the measurements need."""
     from transformers import AutoTokenizer
 
-    from .analysis import fingerprint as weights_fingerprint
+    from .artifact import read_metadata
     from .checkpoint import open_checkpoint
     from .source import resolve_model
 
@@ -138,6 +143,21 @@ def prepare(args, kind: str):
         raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
     source = resolve_model(args.model, args.models_dir)
     ckpt = open_checkpoint(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    meta = read_metadata(source.path)
+    if meta and meta.get("is_quantized"):
+        ctx = prepare_saved(args, kind, source, meta, tokenizer, device)
+    else:
+        ctx = prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device)
+    if device != "cpu":
+        ctx["model"].to(device)
+    return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer)
+
+
+def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict:
+    """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
+    from .analysis import fingerprint as weights_fingerprint
+
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
     if kind == "ewq":
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
@@ -146,8 +166,6 @@ def prepare(args, kind: str):
         plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
     dtype = pick_dtype(args.dtype, device, settings.backend)
     check_memory(ckpt, dtype, device, plan)
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
     quality = quality_inputs(args, tokenizer, fp, dtype, device) if args.quality else None
 
     start = time.perf_counter()
@@ -156,11 +174,44 @@ def prepare(args, kind: str):
     if quality and quality["reference"] is None:  # the float model is here anyway: no reload later
         quality["reference"] = reference_from_float_model(model, quality, device, progress=not args.no_progress)
     quantize_s = apply_plan(model, plan, settings, dtype, progress=not args.no_progress) if kind == "ewq" else 0.0
-    if device != "cpu":
-        model.to(device)
-    return dict(source=source, ckpt=ckpt, fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings,
-                device=device, dtype=dtype, model=model, tokenizer=tokenizer, load_s=load_s, quantize_s=quantize_s,
-                quality=quality)
+    saved_to = None
+    if kind == "ewq" and args.save:
+        from .artifact import save_quantized
+
+        saved_to, fresh = save_quantized(model, plan, source, fp, tokenizer, settings, dtype, args.plans_dir)
+        print(f"{'saved' if fresh else 'already saved (left as it was)'}: {saved_to}")
+    return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
+                load_s=load_s, quantize_s=quantize_s, quality=quality, path_taken="quantized-from-checkpoint"
+                if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
+
+
+def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
+    """A model saved by --save: no re-quantization, its own plan, the base model's fingerprint."""
+    from .artifact import load_quantized
+
+    if kind == "original":
+        raise EWQError(f"{source.path} is a quantized model; benchmark_original.py needs the base model "
+                       f"({meta.get('base_model')})")
+    if args.plan:
+        raise EWQError(f"{source.path} is a saved quantized model and carries its own plan; drop --plan")
+    if args.save:
+        raise EWQError(f"{source.path} is already a saved quantized model; drop --save")
+    if args.dtype and args.dtype != meta.get("dtype"):
+        raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
+    start = time.perf_counter()
+    model, plan, meta = load_quantized(source.path, progress=not args.no_progress)
+    load_s = time.perf_counter() - start
+    dtype, fp = getattr(torch, meta["dtype"]), meta["base_fingerprint"]
+    quality = None
+    if args.quality:
+        quality = quality_inputs(args, tokenizer, fp, dtype, device)
+        if quality["reference"] is None:
+            raise EWQError(f"no cached reference of the base model for these windows; run "
+                           f"`python benchmark_original.py --quality --model {meta.get('base_path')}` with the same "
+                           f"--eval-* settings first")
+    settings = QuantSettings("bitsandbytes", meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
+    return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
+                model=model, load_s=load_s, quantize_s=0.0, quality=quality, path_taken="saved-quantized", saved_to=None)
 
 
 def quality_inputs(args, tokenizer, fingerprint: str, dtype, device: str) -> dict:
@@ -249,8 +300,8 @@ def run(kind: str, argv=None) -> Path:
         "environment": bench.environment(device, ctx["dtype"], ctx["settings"]),
         "settings": {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
                      "prompts": len(suite), "warmup_tokens": min(bench.WARMUP_TOKENS, new_tokens), "greedy": True},
-        "load": {"path_taken": "quantized-from-checkpoint" if kind == "ewq" else "original-checkpoint",
-                 "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"]},
+        "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
+                 "saved_to": ctx["saved_to"]},
         "memory": {
             "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,
             "block_avg_bits_per_weight": 8 * block_bytes / block_params,

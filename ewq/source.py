@@ -86,10 +86,14 @@ def fetch_from_hub(repo_id: str, models_dir: Path) -> Path:
 def write_base_metadata(path: Path, base_id: str, source: str) -> None:
     """Models the tool fetched or converted say that they are not quantized (pre-trained != quantized).
     Only written inside models/, never into a directory the user owns."""
+    from .analysis import fingerprint
+    from .checkpoint import open_checkpoint
+
     meta = path / "metadata.json"
     if not meta.exists():
         write_json_atomic(meta, {
             "schema_version": 1, "is_quantized": False, "method": None, "base_model": base_id,
+            "fingerprint": fingerprint(open_checkpoint(path), progress=False),
             "source": source, "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })

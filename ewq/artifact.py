@@ -1,0 +1,183 @@
+"""Quantized models on disk: save a mixed raw/8-bit/4-bit model once, load it without re-quantizing.
+
+transformers cannot save or load one model whose blocks mix 8-bit and 4-bit bitsandbytes layers, so a
+saved model is a directory of our own making:
+    model.safetensors   every tensor of the quantized model (int8 data + row scales; packed 4-bit data
+                        + its quantization state, as bitsandbytes' own state dict writes them)
+    config.json, generation_config.json, tokenizer files
+    plan.json           the plan that made it
+    metadata.json       is_quantized: true, method, base model and fingerprints, counts, sizes, versions
+It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
+finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
+plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit).
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .apply import block_list, quantizable_layers, quiet_bitsandbytes, weight_bytes_by_precision
+from .common import EWQError, write_json_atomic
+from .plan import load_plan, plan_hash
+
+METHOD = "ewq-bitsandbytes"
+
+
+def read_metadata(path) -> dict | None:
+    meta = Path(path) / "metadata.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EWQError(f"{meta} is not valid JSON ({e}); restore or delete it") from None
+
+
+def artifact_name(model_id: str, plan: dict) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_id.rstrip("/")).name or "model").strip("-") or "model"
+    return f"{base}-{plan_hash(plan)}"
+
+
+def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, settings, dtype, root) -> tuple:
+    """Write the quantized model to root/<name>-<plan hash>/. Returns (path, written now?)."""
+    from .analysis import fingerprint as files_fingerprint
+    from .checkpoint import open_checkpoint
+
+    if settings.backend != "bitsandbytes":
+        raise EWQError("--save supports the bitsandbytes backend only: torch's dynamic int8 modules have no "
+                       "safetensors form; drop --save or use --backend bitsandbytes")
+    root = Path(root)
+    target = root / artifact_name(source.id, plan)
+    if (target / "metadata.json").is_file():
+        return target, False  # saved before from the same weights and plan: never overwritten
+    tmp = root / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors, seen = {}, {}
+        for name, t in model.state_dict().items():
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key in seen:  # tied weights (lm_head = embeddings) are stored once
+                continue
+            seen[key] = name
+            tensors[name] = t.detach().to("cpu").contiguous()
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan)})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "plan.json", plan)
+        by_precision = weight_bytes_by_precision(model, plan)
+        block_bytes = sum(v for k, v in by_precision.items() if k != "other")
+        write_json_atomic(tmp / "metadata.json", {
+            "schema_version": 1, "is_quantized": True, "method": METHOD,
+            "base_model": source.id, "base_path": str(source.path), "base_fingerprint": fingerprint,
+            "artifact_fingerprint": files_fingerprint(open_checkpoint(tmp), progress=False),
+            "plan_hash": plan_hash(plan), "counts": plan["counts"], "weight_bytes": sum(by_precision.values()),
+            "weight_bytes_by_precision": by_precision,
+            "avg_bits_per_weight": 8 * block_bytes / plan["size"]["block_params"],
+            "dtype": str(dtype).replace("torch.", ""), "quant_type": settings.quant_type,
+            "double_quant": settings.double_quant, "int8_threshold": settings.threshold,
+            "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, True
+
+
+def _int8_layer(state: dict, prefix: str, threshold: float):
+    import bitsandbytes as bnb
+
+    weight, scb = state[prefix + "weight"], state[prefix + "SCB"]
+    bias = state.get(prefix + "bias")
+    out_f, in_f = weight.shape
+    layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=threshold,
+                                device="meta")
+    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer.eval()
+
+
+def _four_bit_layer(state: dict, prefix: str, dtype):
+    import bitsandbytes as bnb
+
+    stats = {k[len(prefix + "weight."):]: v for k, v in state.items() if k.startswith(prefix + "weight.")}
+    weight = bnb.nn.Params4bit.from_prequantized(state[prefix + "weight"], stats, requires_grad=False, device="cpu")
+    out_f, in_f = weight.quant_state.shape
+    bias = state.get(prefix + "bias")
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=dtype, quant_type=weight.quant_type,
+                              compress_statistics=weight.compress_statistics, device="meta")
+    layer.weight = weight
+    weight.module, layer.quant_state = layer, weight.quant_state
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # keep the saved layout (see apply.quantize_layer)
+    return layer.eval()
+
+
+def load_quantized(path, progress: bool = True) -> tuple:
+    """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .analysis import fingerprint as files_fingerprint
+    from .checkpoint import open_checkpoint
+
+    quiet_bitsandbytes()
+    path = Path(path)
+    meta = read_metadata(path)
+    if not meta or meta.get("is_quantized") is not True or meta.get("method") != METHOD:
+        raise EWQError(f"{path} is not a quantized model saved by EWQ (metadata.json with is_quantized: true, "
+                       f"method {METHOD})")
+    for needed in ("model.safetensors", "config.json", "plan.json"):
+        if not (path / needed).is_file():
+            raise EWQError(f"saved model {path} is incomplete: {needed} is missing; save it again with benchmark.py --save")
+    plan = load_plan(path / "plan.json")
+    if plan_hash(plan) != meta.get("plan_hash"):
+        raise EWQError(f"{path}/plan.json is not the plan this model was saved with (hash {plan_hash(plan)}, metadata "
+                       f"{meta.get('plan_hash')}); save the model again")
+    if files_fingerprint(open_checkpoint(path), progress=progress) != meta.get("artifact_fingerprint"):
+        raise EWQError(f"the tensors in {path} are not the ones that were saved (truncated, edited or from another "
+                       f"plan); save the model again with benchmark.py --save")
+    try:
+        state = load_file(path / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise EWQError(f"cannot read {path / 'model.safetensors'}: {e}; save the model again") from None
+    dtype = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prefix = plan["model"]["block_prefix"]
+    state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}")
+                         if any(k.startswith(p + ".") for k in state)), prefix)
+    precisions = {b["index"]: b["precision"] for b in plan["blocks"]}
+    consumed = set()
+    for i, block in enumerate(block_list(model, prefix)):
+        if precisions[i] == "raw":
+            continue
+        for name, _ in quantizable_layers(block):
+            p = f"{state_prefix}.{i}.{name}."
+            try:
+                layer = (_int8_layer(state, p, meta["int8_threshold"]) if precisions[i] == "8-bit"
+                         else _four_bit_layer(state, p, dtype))
+            except KeyError as e:
+                raise EWQError(f"saved model {path} lacks tensor {e.args[0]}; it does not match its plan") from None
+            block.set_submodule(name, layer)
+            consumed |= {k for k in state if k.startswith(p)}
+    rest = {k: v for k, v in state.items() if k not in consumed}
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise EWQError(f"saved model {path} lacks tensors {', '.join(missing[:3])}; save it again")
+    return model.eval(), plan, meta

@@ -1,0 +1,127 @@
+"""Saved quantized models: save -> load gives identical logits; metadata; status."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import benchmark
+from ewq import status
+from ewq.apply import QuantSettings, apply_plan, load_model
+from ewq.artifact import load_quantized, save_quantized
+from ewq.common import EWQError, run_cli
+from ewq.plan import load_plan, make_plan, plan_hash
+from ewq.source import ModelSource
+
+MIX = ["raw", "8-bit", "4-bit", "8-bit"]
+
+
+def quantized(model_dir, plan, quant_type):
+    model = load_model(model_dir, torch.float32)
+    apply_plan(model, plan, QuantSettings(quant_type=quant_type), torch.float32, progress=False)
+    return model
+
+
+@pytest.fixture
+def mixed_plan(tiny_factory, tmp_path):
+    model_dir = tiny_factory("llama")
+    path, plan, _ = make_plan(str(model_dir), out_dir=tmp_path / "plans", progress=False)
+    for b, p in zip(plan["blocks"], MIX):
+        b["precision"] = p
+    path.write_text(json.dumps(plan))
+    return model_dir, load_plan(path)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_save_then_load_gives_identical_logits(mixed_plan, tmp_path, quant_type, forward_first):
+    from transformers import AutoTokenizer
+
+    model_dir, plan = mixed_plan
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    fresh = quantized(model_dir, plan, quant_type)
+    if forward_first:  # the saved state must not depend on whether a forward ran before saving
+        fresh(ids)
+    settings = QuantSettings(quant_type=quant_type)
+    source = ModelSource(str(model_dir), model_dir)
+    path, written = save_quantized(fresh, plan, source, plan["model"]["fingerprint"],
+                                   AutoTokenizer.from_pretrained(model_dir), settings, torch.float32, tmp_path / "q")
+    assert written and path.name.endswith("-" + plan_hash(plan))
+    loaded, loaded_plan, meta = load_quantized(path, progress=False)
+    with torch.no_grad():
+        want = quantized(model_dir, plan, quant_type)(ids).logits
+        assert torch.equal(loaded(ids).logits, want)
+        assert torch.equal(fresh(ids).logits, want)
+    assert loaded_plan["counts"] == {"raw": 1, "8-bit": 2, "4-bit": 1}
+    assert meta["is_quantized"] is True and meta["method"] == "ewq-bitsandbytes"
+    assert meta["base_fingerprint"] == plan["model"]["fingerprint"] and meta["quant_type"] == quant_type
+    assert meta["counts"] == loaded_plan["counts"] and meta["weight_bytes"] > 0 and 4 < meta["avg_bits_per_weight"] < 32
+    for field in ("base_model", "plan_hash", "tool_version", "created", "avg_bits_per_weight"):
+        assert field in meta
+    assert save_quantized(fresh, plan, source, plan["model"]["fingerprint"], None, settings, torch.float32,
+                          tmp_path / "q")[1] is False  # an existing save is never overwritten
+
+
+def saved(mixed_plan, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir, plan = mixed_plan
+    model = quantized(model_dir, plan, "nf4")
+    return save_quantized(model, plan, ModelSource(str(model_dir), model_dir), plan["model"]["fingerprint"],
+                          AutoTokenizer.from_pretrained(model_dir), QuantSettings(), torch.float32, tmp_path)[0]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:5000]), "not a valid safetensors"),
+    (lambda p: (p / "plan.json").write_text(json.dumps({**json.loads((p / "plan.json").read_text()),
+                                                        "method": {"name": "other"}})), "not the plan"),
+])
+def test_damaged_saves_are_refused(mixed_plan, tmp_path, damage, message):
+    path = saved(mixed_plan, tmp_path)
+    damage(path)
+    with pytest.raises(EWQError, match=message):
+        load_quantized(path, progress=False)
+
+
+def test_benchmark_saves_and_loads_without_requantizing(tiny_factory, tmp_path, capsys):
+    model_dir = tiny_factory("gpt2")
+    fast = ["--tasks", "math", "--max-new-tokens", "4", "--repeats", "1", "--no-progress", "--out-dir", str(tmp_path / "r")]
+    plans = str(tmp_path / "q")
+    assert run_cli(benchmark.main, ["--model", str(model_dir), "--plan", "uniform-4bit", "--save", "--plans-dir", plans] + fast) == 0
+    first = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
+    saved_dir = first["load"]["saved_to"]
+    assert first["load"]["path_taken"] == "quantized-from-checkpoint" and saved_dir
+    assert run_cli(benchmark.main, ["--model", saved_dir] + fast) == 0
+    second = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
+    assert second["load"]["path_taken"] == "saved-quantized" and second["load"]["quantize_s"] == 0.0
+    assert second["model"]["fingerprint"] == first["model"]["fingerprint"]
+    assert [t["token_ids"] for t in second["tests"]] == [t["token_ids"] for t in first["tests"]]
+    assert second["memory"]["weight_bytes"] == first["memory"]["weight_bytes"]
+
+
+def test_status_lists_every_model_and_flags_broken_ones(mixed_plan, tmp_path, capsys):
+    model_dir, plan = mixed_plan
+    models, plans = tmp_path / "models", tmp_path / "quantized_models"
+    base = models / "tiny"
+    shutil.copytree(model_dir, base)
+    (base / "metadata.json").write_text(json.dumps({"is_quantized": False, "base_model": "tiny",
+                                                    "fingerprint": plan["model"]["fingerprint"]}))
+    shutil.copytree(model_dir, models / "no-metadata")
+    shutil.copytree(model_dir, models / "broken")
+    (models / "broken" / "metadata.json").write_text("{not json")
+    plans.mkdir()
+    (plans / "quant_plan_abc.json").write_text(json.dumps(plan))
+    saved(mixed_plan, plans)
+    rows = {r["name"]: r for r in status.status(models, plans, tmp_path / "results")}
+    assert rows["tiny"]["is_quantized"] is False and rows["tiny"]["plans"] == ["quant_plan_abc.json"]
+    assert rows["no-metadata"]["is_quantized"] == "unknown" and rows["no-metadata"]["problem"] == "no metadata.json"
+    assert rows["broken"]["is_quantized"] == "unknown" and "broken metadata.json" in rows["broken"]["problem"]
+    q = next(r for r in rows.values() if r["is_quantized"] is True)
+    assert q["method"] == "ewq-bitsandbytes" and q["counts"] == {"raw": 1, "8-bit": 2, "4-bit": 1} and q["size_bytes"] > 0
+    assert run_cli(status.main, ["--json", "--models-dir", str(models), "--plans-dir", str(plans)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema_version"] == 1 and len(data["models"]) == 4
+    assert run_cli(status.main, ["--models-dir", str(models), "--plans-dir", str(plans)]) == 0
+    assert "unknown" in capsys.readouterr().out
