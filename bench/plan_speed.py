@@ -20,36 +20,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-TINYLLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
+TINYLLAMA = dict(model_type="llama", hidden_size=2048, intermediate_size=5632,
                  num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="float16",
+                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                  hidden_act="silu", rope_theta=10000.0)
 
 
 def write_checkpoint(directory: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
+    from ewq.synthetic import write_random_checkpoint
 
-    if (directory / "model.safetensors").exists():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    c = TINYLLAMA
-    h, i = c["hidden_size"], c["intermediate_size"]
-    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
-    torch.manual_seed(0)
-    t = {"model.embed_tokens.weight": (c["vocab_size"], h), "lm_head.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        t.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                  p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                  p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
-                  p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
-    def scale(name):  # per-block spread differs a little, as in trained models, so the plan is not degenerate
-        return 0.02 * (1 + 0.05 * (int(name.split(".")[2]) % 7)) if ".layers." in name else 0.02
-
-    tensors = {name: (torch.randn(shape) * scale(name)).half() for name, shape in t.items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(c))
+    if not (directory / "config.json").exists():
+        write_random_checkpoint(TINYLLAMA, directory, shard_bytes=1e12)  # one file, as TinyLlama ships
 
 
 CHILD = r"""

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ewq.synthetic import save_byte_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parent.parent
@@ -40,19 +42,6 @@ def build_tiny(kind: str, directory: Path, seed: int = 0, dtype=torch.float16, *
     model.save_pretrained(directory, safe_serialization=True)
     save_byte_tokenizer(directory)
     return directory
-
-
-def save_byte_tokenizer(directory: Path) -> None:
-    """A byte-level tokenizer with no merges: ids 0..255 are bytes, 256 is end-of-text (fits vocab 320)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab["<|endoftext|>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(directory)
 
 
 @pytest.fixture(scope="session")
