@@ -125,12 +125,14 @@ def _four_bit_layer(state: dict, prefix: str, dtype):
     return layer.eval()
 
 
-def load_quantized(path, progress: bool = True) -> tuple:
+def load_quantized(path) -> tuple:
     """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .analysis import fingerprint as files_fingerprint
+    from transformers.initialization import no_init_weights
+
+    from .analysis import combine_digests, tensor_digest
     from .checkpoint import open_checkpoint
 
     quiet_bitsandbytes()
@@ -146,16 +148,18 @@ def load_quantized(path, progress: bool = True) -> tuple:
     if plan_hash(plan) != meta.get("plan_hash"):
         raise EWQError(f"{path}/plan.json is not the plan this model was saved with (hash {plan_hash(plan)}, metadata "
                        f"{meta.get('plan_hash')}); save the model again")
-    if files_fingerprint(open_checkpoint(path), progress=progress) != meta.get("artifact_fingerprint"):
-        raise EWQError(f"the tensors in {path} are not the ones that were saved (truncated, edited or from another "
-                       f"plan); save the model again with benchmark.py --save")
+    headers = open_checkpoint(path)  # a truncated or corrupt file fails here, with a clear message
     try:
         state = load_file(path / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise EWQError(f"cannot read {path / 'model.safetensors'}: {e}; save the model again") from None
+    # the same fingerprint as analysis.fingerprint, computed from the tensors already in memory (one read)
+    if combine_digests(tensor_digest(t, state[t.name]) for t in headers.tensors) != meta.get("artifact_fingerprint"):
+        raise EWQError(f"the tensors in {path} are not the ones that were saved (truncated, edited or from another "
+                       f"plan); save the model again with benchmark.py --save")
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
+    with init_empty_weights(), no_init_weights():  # every weight is assigned from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefix = plan["model"]["block_prefix"]
     state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}")

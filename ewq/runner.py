@@ -82,9 +82,9 @@ def pick_dtype(choice, device: str, backend: str) -> torch.dtype:
         return DTYPES[choice]
     if backend == "torch-dynamic":
         return torch.float32  # torch's dynamic int8 kernels take fp32 activations
-    # CPU, measured on this project's 2-core AVX2 machine (docs/RESULTS.md), SmolLM2, one process:
-    # bf16 decodes 1.7x faster than fp32 (25.6 vs 15.6 tok/s: decode reads every weight, bf16 reads half),
-    # prefill is 3x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
+    # CPU, measured on this project's 2-core AVX2 machine (bench/cpu_dtype.py, docs/RESULTS.md): bf16
+    # decodes 1.6x faster than fp32 (20.6 vs 12.7 tok/s: decode reads every weight, bf16 reads half) but
+    # prefills 3.6x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
     # blocks at 16 bits as fp16 does on a GPU, so bf16 is the CPU default.
     return torch.float16 if device == "cuda" else torch.bfloat16
 
@@ -199,7 +199,7 @@ def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
     if args.dtype and args.dtype != meta.get("dtype"):
         raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
     start = time.perf_counter()
-    model, plan, meta = load_quantized(source.path, progress=not args.no_progress)
+    model, plan, meta = load_quantized(source.path)
     load_s = time.perf_counter() - start
     dtype, fp = getattr(torch, meta["dtype"]), meta["base_fingerprint"]
     quality = None

@@ -48,7 +48,7 @@ def test_save_then_load_gives_identical_logits(mixed_plan, tmp_path, quant_type,
     path, written = save_quantized(fresh, plan, source, plan["model"]["fingerprint"],
                                    AutoTokenizer.from_pretrained(model_dir), settings, torch.float32, tmp_path / "q")
     assert written and path.name.endswith("-" + plan_hash(plan))
-    loaded, loaded_plan, meta = load_quantized(path, progress=False)
+    loaded, loaded_plan, meta = load_quantized(path)
     with torch.no_grad():
         want = quantized(model_dir, plan, quant_type)(ids).logits
         assert torch.equal(loaded(ids).logits, want)
@@ -82,7 +82,7 @@ def test_damaged_saves_are_refused(mixed_plan, tmp_path, damage, message):
     path = saved(mixed_plan, tmp_path)
     damage(path)
     with pytest.raises(EWQError, match=message):
-        load_quantized(path, progress=False)
+        load_quantized(path)
 
 
 def test_benchmark_saves_and_loads_without_requantizing(tiny_factory, tmp_path, capsys):
