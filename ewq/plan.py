@@ -26,9 +26,7 @@ BUILTIN_PLANS = {"raw": "raw", "uniform-8bit": "8-bit", "uniform-4bit": "4-bit"}
 
 
 def entropy_rule(entropies, k: float):
-    """Precision per block from its entropy; returns (precisions, stats)."""
-    if k < 0 or not math.isfinite(k):
-        raise EWQError(f"--k must be a finite number >= 0, got {k}")
+    """Precision per block from its entropy; returns (precisions, stats). k >= 0 is checked by make_plan."""
     if min(entropies) == max(entropies):  # sigma = 0: nothing stands out, keep everything raw
         mu, sigma = entropies[0], 0.0
     else:
