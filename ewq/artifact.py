@@ -3,10 +3,12 @@
 transformers cannot save or load one model whose blocks mix 8-bit and 4-bit bitsandbytes layers, so a
 saved model is a directory of our own making:
     model.safetensors   every tensor of the quantized model (int8 data + row scales; packed 4-bit data
-                        + its quantization state, as bitsandbytes' own state dict writes them)
+                        + its quantization state, as bitsandbytes' own state dict writes them; for the
+                        torch-dynamic backend, int8 data + per-tensor scale and zero point)
     config.json, generation_config.json, tokenizer files
     plan.json           the plan that made it
-    metadata.json       is_quantized: true, method, base model and fingerprints, counts, sizes, versions
+    metadata.json       is_quantized: true, method (ewq-bitsandbytes or dynamic-ptq-int8), base model
+                        and fingerprints, counts, sizes, versions
 It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
 finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
 plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit).
@@ -28,7 +30,8 @@ from .apply import block_list, quantizable_layers, quiet_bitsandbytes, weight_by
 from .common import EWQError, write_json_atomic
 from .plan import load_plan, plan_hash
 
-METHOD = "ewq-bitsandbytes"
+METHODS = {"bitsandbytes": "ewq-bitsandbytes", "torch-dynamic": "dynamic-ptq-int8"}
+BACKENDS = {method: backend for backend, method in METHODS.items()}
 
 
 def read_metadata(path) -> dict | None:
@@ -51,9 +54,6 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
     from .analysis import fingerprint as files_fingerprint
     from .checkpoint import open_checkpoint
 
-    if settings.backend != "bitsandbytes":
-        raise EWQError("--save supports the bitsandbytes backend only: torch's dynamic int8 modules have no "
-                       "safetensors form; drop --save or use --backend bitsandbytes")
     root = Path(root)
     target = root / artifact_name(source.id, plan)
     if (target / "metadata.json").is_file():
@@ -62,13 +62,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors, seen = {}, {}
-        for name, t in model.state_dict().items():
-            key = (t.data_ptr(), t.numel(), t.dtype)
-            if key in seen:  # tied weights (lm_head = embeddings) are stored once
-                continue
-            seen[key] = name
-            tensors[name] = t.detach().to("cpu").contiguous()
+        tensors = state_tensors(model)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan)})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
@@ -77,7 +71,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
         by_precision = weight_bytes_by_precision(model, plan)
         block_bytes = sum(v for k, v in by_precision.items() if k != "other")
         write_json_atomic(tmp / "metadata.json", {
-            "schema_version": 1, "is_quantized": True, "method": METHOD,
+            "schema_version": 1, "is_quantized": True, "method": METHODS[settings.backend],
             "base_model": source.id, "base_path": str(source.path), "base_fingerprint": fingerprint,
             "artifact_fingerprint": files_fingerprint(open_checkpoint(tmp), progress=False),
             "plan_hash": plan_hash(plan), "counts": plan["counts"], "weight_bytes": sum(by_precision.values()),
@@ -92,6 +86,43 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target, True
+
+
+def state_tensors(model) -> dict:
+    """Every tensor of the model for safetensors. bitsandbytes layers write their own state (int8 data +
+    SCB; packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed parameters that
+    safetensors cannot hold, so they are stored as int8 data + per-tensor scale and zero point."""
+    dynamic = {name + ".": m for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or any(name.startswith(p) for p in dynamic):
+            continue
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:  # tied weights (lm_head = embeddings) are stored once
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().to("cpu").contiguous()
+    for prefix, m in dynamic.items():
+        w, b = m._packed_params._weight_bias()
+        if w.qscheme() != torch.per_tensor_affine:
+            raise EWQError(f"{prefix[:-1]} is quantized per channel; only per-tensor dynamic int8 can be saved")
+        tensors[prefix + "weight"] = w.int_repr().contiguous()
+        tensors[prefix + "weight_scale"] = torch.tensor([w.q_scale()], dtype=torch.float64)
+        tensors[prefix + "weight_zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
+        if b is not None:
+            tensors[prefix + "bias"] = b.detach().contiguous()
+    return tensors
+
+
+def _dynamic_int8_layer(state: dict, prefix: str):
+    weight = state[prefix + "weight"]
+    out_f, in_f = weight.shape
+    bias = state.get(prefix + "bias")
+    layer = torch.ao.nn.quantized.dynamic.Linear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
+    qweight = torch._make_per_tensor_quantized_tensor(weight, float(state[prefix + "weight_scale"][0]),
+                                                      int(state[prefix + "weight_zero_point"][0]))
+    layer.set_weight_bias(qweight, bias)
+    return layer
 
 
 def _int8_layer(state: dict, prefix: str, threshold: float):
@@ -138,9 +169,10 @@ def load_quantized(path) -> tuple:
     quiet_bitsandbytes()
     path = Path(path)
     meta = read_metadata(path)
-    if not meta or meta.get("is_quantized") is not True or meta.get("method") != METHOD:
+    if not meta or meta.get("is_quantized") is not True or meta.get("method") not in BACKENDS:
         raise EWQError(f"{path} is not a quantized model saved by EWQ (metadata.json with is_quantized: true, "
-                       f"method {METHOD})")
+                       f"method one of {', '.join(BACKENDS)})")
+    dynamic = BACKENDS[meta["method"]] == "torch-dynamic"
     for needed in ("model.safetensors", "config.json", "plan.json"):
         if not (path / needed).is_file():
             raise EWQError(f"saved model {path} is incomplete: {needed} is missing; save it again with benchmark.py --save")
@@ -165,23 +197,30 @@ def load_quantized(path) -> tuple:
     state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}")
                          if any(k.startswith(p + ".") for k in state)), prefix)
     precisions = {b["index"]: b["precision"] for b in plan["blocks"]}
-    consumed = set()
+    consumed, replacements = set(), []
     for i, block in enumerate(block_list(model, prefix)):
         if precisions[i] == "raw":
             continue
         for name, _ in quantizable_layers(block):
             p = f"{state_prefix}.{i}.{name}."
             try:
-                layer = (_int8_layer(state, p, meta["int8_threshold"]) if precisions[i] == "8-bit"
-                         else _four_bit_layer(state, p, dtype))
+                if precisions[i] == "4-bit":
+                    layer = _four_bit_layer(state, p, dtype)
+                elif dynamic:
+                    layer = _dynamic_int8_layer(state, p)
+                else:
+                    layer = _int8_layer(state, p, meta["int8_threshold"])
             except KeyError as e:
                 raise EWQError(f"saved model {path} lacks tensor {e.args[0]}; it does not match its plan") from None
-            block.set_submodule(name, layer)
+            replacements.append((block, name, layer))
             consumed |= {k for k in state if k.startswith(p)}
-    rest = {k: v for k, v in state.items() if k not in consumed}
-    model.load_state_dict(rest, strict=False, assign=True)
+    # float tensors first (the skeleton's quantized-to-be layers simply get none), then the quantized layers
+    model.load_state_dict({k: v for k, v in state.items() if k not in consumed}, strict=False, assign=True)
+    for block, name, layer in replacements:
+        block.set_submodule(name, layer)
     model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if isinstance(t, torch.Tensor) and t.device.type == "meta"]
     if missing:
         raise EWQError(f"saved model {path} lacks tensors {', '.join(missing[:3])}; save it again")
     return model.eval(), plan, meta

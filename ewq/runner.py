@@ -209,7 +209,9 @@ def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
             raise EWQError(f"no cached reference of the base model for these windows; run "
                            f"`python benchmark_original.py --quality --model {meta.get('base_path')}` with the same "
                            f"--eval-* settings first")
-    settings = QuantSettings("bitsandbytes", meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
+    from .artifact import BACKENDS
+
+    settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
                 model=model, load_s=load_s, quantize_s=0.0, quality=quality, path_taken="saved-quantized", saved_to=None)
 

@@ -63,6 +63,29 @@ def test_save_then_load_gives_identical_logits(mixed_plan, tmp_path, quant_type,
                           tmp_path / "q")[1] is False  # an existing save is never overwritten
 
 
+def test_torch_dynamic_models_save_as_dynamic_ptq_int8(tiny_factory, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_factory("gpt2")  # Conv1D layers become dynamic int8 Linear layers
+    path, plan, _ = make_plan(str(model_dir), out_dir=tmp_path / "plans", progress=False)
+    for b, p in zip(plan["blocks"], ["8-bit", "raw", "8-bit"]):
+        b["precision"] = p
+    path.write_text(json.dumps(plan))
+    plan = load_plan(path)
+    settings = QuantSettings(backend="torch-dynamic")
+    model = load_model(model_dir, torch.float32)
+    apply_plan(model, plan, settings, torch.float32, progress=False)
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    saved_dir, _ = save_quantized(model, plan, ModelSource(str(model_dir), model_dir), plan["model"]["fingerprint"],
+                                  AutoTokenizer.from_pretrained(model_dir), settings, torch.float32, tmp_path / "q")
+    loaded, _, meta = load_quantized(saved_dir)
+    assert meta["method"] == "dynamic-ptq-int8" and meta["is_quantized"] is True
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    dyn = torch.ao.nn.quantized.dynamic.Linear
+    assert sum(isinstance(m, dyn) for m in loaded.modules()) == 8
+
+
 def saved(mixed_plan, tmp_path):
     from transformers import AutoTokenizer
 
