@@ -79,5 +79,10 @@ def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True,
     return Analysis(combine_digests(digests), by_kind.get(entropy, []), by_kind, time.perf_counter() - start)
 
 
+def fingerprint_in_memory(ckpt: Checkpoint, tensors: dict) -> str:
+    """The same fingerprint as `fingerprint`, from tensors already in memory (no second read of the files)."""
+    return combine_digests(tensor_digest(t, tensors[t.name]) for t in ckpt.tensors)
+
+
 def fingerprint(ckpt: Checkpoint, progress: bool = True) -> str:
     return analyze(ckpt, progress=progress, fingerprint_only=True).fingerprint

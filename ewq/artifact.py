@@ -51,7 +51,7 @@ def artifact_name(model_id: str, plan: dict) -> str:
 
 def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, settings, dtype, root) -> tuple:
     """Write the quantized model to root/<name>-<plan hash>/. Returns (path, written now?)."""
-    from .analysis import fingerprint as files_fingerprint
+    from .analysis import fingerprint_in_memory
     from .checkpoint import open_checkpoint
 
     root = Path(root)
@@ -73,7 +73,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
         write_json_atomic(tmp / "metadata.json", {
             "schema_version": 1, "is_quantized": True, "method": METHODS[settings.backend],
             "base_model": source.id, "base_path": str(source.path), "base_fingerprint": fingerprint,
-            "artifact_fingerprint": files_fingerprint(open_checkpoint(tmp), progress=False),
+            "artifact_fingerprint": fingerprint_in_memory(open_checkpoint(tmp), tensors),
             "plan_hash": plan_hash(plan), "counts": plan["counts"], "weight_bytes": sum(by_precision.values()),
             "weight_bytes_by_precision": by_precision,
             "avg_bits_per_weight": 8 * block_bytes / plan["size"]["block_params"],
@@ -163,7 +163,7 @@ def load_quantized(path) -> tuple:
 
     from transformers.initialization import no_init_weights
 
-    from .analysis import combine_digests, tensor_digest
+    from .analysis import fingerprint_in_memory
     from .checkpoint import open_checkpoint
 
     quiet_bitsandbytes()
@@ -185,8 +185,7 @@ def load_quantized(path) -> tuple:
         state = load_file(path / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise EWQError(f"cannot read {path / 'model.safetensors'}: {e}; save the model again") from None
-    # the same fingerprint as analysis.fingerprint, computed from the tensors already in memory (one read)
-    if combine_digests(tensor_digest(t, state[t.name]) for t in headers.tensors) != meta.get("artifact_fingerprint"):
+    if fingerprint_in_memory(headers, state) != meta.get("artifact_fingerprint"):
         raise EWQError(f"the tensors in {path} are not the ones that were saved (truncated, edited or from another "
                        f"plan); save the model again with benchmark.py --save")
     dtype = getattr(torch, meta["dtype"])

@@ -291,10 +291,10 @@ def build_report(results, out_dir) -> tuple:
         plt = None
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
     if plt is not None:
-        ewq_results = [r for r in results if plan_of(r)]
-        if ewq_results:
+        rule_plan = next((plan for r in results if (plan := plan_of(r))), None)
+        if rule_plan:
             p = report_path.with_name(report_path.stem + "_entropy.png")
-            plot_entropy(plan_of(ewq_results[0]), p, plt)
+            plot_entropy(rule_plan, p, plt)
             text.append(f"\n![block entropy]({p.name})")
         if any(t["kl_mean"] is not None for t in table):
             p = report_path.with_name(report_path.stem + "_size_vs_kl.png")
