@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .common import EWQError
@@ -146,12 +146,10 @@ def load_reference(path: Path, key: dict):
     """The cached reference for `key`, or None if there is none. A damaged or foreign file is an error."""
     if not path.exists():
         return None
-    try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
+    try:  # one open: the key in the header metadata, then the tensors
         with safe_open(str(path), framework="pt") as f:
             stored = json.loads(f.metadata()["ewq_reference"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise EWQError(f"reference cache {path} is corrupt ({type(e).__name__}); delete it and run again to recompute") from None
     if stored != key:
