@@ -5,6 +5,8 @@ The last line of stdout is the path of the plan JSON."""
 
 import sys
 
+from ewq.allocate import GRANULARITIES
+from ewq.backends import BACKENDS, GROUP_SIZES
 from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
@@ -52,7 +54,19 @@ def parse_args(argv):
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="tokens of calibration text for --method sensitivity (default 512), from the end of the corpus")
     p.add_argument("--calib-text", default=None, help="UTF-8 text file for calibration (default: lee_background.cor from gensim)")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit type measured by --method sensitivity")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="block",
+                   help="block (default): one precision per transformer block; matrix: one per weight matrix "
+                        "(q/k/v/o, gate/up/down), written as per-matrix entries in the plan; needs a method that "
+                        "allocates (sensitivity, position, or entropy, which then lowers the lowest-entropy matrices first)")
+    p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
+                   help="the executor --method sensitivity measures with; use the one that will run the plan "
+                        "(bitsandbytes: LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
+                   help="torchao int4: weights per scale/zero-point group (default 64; 32/64/128 on the CPU). Sizes in "
+                        "the plan count 4 bytes per group. Careful: the embedded SmolLM2 went through GGUF Q4_1 (groups "
+                        "of 32, float zero points), so any 32-group 4-bit format re-finds that grid and looks "
+                        "near-lossless on it: draw no conclusion from --group-size 32 on that model")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="bitsandbytes 4-bit type measured by --method sensitivity")
     p.add_argument("--entropy", choices=ENTROPY_KINDS, default="histogram",
                    help="histogram: the PoC's 128-bin Shannon entropy in bits (default); "
                         "softmax: the paper's entropy of softmax(weights), normalised by ln(n)")
@@ -73,7 +87,8 @@ def main(argv=None):
                                    target_bits=args.target_bits, max_weight_gb=args.max_weight_gb,
                                    calib_tokens=args.calib_tokens, calib_text=args.calib_text, quant_type=args.quant_type,
                                    force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
+                                   granularity=args.granularity)
     print(format_summary(plan))
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")

@@ -18,20 +18,66 @@ Two allocators:
     middle blocks first, so the first and last blocks keep the most bits (llama.cpp's rule of thumb).
 """
 
+import random
+from collections import Counter
+
 from .common import EWQError
-from .plan import PRECISIONS, estimated_bytes
+from .plan import DEFAULT_GROUP_SIZE, PRECISIONS, estimated_bytes
+
+GRANULARITIES = ("block", "matrix")
 
 
-def block_sizes(blocks) -> list:
-    return [{p: estimated_bytes(b["params"], b["rows"], p) for p in PRECISIONS} for b in blocks]
+def plan_items(blocks, granularity: str = "block") -> list:
+    """What a size-targeted plan gives a precision to: whole blocks, or every matrix of every block."""
+    if granularity == "block":
+        return [{"block": b.get("index", i), "matrix": None, "params": b["params"], "rows": b["rows"]} for i, b in enumerate(blocks)]
+    return [{"block": b["index"], "matrix": name, "params": o * i, "rows": o}
+            for b in blocks for name, (o, i) in b["shapes"].items()]
 
 
-def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None) -> float:
+def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE) -> list:
+    return [{p: estimated_bytes(it["params"], it["rows"], p, group_size) for p in PRECISIONS} for it in items]
+
+
+def block_sizes(blocks, group_size: int = DEFAULT_GROUP_SIZE) -> list:
+    return item_sizes(plan_items(blocks), group_size)
+
+
+def write_precisions(blocks, items, precisions) -> None:
+    """Put the chosen precisions into the plan's blocks. Per matrix: the block's `precision` is the one most
+    of its matrices have (ties: the higher precision), and the others are listed in `matrices`."""
+    by_block = {}
+    for it, p in zip(items, precisions):
+        by_block.setdefault(it["block"], []).append((it["matrix"], p))
+    for b in blocks:
+        chosen = by_block[b["index"]]
+        if chosen[0][0] is None:
+            b["precision"] = chosen[0][1]
+            b.pop("matrices", None)
+            continue
+        tally = Counter(p for _, p in chosen)
+        b["precision"] = max(PRECISIONS, key=lambda p: (tally[p], -PRECISIONS.index(p)))
+        overrides = {m: p for m, p in chosen if p != b["precision"]}
+        if overrides:
+            b["matrices"] = overrides
+        else:
+            b.pop("matrices", None)
+
+
+def random_allocation(sizes, budget: float, seed: int) -> list:
+    """A random plan that fits: lower items in a random order, as ordered_allocation does."""
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    return ordered_allocation(order, sizes, budget)
+
+
+def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None,
+                 group_size: int = DEFAULT_GROUP_SIZE) -> float:
     """Bytes the blocks may take. Refuses a target that even all-4-bit cannot meet."""
     if (target_bits is None) == (max_weight_gb is None):
         raise EWQError("give exactly one size target: --target-bits or --max-weight-gb")
     params = sum(b["params"] for b in blocks)
-    smallest = sum(s["4-bit"] for s in block_sizes(blocks))
+    smallest = sum(s["4-bit"] for s in block_sizes(blocks, group_size))
     if target_bits is not None:
         if not target_bits > 0:
             raise EWQError(f"--target-bits must be positive, got {target_bits}")
@@ -53,9 +99,9 @@ def optimal_allocation(costs, sizes, budget: float) -> list:
     min_rest = [0.0] * (n + 1)
     for i in range(n - 1, -1, -1):
         min_rest[i] = min_rest[i + 1] + min(sizes[i].values())
-    states = [(0.0, 0.0, ())]  # (bytes so far, cost so far, precisions so far)
+    states = [(0.0, 0.0, None)]  # (bytes so far, cost so far, (precision, earlier choices) linked backwards)
     for i in range(n):
-        grown = [(b + sizes[i][p], c + costs[i][p], ch + (p,)) for b, c, ch in states for p in PRECISIONS
+        grown = [(b + sizes[i][p], c + costs[i][p], (p, ch)) for b, c, ch in states for p in PRECISIONS
                  if b + sizes[i][p] + min_rest[i + 1] <= budget]
         grown.sort(key=lambda s: (s[0], s[1]))
         states, best = [], float("inf")
@@ -65,7 +111,11 @@ def optimal_allocation(costs, sizes, budget: float) -> list:
                 best = s[1]
     if not states:
         raise EWQError("no plan fits the size target")
-    return list(min(states, key=lambda s: s[1])[2])
+    chosen, link = [], min(states, key=lambda s: s[1])[2]
+    while link is not None:
+        chosen.append(link[0])
+        link = link[1]
+    return chosen[::-1]
 
 
 def ordered_allocation(order, sizes, budget: float) -> list:

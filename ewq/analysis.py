@@ -29,6 +29,7 @@ class Analysis:
     block_entropies: list  # one float per block, by index, of the primary entropy kind
     by_kind: dict          # entropy kind -> block entropies (the primary and any `also` kinds)
     seconds: float
+    matrix_entropies: dict = None  # tensor name -> {entropy kind: entropy} for every block matrix
 
 
 def _read(t):
@@ -76,7 +77,8 @@ def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True,
             bar.update(t.numel)
     by_kind = {k: [block_entropy([entropies[t.name][k] for t in b.matrices], [t.numel for t in b.matrices])
                    for b in ckpt.blocks] for k in kinds}
-    return Analysis(combine_digests(digests), by_kind.get(entropy, []), by_kind, time.perf_counter() - start)
+    return Analysis(combine_digests(digests), by_kind.get(entropy, []), by_kind, time.perf_counter() - start,
+                    {name: h for name, h in entropies.items() if h})
 
 
 def fingerprint_in_memory(ckpt: Checkpoint, tensors: dict) -> str:

@@ -26,11 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .apply import block_list, quantizable_layers, quiet_bitsandbytes, weight_bytes_by_precision
+from .apply import block_list, quantizable_layers, weight_bytes_by_precision
+from .backends import BACKENDS as BACKEND_NAMES
+from .backends import get_backend
+from .backends.bnb import quiet as quiet_bitsandbytes
 from .common import EWQError, write_json_atomic
-from .plan import load_plan, plan_hash
+from .plan import layer_precision, load_plan, plan_hash
 
-METHODS = {"bitsandbytes": "ewq-bitsandbytes", "torch-dynamic": "dynamic-ptq-int8"}
+# metadata.json `method` of a saved model <-> the backend that made it (backends whose SAVE_METHOD is None cannot save)
+METHODS = {b: get_backend(b).SAVE_METHOD for b in BACKEND_NAMES if get_backend(b).SAVE_METHOD}
 BACKENDS = {method: backend for backend, method in METHODS.items()}
 
 
@@ -195,15 +199,16 @@ def load_quantized(path) -> tuple:
     prefix = plan["model"]["block_prefix"]
     state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}")
                          if any(k.startswith(p + ".") for k in state)), prefix)
-    precisions = {b["index"]: b["precision"] for b in plan["blocks"]}
+    by_index = {b["index"]: b for b in plan["blocks"]}
     consumed, replacements = set(), []
     for i, block in enumerate(block_list(model, prefix)):
-        if precisions[i] == "raw":
-            continue
         for name, _ in quantizable_layers(block):
+            precision = layer_precision(by_index[i], name)
+            if precision == "raw":
+                continue
             p = f"{state_prefix}.{i}.{name}."
             try:
-                if precisions[i] == "4-bit":
+                if precision == "4-bit":
                     layer = _four_bit_layer(state, p, dtype)
                 elif dynamic:
                     layer = _dynamic_int8_layer(state, p)

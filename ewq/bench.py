@@ -158,14 +158,60 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
+# ---- compiled decoding ----
+
+def check_compiler(device: str) -> None:
+    """torch.compile's inductor builds C++ on the CPU and Triton kernels on CUDA: refuse early without them."""
+    import importlib.util
+    import shutil
+
+    if device == "cpu":
+        if not any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++"))):
+            raise EWQError("--compile needs a C++ compiler on the CPU (torch.compile builds C++ kernels); install one "
+                           "(e.g. apt-get install g++) or drop --compile")
+    elif importlib.util.find_spec("triton") is None:
+        raise EWQError("--compile on CUDA needs the triton package (torch.compile builds Triton kernels); "
+                       "pip install triton, or drop --compile")
+
+
+def use_compiled_decoding(model, device: str, max_cache_len: int) -> None:
+    """transformers' compiled generate: a static KV cache of one size for the whole suite (so the decode step
+    has one shape and compiles once) and torch.compile of the forward for the decode steps; prefill stays eager."""
+    from transformers import CompileConfig
+
+    config = model.generation_config
+    config.cache_implementation = "static"
+    config.max_cache_len = max_cache_len
+    compile_config = CompileConfig(mode="reduce-overhead" if device.startswith("cuda") else "default")
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+    config.compile_config = compile_config
+
+
+def use_eager_decoding(model) -> None:
+    model.generation_config.cache_implementation = None
+    model.generation_config.compile_config = None
+
+
 # ---- the suite run ----
 
-def run_suite(model, tokenizer, suite, max_new_tokens: int, repeats: int, device: str, progress: bool = True) -> list:
-    generate_exact(model, encode_prompt(tokenizer, suite[0]["prompt"]), min(WARMUP_TOKENS, max_new_tokens), device,
-                   clock=False)  # warm-up: kernels, caches, allocator
+def run_suite(model, tokenizer, suite, max_new_tokens: int, repeats: int, device: str, progress: bool = True,
+              compile: bool = False) -> tuple:
+    """(per-prompt results, warm-up seconds). With `compile`, the warm-up generates a whole run (that is when
+    torch.compile compiles) and every prompt is also generated once eagerly to compare the tokens."""
+    prompts = [encode_prompt(tokenizer, item["prompt"]) for item in suite]
+    eager_tokens = None
+    if compile:
+        eager_tokens = [generate_exact(model, ids, max_new_tokens, device, clock=False)[2] for ids in prompts]
+        use_compiled_decoding(model, device, max(ids.shape[1] for ids in prompts) + max_new_tokens + 1)
+    start = time.perf_counter()
+    generate_exact(model, prompts[0], max_new_tokens if compile else min(WARMUP_TOKENS, max_new_tokens), device,
+                   clock=False)  # warm-up: kernels, caches, allocator (and compilation)
+    if compile and len(prompts) > 1:
+        generate_exact(model, prompts[-1], 2, device, clock=False)  # a second prompt length: any recompile happens here
+    warmup_s = time.perf_counter() - start
     tests = []
-    for item in tqdm(suite, desc="benchmark", disable=not progress, leave=False):
-        ids = encode_prompt(tokenizer, item["prompt"])
+    for n, item in enumerate(tqdm(suite, desc="benchmark", disable=not progress, leave=False)):
+        ids = prompts[n]
         reset_peak_memory(device)
         runs = [generate_exact(model, ids, max_new_tokens, device) for _ in range(repeats)]
         prefill = [r[0] for r in runs]
@@ -180,31 +226,88 @@ def run_suite(model, tokenizer, suite, max_new_tokens: int, repeats: int, device
             # GPU kernels may be non-deterministic; the timing stays like for like (same token count) either way
             "same_tokens_every_repeat": all(r[2] == tokens for r in runs),
         })
-    return tests
+        if eager_tokens is not None:
+            tests[-1]["same_tokens_as_eager"] = eager_tokens[n] == tokens
+            tests[-1]["eager_token_ids"] = eager_tokens[n]
+    if compile:
+        use_eager_decoding(model)
+    return tests, warmup_s
 
 
-def speed_summary(tests: list, weight_bytes: int) -> dict:
+def speed_summary(tests: list, weight_bytes: int, device_bandwidth_gb_s: float | None = None) -> dict:
     decode = statistics.median(t["decode_tok_s"] for t in tests)
+    achieved = weight_bytes * decode / 1e9  # every weight byte is read once per decoded token (embedding rows aside)
     return {
         "prefill_s_median": statistics.median(t["prefill_s"] for t in tests),
         "decode_tok_s_median": decode,
         "decode_tok_s_min": min(t["decode_tok_s_min"] for t in tests),
         "decode_tok_s_max": max(t["decode_tok_s_max"] for t in tests),
-        # every weight byte is read once per decoded token (embedding rows aside)
-        "bandwidth_gb_s": weight_bytes * decode / 1e9,
+        "bandwidth_gb_s": achieved,
+        "device_read_bandwidth_gb_s": device_bandwidth_gb_s,
+        "bandwidth_fraction": achieved / device_bandwidth_gb_s if device_bandwidth_gb_s else None,
+        "roofline_tok_s": device_bandwidth_gb_s * 1e9 / weight_bytes if device_bandwidth_gb_s else None,
     }
 
 
-def environment(device: str, dtype: torch.dtype, settings) -> dict:
-    import bitsandbytes
+# ---- the roofline: how fast this device can read memory ----
+
+def cache_dir() -> Path:
+    """Per-machine facts (the device's bandwidth): $EWQ_CACHE, else ~/.cache/ewq."""
+    return Path(os.environ.get("EWQ_CACHE") or Path.home() / ".cache" / "ewq")
+
+
+def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
+    """The device's memory read bandwidth: torch.sum over a buffer far larger than any cache (1 GiB on the CPU,
+    4 GiB on a GPU), median of 5 after a warm-up. Measured once per device and thread count, then cached."""
+    import hashlib
+
+    name = device_name(device)
+    path = cache_dir() / f"bandwidth_{hashlib.sha256(name.encode()).hexdigest()[:12]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached["device_name"] == name and cached["threads"] == torch.get_num_threads():
+            return cached["read_bandwidth_gb_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if progress:
+        print(f"measuring the memory read bandwidth of {name} (once; cached in {path.parent})", flush=True)
+    nbytes = (4 if device.startswith("cuda") else 1) << 30
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(6):
+        synchronize(device)
+        start = time.perf_counter()
+        buf.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    del buf
+    gb_s = nbytes / statistics.median(times[1:]) / 1e9
+    write_json_atomic(path, {"device_name": name, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": gb_s,
+                             "method": f"torch.sum over {nbytes >> 30} GiB of float32, median of 5",
+                             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return gb_s
+
+
+def environment(device: str, dtype: torch.dtype, settings, compiled: bool = False) -> dict:
+    import importlib.metadata
+
     import transformers
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    from .backends import get_backend
 
     return {
         "device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(), "ewq": __version__,
-        "backend": settings.backend, "quant_type": settings.quant_type, "double_quant": settings.double_quant,
-        "int8_threshold": settings.threshold,
+        "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"), "python": platform.python_version(),
+        "ewq": __version__, "backend": settings.backend, "quant_type": settings.quant_type,
+        "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
+        "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,
     }
 
 
@@ -217,7 +320,9 @@ def format_table(result: dict) -> str:
     lines.append(f"{result['variant']}: decode {s['decode_tok_s_median']:.2f} tok/s (min {s['decode_tok_s_min']:.2f}, "
                  f"max {s['decode_tok_s_max']:.2f}), prefill {s['prefill_s_median']:.3f} s, weights "
                  f"{m['weight_gb']:.3f} GB, peak {m['peak_allocated_gb']:.3f} GB ({m['peak_source']}), "
-                 f"{s['bandwidth_gb_s']:.2f} GB/s on {result['environment']['device_name']}")
+                 f"{s['bandwidth_gb_s']:.2f} GB/s on {result['environment']['device_name']}"
+                 + (f" = {100 * s['bandwidth_fraction']:.0f}% of its measured {s['device_read_bandwidth_gb_s']:.1f} GB/s "
+                    f"read bandwidth (roofline {s['roofline_tok_s']:.1f} tok/s)" if s.get("bandwidth_fraction") else ""))
     q = result.get("quality")
     if q:
         lines.append(f"quality: perplexity {q['perplexity']:.3f}, KL {q['kl_mean']:.5f}, top-1 agreement "

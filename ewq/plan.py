@@ -4,9 +4,14 @@ The entropy rule (the published PoC's): with mu, sigma the mean and population s
 of the block entropies,  H >= mu -> raw;  mu - k*sigma <= H < mu -> 8-bit;  H < mu - k*sigma -> 4-bit.
 When every block has the same entropy (sigma = 0) every block stays raw.
 
-Estimated storage per precision (what bitsandbytes keeps): raw 16 bits per weight (fp16/bf16);
-8-bit: int8 data + one fp32 scale per output row (LLM.int8); 4-bit: packed nf4/fp4 + one fp32
-absmax per 64 weights (4.5 bits), without double quantization.
+A block may carry `matrices: {"self_attn.q_proj": "4-bit", ...}` (a per-matrix plan): those matrices
+take that precision instead of the block's `precision`. `shapes` lists every matrix of the block with
+its [out, in] size, so per-matrix entries are checked and sized without opening the model.
+
+Estimated storage per precision: raw 16 bits per weight (fp16/bf16); 8-bit: int8 data + one fp32 scale
+per output row (LLM.int8 and torchao's int8 alike); 4-bit: packed 4-bit data + 4 bytes per group of
+`group_size` weights (bitsandbytes: one fp32 absmax per 64; torchao: a 16-bit scale and zero point per
+group), 4.5 bits at the default group of 64.
 """
 
 import hashlib
@@ -36,20 +41,39 @@ def entropy_rule(entropies, k: float):
     return precisions, {"mean": mu, "std": sigma, "raw_threshold": mu, "four_bit_threshold": low}
 
 
-def estimated_bytes(params: int, rows: int, precision: str) -> float:
+DEFAULT_GROUP_SIZE = 64
+
+
+def estimated_bytes(params: int, rows: int, precision: str, group_size: int = DEFAULT_GROUP_SIZE) -> float:
     if precision == "raw":
         return 2.0 * params
     if precision == "8-bit":
         return params + 4.0 * rows
     if precision == "4-bit":
-        return params / 2 + 4.0 * math.ceil(params / 64)
+        return params / 2 + 4.0 * math.ceil(params / group_size)
     raise EWQError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
 
 
-def size_summary(blocks, other_params: int) -> dict:
+def layer_precision(block: dict, matrix: str) -> str:
+    """The precision of one matrix: its per-matrix entry, else its block's."""
+    return (block.get("matrices") or {}).get(matrix, block["precision"])
+
+
+def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+    if block.get("matrices"):
+        return sum(estimated_bytes(o * i, o, layer_precision(block, name), group_size)
+                   for name, (o, i) in block["shapes"].items())
+    return estimated_bytes(block["params"], block["rows"], block["precision"], group_size)
+
+
+def group_size_of(plan: dict) -> int:
+    return (plan.get("method") or {}).get("group_size") or DEFAULT_GROUP_SIZE
+
+
+def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     params = sum(b["params"] for b in blocks)
     before = sum(estimated_bytes(b["params"], b["rows"], "raw") for b in blocks)
-    after = sum(estimated_bytes(b["params"], b["rows"], b["precision"]) for b in blocks)
+    after = sum(block_bytes(b, group_size) for b in blocks)
     return {
         "block_params": params,
         "other_params": other_params,
@@ -65,6 +89,13 @@ def counts(blocks) -> dict:
     return {p: sum(b["precision"] == p for b in blocks) for p in PRECISIONS}
 
 
+def matrix_counts(blocks) -> dict | None:
+    """Matrices per precision, for plans that know their matrices (None for older plans)."""
+    if not all(b.get("shapes") for b in blocks):
+        return None
+    return {p: sum(layer_precision(b, m) == p for b in blocks for m in b["shapes"]) for p in PRECISIONS}
+
+
 def model_section(source, ckpt, fingerprint: str) -> dict:
     return {
         "id": source.id,
@@ -78,8 +109,15 @@ def model_section(source, ckpt, fingerprint: str) -> dict:
     }
 
 
+def matrix_name(ckpt, block, tensor) -> str:
+    """`self_attn.q_proj` for model.layers.3.self_attn.q_proj.weight: the layer's name within its block."""
+    return tensor.name[len(f"{ckpt.block_prefix}.{block.index}."):].removesuffix(".weight")
+
+
 def block_rows(ckpt) -> list:
-    return [{"index": b.index, "params": b.params, "rows": sum(ckpt.rows(t) for t in b.matrices)} for b in ckpt.blocks]
+    return [{"index": b.index, "params": b.params, "rows": sum(ckpt.rows(t) for t in b.matrices),
+             "shapes": {matrix_name(ckpt, b, t): [ckpt.rows(t), t.numel // ckpt.rows(t)] for t in b.matrices}}
+            for b in ckpt.blocks]
 
 
 def build_plan(source, ckpt, fingerprint: str, method: dict, precisions, entropies=None, stats=None,
@@ -101,7 +139,8 @@ def build_plan(source, ckpt, fingerprint: str, method: dict, precisions, entropi
         "other": {"params": other_params, "note": "embeddings, norms, biases and lm_head are never quantized",
                   "tensors": [t.name for t in ckpt.other]},
         "counts": counts(blocks),
-        "size": size_summary(blocks, other_params),
+        "matrix_counts": matrix_counts(blocks),
+        "size": size_summary(blocks, other_params, group_size_of({"method": method})),
         "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "analysis_s": round(analysis_s, 3),
                 "peak_rss_gb": round(peak_rss_gb(), 3), "tool_version": __version__},
     }
@@ -144,7 +183,8 @@ def load_plan(path) -> dict:
     # counts and sizes derive from the precisions, which a person may have edited: recompute them
     plan["blocks"].sort(key=lambda b: b["index"])
     plan["counts"] = counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"])
+    plan["matrix_counts"] = matrix_counts(plan["blocks"])
+    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"], group_size_of(plan))
     return plan
 
 
@@ -170,8 +210,31 @@ def validate_plan(plan: dict, path="plan") -> None:
         if b.get("precision") not in PRECISIONS:
             raise EWQError(f"{path}: block {b['index']} has unknown precision {b.get('precision')!r}; "
                            f"use one of {', '.join(PRECISIONS)}")
+        validate_matrices(b, path)
     if len(seen) != n:
         raise EWQError(f"{path} lists {len(seen)} blocks but the model has {n}; every block needs a precision")
+
+
+def validate_matrices(b: dict, path) -> None:
+    shapes, matrices = b.get("shapes"), b.get("matrices")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) for v in shapes.values())):
+        raise EWQError(f"{path}: block {b['index']} 'shapes' must map matrix names to [out, in]; regenerate the plan")
+    if matrices is None:
+        return
+    if not isinstance(matrices, dict):
+        raise EWQError(f"{path}: block {b['index']} 'matrices' must be an object like "
+                       f'{{"self_attn.q_proj": "4-bit"}}, got {type(matrices).__name__}')
+    if not shapes:
+        raise EWQError(f"{path}: block {b['index']} has per-matrix entries but no 'shapes'; regenerate the plan "
+                       f"with main_cache_model.py (plans of this version list every matrix)")
+    for name, precision in matrices.items():
+        if name not in shapes:
+            raise EWQError(f"{path}: block {b['index']} names matrix '{name}', which the model does not have; "
+                           f"its matrices are {', '.join(shapes)}")
+        if precision not in PRECISIONS:
+            raise EWQError(f"{path}: block {b['index']} matrix '{name}' has unknown precision {precision!r}; "
+                           f"use one of {', '.join(PRECISIONS)}")
 
 
 def check_plan_matches(plan: dict, fingerprint: str, block_count: int, path="plan") -> None:
@@ -190,6 +253,8 @@ def format_summary(plan: dict) -> str:
         f"fingerprint {plan['model']['fingerprint'][:12]})",
         f"method     {json.dumps({k: v for k, v in plan['method'].items() if k not in ('rule', 'calibration', 'allocator')})}",
         f"blocks     raw {c['raw']}  8-bit {c['8-bit']}  4-bit {c['4-bit']}",
+    ] + ([f"matrices   raw {mc['raw']}  8-bit {mc['8-bit']}  4-bit {mc['4-bit']}"]
+         if (mc := plan.get("matrix_counts")) and any(b.get("matrices") for b in plan["blocks"]) else []) + [
         f"weights    blocks {s['blocks_bytes_before'] / gb:.3f} GB -> {s['blocks_bytes_after'] / gb:.3f} GB, "
         f"whole model {s['model_bytes_before'] / gb:.3f} GB -> {s['model_bytes_after'] / gb:.3f} GB (estimated)",
         f"avg bits   {s['avg_bits_per_weight']:.2f} bits per block weight",
@@ -197,6 +262,11 @@ def format_summary(plan: dict) -> str:
     if plan.get("stats"):
         st = plan["stats"]
         lines.append(f"entropy    mu {st['mean']:.4f}  sigma {st['std']:.4f}  4-bit below {st['four_bit_threshold']:.4f}")
+    checks = plan.get("checks")
+    if checks:
+        lines.append(f"checks     KL on the calibration windows: predicted (sum of single measurements) "
+                     f"{checks['predicted_kl']:.4f}, measured {checks['measured_kl']:.4f}; "
+                     f"{len(checks['random_plans_kl'])} random plans of the same size: mean {checks['random_mean_kl']:.4f}")
     run = plan.get("run") or {}
     lines.append(f"time       {run.get('analysis_s', 0):.2f} s analysis, peak RSS {run.get('peak_rss_gb', 0):.2f} GB")
     return "\n".join(lines)
@@ -210,28 +280,42 @@ def plan_label(plan: dict) -> str:
     m = plan["method"]
     target = m.get("target") or {}
     size = f"-{target['target_bits']:g}b" if "target_bits" in target else f"-{target['max_weight_gb']:g}gb" if target else ""
+    detail = ("-" + m["backend"] if m.get("backend") not in (None, "bitsandbytes") else "") + \
+        ("-matrix" if m.get("granularity") == "matrix" else "")
     if m["name"] == "entropy":
-        return f"ewq-{m['entropy']}" + (size or f"-k{m['k']:g}")
-    return m["name"] + size
+        return f"ewq-{m['entropy']}" + detail + (size or f"-k{m['k']:g}")
+    return m["name"] + detail + size
 
 
 def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k: float = 1.0, bins: int = 128,
               target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
-              force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True):
+              force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
+              backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
+              device: str = "cpu"):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
-    Without a size target, `entropy` applies the mu/sigma rule; `sensitivity` and `position` aim at the
-    size of that rule's plan, so every method can be compared at equal size by default."""
+    Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
+    (and granularity) aims at the size of that rule's plan, so methods compare at equal size by default."""
     from . import allocate
     from .analysis import analyze
+    from .backends import GROUP_SIZES, QuantSettings, get_backend
     from .checkpoint import open_checkpoint
     from .common import check_writable_dir, write_json_atomic
     from .source import resolve_model
 
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    if k < 0 or not math.isfinite(k):
+    if not math.isfinite(k) or k < 0:
         raise EWQError(f"--k must be a finite number >= 0, got {k}")
+    if granularity not in allocate.GRANULARITIES:
+        raise EWQError(f"unknown granularity '{granularity}'; choose one of {', '.join(allocate.GRANULARITIES)}")
+    if group_size not in GROUP_SIZES:
+        raise EWQError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if group_size != DEFAULT_GROUP_SIZE and backend != "torchao":
+        raise EWQError(f"--group-size applies to --backend torchao only ({backend} 4-bit uses groups of 64)")
+    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size)
+    if method == "sensitivity":
+        get_backend(backend)  # an unknown backend is refused before any weight is read
     out_dir = check_writable_dir(out_dir)
     source = resolve_model(model, models_dir)
     ckpt = open_checkpoint(source.path)
@@ -239,48 +323,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     analysis = analyze(ckpt, entropy, progress=progress, also=("histogram", "softmax") if method == "sensitivity" else ())
     rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins)
     has_target = target_bits is not None or max_weight_gb is not None
-    if method == "entropy" and not has_target:
+    if method == "entropy" and not has_target and granularity == "block":
         plan = rule_plan
     else:
-        blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
-        if has_target:
-            target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
-        else:
-            target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
-                      "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
-        budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"))
-        sizes = allocate.block_sizes(blocks)
-        method_info = {"name": method, "target": target}
-        extra = None
-        if method == "entropy":
-            order = sorted(range(len(blocks)), key=lambda i: (analysis.block_entropies[i], i))
-            precisions = allocate.ordered_allocation(order, sizes, budget)
-            method_info.update(entropy=entropy, bins=bins if entropy == "histogram" else None,
-                               allocator="ordered: lowest entropy lowered first, all to 8-bit, then to 4-bit")
-        elif method == "position":
-            precisions = allocate.ordered_allocation(allocate.position_order(len(blocks)), sizes, budget)
-            method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
-        else:
-            from . import sensitivity
-            from .apply import QuantSettings
-
-            rows, calibration, cached = sensitivity.measure(
-                source, ckpt, analysis.fingerprint, out_dir, calib_tokens or sensitivity.CALIB_TOKENS, calib_text,
-                settings=QuantSettings(quant_type=quant_type), progress=progress)
-            costs = [{"raw": 0.0, "8-bit": r["8-bit"], "4-bit": r["4-bit"]} for r in rows]
-            precisions = allocate.optimal_allocation(costs, sizes, budget)
-            method_info.update(calibration=calibration, quant_type=quant_type,
-                               allocator="exact: minimum summed block KL within the byte budget (Pareto DP)")
-            extra = [{"kl_8bit": round(r["8-bit"], 9), "kl_4bit": round(r["4-bit"], 9),
-                      "entropies": {kind: round(v[i], 9) for kind, v in analysis.by_kind.items()}}
-                     for i, r in enumerate(rows)]
-        plan = build_plan(source, ckpt, analysis.fingerprint, method_info, precisions, analysis.block_entropies,
-                          None, analysis.seconds)
-        if extra:
-            for b, e in zip(plan["blocks"], extra):
-                b.update(e)
-        if method == "sensitivity":
-            plan["run"]["sensitivity_cached"] = cached  # under "run": not part of the plan's identity
+        plan = allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb,
+                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress)
     path = out_dir / plan_filename(plan)
     if path.exists() and not force:
         try:
@@ -289,3 +336,91 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             pass  # an unreadable old file is replaced below
     write_json_atomic(path, plan)
     return path, plan, False
+
+
+def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb, settings,
+                   granularity, calib_tokens, calib_text, out_dir, device, progress) -> dict:
+    """A plan that fits a size target, chosen per block or per matrix by entropy order, position or measured KL."""
+    from . import allocate
+
+    blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
+    group_size = settings.group_size
+    if target_bits is not None or max_weight_gb is not None:
+        target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
+    else:
+        target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
+                  "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
+    budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size)
+    items = allocate.plan_items(blocks, granularity)
+    sizes = allocate.item_sizes(items, group_size)
+    method_info = {"name": method, "target": target, "granularity": granularity}
+    if group_size != DEFAULT_GROUP_SIZE:
+        method_info["group_size"] = group_size
+    extra, checks, cached = None, None, None
+    if method == "entropy":
+        if granularity == "block":
+            scores = analysis.block_entropies
+        else:
+            names = [f"{ckpt.block_prefix}.{it['block']}.{it['matrix']}.weight" for it in items]
+            scores = [analysis.matrix_entropies[n][entropy] for n in names]
+        order = sorted(range(len(items)), key=lambda i: (scores[i], i))
+        precisions = allocate.ordered_allocation(order, sizes, budget)
+        method_info.update(entropy=entropy, bins=bins if entropy == "histogram" else None,
+                           allocator="ordered: lowest entropy lowered first, all to 8-bit, then to 4-bit")
+    elif method == "position":
+        rank = {b: r for r, b in enumerate(allocate.position_order(len(blocks)))}
+        order = sorted(range(len(items)), key=lambda i: (rank[items[i]["block"]], i))
+        precisions = allocate.ordered_allocation(order, sizes, budget)
+        method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
+    else:
+        from . import sensitivity
+
+        calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
+                                              calib_text, 256, settings, granularity, device)
+        rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
+        costs = [{"raw": 0.0, "8-bit": r.get("8-bit", math.inf), "4-bit": r.get("4-bit", math.inf)} for r in rows]
+        precisions = allocate.optimal_allocation(costs, sizes, budget)
+        method_info.update(calibration=key, backend=settings.backend, formats=settings.key(),
+                           allocator=f"exact: minimum summed {granularity} KL within the byte budget (Pareto DP)")
+        if settings.backend == "bitsandbytes":
+            method_info["quant_type"] = settings.quant_type
+        randoms = [allocate.random_allocation(sizes, budget, seed) for seed in range(sensitivity.RANDOM_PLANS)]
+        measured = sensitivity.measure_plans(calibration, items, [precisions] + randoms, progress)
+        predicted = sum(c[p] for c, p in zip(costs, precisions))
+        if not math.isfinite(predicted):
+            raise EWQError(f"the {settings.backend} backend has no 4-bit, and this size target needs some; "
+                           f"choose a target of at least 8.1 bits or another --backend")
+        checks = {"predicted_kl": predicted, "measured_kl": measured[0],
+                  "random_plans_kl": measured[1:], "random_mean_kl": sum(measured[1:]) / len(randoms),
+                  "windows": "calibration", "note": "predicted = sum of single-item KLs; random = same size, random order"}
+        extra = rows
+    plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
+                      analysis.block_entropies, None, analysis.seconds)
+    allocate.write_precisions(plan["blocks"], items, precisions)
+    if extra is not None:
+        by_block = {}
+        for it, r in zip(items, extra):
+            by_block.setdefault(it["block"], []).append((it["matrix"], r))
+        for b in plan["blocks"]:
+            measured_rows = by_block[b["index"]]
+            if granularity == "block":
+                r = measured_rows[0][1]
+                b.update(kl_8bit=_round(r.get("8-bit")), kl_4bit=_round(r.get("4-bit")))
+            else:  # a block's sensitivity summarised as the sum over its matrices; per matrix in `matrix_kl`
+                b.update(kl_8bit=_round(sum(r.get("8-bit", 0) for _, r in measured_rows)),
+                         kl_4bit=_round(sum(r.get("4-bit", 0) for _, r in measured_rows)),
+                         matrix_kl={m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows})
+            b["entropies"] = {kind: round(v[b["index"]], 9) for kind, v in analysis.by_kind.items()}
+    plan["counts"] = counts(plan["blocks"])
+    plan["matrix_counts"] = matrix_counts(plan["blocks"])
+    plan["size"] = size_summary(plan["blocks"], other, group_size)
+    if checks:
+        plan["checks"] = {k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
+                          for k, v in checks.items()}
+    if cached is not None:
+        plan["run"]["sensitivity_cached"] = cached  # under "run": not part of the plan's identity
+    return plan
+
+
+def _round(v):
+    return None if v is None else round(v, 9)

@@ -10,9 +10,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from .apply import BACKENDS, QUANT_TYPES, QuantSettings, apply_plan, load_model, weight_bytes_by_precision
+from .apply import Applied, apply_plan, load_model, weight_bytes_by_precision
+from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_backend
 from .common import ArgumentParser, EWQError, check_writable_dir
-from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, load_plan, plan_hash, plan_label
+from .apply import check_backend
+from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, load_plan, plan_hash, plan_label
 from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
 
@@ -34,9 +36,15 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="plan JSON from main_cache_model.py, or a built-in baseline: "
                             f"{', '.join(BUILTIN_PLANS)} (default: the newest plan in --plans-dir for this model's weights)")
         p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
-                       help="bitsandbytes (default): Linear8bitLt / Linear4bit; torch-dynamic: torch's dynamic int8 "
-                            "PTQ on the CPU for 8-bit blocks (4-bit blocks refused)")
-        p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit data type (default nf4)")
+                       help="bitsandbytes (default, the PoC's executor): Linear8bitLt (LLM.int8, activations int8 too) / "
+                            "Linear4bit nf4/fp4; torchao: weight-only int8 per row / int4 with HQQ scales per group, "
+                            "activations stay in the run dtype (faster and closer to the original; see docs/RESULTS.md); "
+                            "torch-dynamic: torch's dynamic int8 PTQ on the CPU for 8-bit entries (4-bit refused)")
+        p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                       help="torchao int4 group size (default: the plan's, else 64; 32/64/128 on the CPU). The embedded "
+                            "SmolLM2 went through GGUF Q4_1 with groups of 32, so 32-groups re-find its grid and look "
+                            "near-lossless there: draw no conclusion from --group-size 32 on that model")
+        p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="bitsandbytes 4-bit data type (default nf4)")
         p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
         p.add_argument("--int8-threshold", type=float, default=6.0,
                        help="LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 outlier path)")
@@ -46,9 +54,13 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
                             "metadata.json); pass that directory as --model later to skip quantizing")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (transformers' compiled generate); the "
+                        "compile and warm-up time is reported apart from decode tok/s (about 2 minutes on a 2-core CPU). "
+                        "Backends that do not compile (bitsandbytes, torch-dynamic) are refused with the reason")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu; "
-                        "float32 for --backend torch-dynamic)")
+                        "float32 for --backend torch-dynamic; bfloat16 for --backend torchao on cuda)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"exactly this many new tokens per prompt, EOS ignored (default {CUDA_DEFAULT_NEW_TOKENS} on cuda, "
                         f"{CPU_DEFAULT_NEW_TOKENS} on cpu)")
@@ -82,6 +94,8 @@ def pick_dtype(choice, device: str, backend: str) -> torch.dtype:
         return DTYPES[choice]
     if backend == "torch-dynamic":
         return torch.float32  # torch's dynamic int8 kernels take fp32 activations
+    if backend == "torchao" and device == "cuda":
+        return torch.bfloat16  # torchao's CUDA int4 kernel (tinygemm) takes bf16 only
     # CPU, measured on this project's 2-core AVX2 machine (bench/cpu_dtype.py, docs/RESULTS.md): bf16
     # decodes 1.6x faster than fp32 (20.6 vs 12.7 tok/s: decode reads every weight, bf16 reads half) but
     # prefills 3.6x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
@@ -161,10 +175,16 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
     if kind == "ewq":
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
-        settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold)
+        settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold,
+                                 args.group_size or group_size_of(plan))
     else:
         plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
     dtype = pick_dtype(args.dtype, device, settings.backend)
+    if kind == "ewq":
+        backend = check_backend(plan, settings, dtype, device)
+        if args.save and backend.SAVE_METHOD is None:
+            raise EWQError(f"--save is not available with the {settings.backend} backend yet (its quantized tensors "
+                           f"have no safetensors form here); drop --save, or save with --backend bitsandbytes")
     check_memory(ckpt, dtype, device, plan)
     quality = quality_inputs(args, tokenizer, fp, dtype, device) if args.quality else None
 
@@ -173,7 +193,9 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     load_s = time.perf_counter() - start
     if quality and quality["reference"] is None:  # the float model is here anyway: no reload later
         quality["reference"] = reference_from_float_model(model, quality, device, progress=not args.no_progress)
-    quantize_s = apply_plan(model, plan, settings, dtype, progress=not args.no_progress) if kind == "ewq" else 0.0
+    applied = apply_plan(model, plan, settings, dtype, not args.no_progress, device) if kind == "ewq" else Applied()
+    for line in applied.kept_raw:
+        print(f"note: kept in {str(dtype).replace('torch.', '')}: {line}")
     saved_to = None
     if kind == "ewq" and args.save:
         from .artifact import save_quantized
@@ -181,7 +203,8 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         saved_to, fresh = save_quantized(model, plan, source, fp, tokenizer, settings, dtype, args.plans_dir)
         print(f"{'saved' if fresh else 'already saved (left as it was)'}: {saved_to}")
     return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
-                load_s=load_s, quantize_s=quantize_s, quality=quality, path_taken="quantized-from-checkpoint"
+                load_s=load_s, quantize_s=applied.seconds, kept_raw=applied.kept_raw, quality=quality,
+                path_taken="quantized-from-checkpoint"
                 if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
 
 
@@ -213,7 +236,8 @@ def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
 
     settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
-                model=model, load_s=load_s, quantize_s=0.0, quality=quality, path_taken="saved-quantized", saved_to=None)
+                model=model, load_s=load_s, quantize_s=0.0, kept_raw=[], quality=quality, path_taken="saved-quantized",
+                saved_to=None)
 
 
 def quality_inputs(args, tokenizer, fingerprint: str, dtype, device: str) -> dict:
@@ -257,6 +281,14 @@ def measure_quality(ctx: dict, progress: bool) -> dict:
             "reference_cached": q["cached"], "eval_s": time.perf_counter() - start}
 
 
+def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
+    """original / the plan's label, with the executor when it is not bitsandbytes and +compile when compiled."""
+    label = "original" if kind == "original" else plan_label(plan)
+    if kind == "ewq" and settings.backend != "bitsandbytes":
+        label += f"@{settings.backend}"
+    return label + ("+compile" if compiled else "")
+
+
 def run(kind: str, argv=None) -> Path:
     from . import bench
 
@@ -269,6 +301,14 @@ def run(kind: str, argv=None) -> Path:
     suite = bench.load_suite(tasks)
     out_dir = check_writable_dir(args.out_dir)
 
+    if kind == "ewq" and args.group_size is not None and args.backend != "torchao":
+        raise EWQError(f"--group-size applies to --backend torchao only ({args.backend} 4-bit uses groups of 64)")
+    if args.compile:
+        backend = get_backend(args.backend) if kind == "ewq" else None
+        if backend is not None and not backend.COMPILES:
+            raise EWQError(f"--compile with --backend {args.backend}: {backend.COMPILE_NOTE}; use --backend torchao, "
+                           f"or drop --compile")
+        bench.check_compiler(pick_device(args.device))
     ctx = prepare(args, kind)
     device, plan = ctx["device"], ctx["plan"]
     cpu = device == "cpu"
@@ -276,8 +316,8 @@ def run(kind: str, argv=None) -> Path:
     if cpu and args.max_new_tokens is None:
         print(f"note: on the CPU the suite decodes {new_tokens} tokens per prompt by default (--max-new-tokens to change)")
     try:
-        tests = bench.run_suite(ctx["model"], ctx["tokenizer"], suite, new_tokens, args.repeats, device,
-                                progress=not args.no_progress)
+        tests, warmup_s = bench.run_suite(ctx["model"], ctx["tokenizer"], suite, new_tokens, args.repeats, device,
+                                          progress=not args.no_progress, compile=args.compile)
     except torch.cuda.OutOfMemoryError:
         raise EWQError(f"out of GPU memory during generation ({torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
                        f"allocated at peak); lower --max-new-tokens or choose a smaller plan") from None
@@ -290,7 +330,7 @@ def run(kind: str, argv=None) -> Path:
     result = {
         "schema_version": bench.RESULT_SCHEMA_VERSION,
         "kind": kind,
-        "variant": "original" if kind == "original" else plan_label(plan),
+        "variant": variant_label(kind, plan, ctx["settings"], args.compile),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"id": ctx["source"].id, "path": str(ctx["source"].path), "fingerprint": ctx["fingerprint"],
                   "architecture": ctx["ckpt"].architecture, "block_count": len(ctx["ckpt"].blocks)},
@@ -298,12 +338,17 @@ def run(kind: str, argv=None) -> Path:
             "path": str(ctx["plan_path"]) if ctx["plan_path"] else None, "name": plan["method"]["name"],
             "hash": plan_hash(plan), "method": plan["method"], "counts": plan["counts"],
             "estimated_avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],
-            "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])]},
-        "environment": bench.environment(device, ctx["dtype"], ctx["settings"]),
+            "matrix_counts": plan.get("matrix_counts"), "checks": plan.get("checks"),
+            "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])],
+            "matrices": {str(b["index"]): b["matrices"] for b in plan["blocks"] if b.get("matrices")} or None},
+        "environment": bench.environment(device, ctx["dtype"], ctx["settings"], args.compile),
         "settings": {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
-                     "prompts": len(suite), "warmup_tokens": min(bench.WARMUP_TOKENS, new_tokens), "greedy": True},
+                     "prompts": len(suite), "warmup_tokens": new_tokens if args.compile else min(bench.WARMUP_TOKENS, new_tokens),
+                     "greedy": True, "compile": args.compile,
+                     "cache": "static (one size for the suite)" if args.compile else "dynamic"},
         "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
-                 "saved_to": ctx["saved_to"]},
+                 "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"],
+                 "warmup_s": warmup_s, "compile_warmup_s": warmup_s if args.compile else None},
         "memory": {
             "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,
             "block_avg_bits_per_weight": 8 * block_bytes / block_params,
@@ -311,10 +356,12 @@ def run(kind: str, argv=None) -> Path:
             "peak_source": "torch.cuda.max_memory_allocated" if not cpu else "process peak RSS (VmHWM) during the suite",
             "driver_process_gb": bench.driver_process_gb(device),
         },
-        "speed": bench.speed_summary(tests, weight_bytes),
+        "speed": bench.speed_summary(tests, weight_bytes, bench.read_bandwidth_gb_s(device, progress=not args.no_progress)),
         "tests": tests,
         "quality": quality,
     }
+    if args.compile:
+        result["speed"]["compiled_matches_eager"] = all(t["same_tokens_as_eager"] for t in tests)
     name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
     path = bench.write_result(result, out_dir, name_hash)
     print(bench.format_table(result))

@@ -1,0 +1,72 @@
+"""Executors: one module per backend, all behind the same small interface.
+
+Every backend module provides
+    PRECISIONS                 the plan precisions it can run ("8-bit", "4-bit")
+    COMPILES, COMPILE_NOTE     whether `--compile` (static cache + torch.compile) works with it, and why not
+    SAVE_METHOD                the `method` written to a saved model's metadata.json, or None if it cannot be saved
+    check(settings, dtype, device)            refuse combinations it cannot run (EWQError, one line)
+    unsupported(shape, precision, settings)   why its kernel cannot take a matrix of shape [out, in], or None
+    quantize_layer(layer, precision, settings, dtype, device) -> a new module; the float layer is left untouched
+    state_bytes(module)        bytes a quantized layer keeps outside its registered parameters
+    formats(settings)          what "8-bit" and "4-bit" mean with these settings, for result JSONs
+`apply` uses only this interface; `get_backend(name)` imports the module on first use, so a user of
+bitsandbytes never pays for importing torchao and the reverse.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+from ..common import EWQError
+
+BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic"}
+BACKENDS = tuple(BACKEND_MODULES)
+QUANT_TYPES = ("nf4", "fp4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class QuantSettings:
+    backend: str = "bitsandbytes"
+    quant_type: str = "nf4"     # bitsandbytes 4-bit data type
+    double_quant: bool = False  # bitsandbytes: also quantize the 4-bit absmax statistics
+    threshold: float = 6.0      # bitsandbytes LLM.int8 outlier threshold on activations
+    group_size: int = 64        # torchao int4: weights per (scale, zero point) group along the input dimension
+
+    def key(self) -> dict:
+        """What changes the numbers a backend produces (for caches and result files)."""
+        if self.backend == "bitsandbytes":
+            return {"backend": self.backend, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                    "int8_threshold": self.threshold}
+        if self.backend == "torchao":
+            return {"backend": self.backend, "group_size": self.group_size, **get_backend(self.backend).formats(self)}
+        return {"backend": self.backend}
+
+
+def get_backend(name: str):
+    if name not in BACKEND_MODULES:
+        raise EWQError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__name__}.{BACKEND_MODULES[name]}")
+
+
+def float_weight(module):
+    """(weight [out, in], bias) of a Linear or a transformers Conv1D (stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.data.t().contiguous(), module.bias
+    return module.weight.data, module.bias
+
+
+def as_linear(module, dtype, device="cpu"):
+    """A new nn.Linear holding the float layer's weights in `dtype` (Conv1D transposed); the layer is not changed."""
+    import torch
+    from torch import nn
+
+    weight, bias = float_weight(module)
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.data.to(device=device, dtype=dtype), requires_grad=False)
+    with torch.no_grad():
+        return lin.eval()

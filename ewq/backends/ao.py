@@ -1,0 +1,89 @@
+"""torchao (PyTorch's own quantization library): weight-only formats, activations stay in the run dtype.
+
+8-bit: Int8WeightOnlyConfig, int8 weights with one scale per output row.
+4-bit: int4 weight-only with HQQ-chosen scale and zero point per group of `group_size` input weights:
+       on the CPU `PrototypeInt4WeightOnlyConfig` (Int4OpaqueTensor, the CPU tinygemm kernel; group sizes
+       32/64/128), on CUDA `Int4WeightOnlyConfig` in the tile-packed tinygemm layout (bfloat16 only).
+Each layer is quantized through torchao's `quantize_` with the config its plan precision asks for.
+torchao skips, with only a log line, a layer whose input size is not a multiple of the group size; we
+ask first (`unsupported`) so the caller can say which layer and keep it in the run dtype.
+"""
+
+import logging
+
+import torch
+
+from ..common import EWQError
+from . import GROUP_SIZES, as_linear
+
+PRECISIONS = ("8-bit", "4-bit")
+COMPILES = True
+COMPILE_NOTE = None
+SAVE_METHOD = None  # torchao tensors have no safetensors form here yet: --save is refused with this backend
+CPU_GROUP_SIZES = (32, 64, 128)
+
+
+def _import():
+    # torchao's wheel carries CUDA/cutlass extensions that fail to load on a CPU and log a harmless warning
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao registers enums the old way
+    import torchao  # noqa: F401
+
+    return torchao
+
+
+def check(settings, dtype, device: str) -> None:
+    sizes = CPU_GROUP_SIZES if device == "cpu" else GROUP_SIZES
+    if settings.group_size not in sizes:
+        raise EWQError(f"torchao int4 on {device} takes --group-size {', '.join(map(str, sizes))}, "
+                       f"got {settings.group_size}")
+    if device != "cpu" and dtype != torch.bfloat16:
+        raise EWQError(f"torchao's CUDA int4 kernel (tinygemm) runs in bfloat16 only; pass --dtype bfloat16 "
+                       f"(got {str(dtype).replace('torch.', '')})")
+
+
+def unsupported(shape, precision: str, settings):
+    out_f, in_f = shape
+    if precision == "4-bit" and in_f % settings.group_size:
+        return f"input size {in_f} is not a multiple of --group-size {settings.group_size}"
+    return None
+
+
+def config(precision: str, settings, device: str):
+    _import()
+    if precision == "8-bit":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+    if precision == "4-bit":
+        if device == "cpu":
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+            return PrototypeInt4WeightOnlyConfig(group_size=settings.group_size, int4_choose_qparams_algorithm="hqq")
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=settings.group_size, int4_packing_format="tile_packed_to_4d",
+                                    int4_choose_qparams_algorithm="hqq")
+    raise EWQError(f"unknown precision '{precision}'")
+
+
+def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
+    _import()
+    from torchao.quantization import quantize_
+
+    reason = unsupported(tuple(module.weight.shape) if hasattr(module, "in_features") else
+                         tuple(reversed(module.weight.shape)), precision, settings)
+    if reason:
+        raise EWQError(f"torchao cannot quantize this layer to {precision}: {reason}")
+    lin = as_linear(module, dtype, device)  # a fresh Linear: quantize_ replaces its weight in place
+    quantize_(lin, config(precision, settings, device), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    return lin
+
+
+def state_bytes(module) -> int:
+    return 0  # torchao keeps everything in the weight tensor subclass; apply counts its inner tensors
+
+
+def formats(settings) -> dict:
+    return {"8-bit": "int8 weight-only, per row (Int8WeightOnlyConfig)",
+            "4-bit": f"int4 weight-only, HQQ scale and zero point per group of {settings.group_size} (tinygemm layout)"}
