@@ -7,6 +7,7 @@ when any weight changes, not only when the model id does.
 """
 
 import hashlib
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .common import EWQError
+from .common import EWQError, write_json_atomic
 from .entropy import ENTROPY_FUNCTIONS, block_entropy
 
 WORKERS = 2
@@ -30,6 +31,7 @@ class Analysis:
     by_kind: dict          # entropy kind -> block entropies (the primary and any `also` kinds)
     seconds: float
     matrix_entropies: dict = None  # tensor name -> {entropy kind: entropy} for every block matrix
+    from_cache: bool = False       # served from the analysis cache (no weight read)
 
 
 def _read(t):
@@ -49,13 +51,66 @@ def combine_digests(digests) -> str:
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
+# ---- the analysis cache: re-planning or benchmarking the same files reads no weight again ----
+
+def stat_key(ckpt: Checkpoint) -> str:
+    """Identifies the checkpoint's files as they are now: path, size and modification time of each. Any rewrite
+    of a file changes its mtime (and usually its size), so a changed weight is always analysed again."""
+    parts = []
+    for f in sorted({t.file for t in ckpt.tensors}):
+        st = f.stat()
+        parts.append(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _cache_path(ckpt: Checkpoint):
+    from .bench import cache_dir
+
+    return cache_dir() / "analysis" / f"analysis_{stat_key(ckpt)}.json"
+
+
+def _from_cache(ckpt: Checkpoint, kinds) -> dict | None:
+    try:
+        cached = json.loads(_cache_path(ckpt).read_text())
+        if all(k in cached["by_kind"] for k in kinds):
+            return cached
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _to_cache(ckpt: Checkpoint, analysis: Analysis) -> None:
+    try:
+        path = _cache_path(ckpt)
+        old = _from_cache(ckpt, ()) or {"by_kind": {}, "matrix_entropies": {}}
+        matrix = old["matrix_entropies"]
+        for name, h in (analysis.matrix_entropies or {}).items():
+            matrix.setdefault(name, {}).update(h)
+        write_json_atomic(path, {"fingerprint": analysis.fingerprint, "by_kind": {**old["by_kind"], **analysis.by_kind},
+                                 "matrix_entropies": matrix, "seconds": analysis.seconds})
+    except OSError:
+        pass  # a cache we cannot write only costs time
+
+
 def analyze(ckpt: Checkpoint, entropy: str = "histogram", progress: bool = True, fingerprint_only: bool = False,
             also=()) -> Analysis:
-    """Fingerprint plus the block entropies of `entropy` (and of the kinds in `also`), in one pass."""
+    """Fingerprint plus the block entropies of `entropy` (and of the kinds in `also`), in one pass; served from
+    the analysis cache when the checkpoint's files are unchanged since they were last analysed."""
     kinds = [] if fingerprint_only else list(dict.fromkeys((entropy,) + tuple(also)))
     unknown = [k for k in kinds if k not in ENTROPY_FUNCTIONS]
     if unknown:
         raise EWQError(f"unknown entropy kind '{unknown[0]}'; choose one of {', '.join(ENTROPY_FUNCTIONS)}")
+    cached = _from_cache(ckpt, kinds)
+    if cached is not None:
+        by_kind = {k: cached["by_kind"][k] for k in kinds}
+        return Analysis(cached["fingerprint"], by_kind.get(entropy, []), by_kind, 0.0, cached["matrix_entropies"],
+                        from_cache=True)
+    analysis = _analyze(ckpt, entropy, progress, fingerprint_only, kinds)
+    _to_cache(ckpt, analysis)
+    return analysis
+
+
+def _analyze(ckpt: Checkpoint, entropy: str, progress: bool, fingerprint_only: bool, kinds) -> Analysis:
     matrices = {t.name for b in ckpt.blocks for t in b.matrices}
     start = time.perf_counter()
 

@@ -52,11 +52,17 @@ def load_corpus(path=None) -> Corpus:
             raise EWQError("the default corpus needs the PyPI package gensim: pip install --no-deps gensim==4.4.0 "
                            "(or pass --eval-text FILE)") from None
     path = Path(path)
+    if path.is_dir():
+        raise EWQError(f"corpus {path} is a folder; pass a UTF-8 text file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise EWQError(f"cannot read corpus {path}: {e.strerror or e}; pass an existing UTF-8 text file with --eval-text") from None
-    text = raw.decode("utf-8", errors="replace")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EWQError(f"corpus {path} is not UTF-8 text (invalid byte at offset {e.start}); pass a UTF-8 text file, "
+                       f"or convert it, e.g. iconv -f latin1 -t utf-8") from None
     if not text.strip():
         raise EWQError(f"corpus {path} is empty; pass a UTF-8 text file with real prose")
     return Corpus(path.name, hashlib.sha256(raw).hexdigest(), text)

@@ -34,34 +34,44 @@ def collect(paths) -> list:
     if not files:
         raise EWQError(f"no benchmark result JSON in {', '.join(map(str, paths))}; run benchmark_original.py and "
                        f"benchmark.py first")
-    results = []
+    results, damaged = [], []
     for f in files:
         try:
             r = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise EWQError(f"{f} is not readable JSON ({e}); remove it or give other files") from None
-        if not isinstance(r, dict) or r.get("schema_version") != RESULT_SCHEMA_VERSION or r.get("kind") not in ("ewq", "original"):
-            raise EWQError(f"{f} is not an EWQ benchmark result of schema_version {RESULT_SCHEMA_VERSION}; "
-                           f"remove it or give other files")
+            if not isinstance(r, dict) or r.get("schema_version") != RESULT_SCHEMA_VERSION or r.get("kind") not in ("ewq", "original"):
+                raise ValueError(f"not an EWQ benchmark result of schema_version {RESULT_SCHEMA_VERSION}")
+            for field in ("variant", "created", "model", "environment", "memory", "speed", "settings", "tests"):
+                r[field]  # noqa: B018  (a KeyError names the missing field)
+            r["model"]["fingerprint"], r["environment"]["device_name"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            damaged.append(f"{f} ({type(e).__name__}: {str(e)[:80]})")
+            continue
         r["_file"] = str(f)
         results.append(r)
+    for d in damaged:  # one line each; the good results are still reported
+        sys.stderr.write(f"warning: skipped a damaged result file: {d}\n")
+    if not results:
+        raise EWQError(f"none of the {len(files)} result files could be read (see the warnings above); "
+                       f"run the benchmarks again")
     return results
 
 
 def newest_per_variant(results) -> list:
     latest = {}
     for r in sorted(results, key=lambda r: (r["created"], r["_file"])):
-        latest[r["variant"]] = r
+        latest[(r["model"]["fingerprint"], r["environment"]["device_name"], r["variant"])] = r
     return list(latest.values())
 
 
-def check_comparable(results, allow_mixed: bool) -> None:
-    for what, get in (("models", lambda r: r["model"]["fingerprint"]),
-                      ("devices", lambda r: r["environment"]["device_name"])):
-        values = {get(r) for r in results}
-        if len(values) > 1 and not allow_mixed:
-            raise EWQError(f"these results come from different {what} ({', '.join(sorted(v[:40] for v in values))}); "
-                           f"report one at a time, or pass --allow-mixed")
+def sections(results, allow_mixed: bool) -> list:
+    """Results that compare like for like: one section per (model weights, device), in order of first appearance.
+    With allow_mixed, everything in one table."""
+    if allow_mixed:
+        return [results]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["model"]["fingerprint"], r["environment"]["device_name"]), []).append(r)
+    return list(groups.values())
 
 
 def suite_agreement(result, original) -> dict | None:
@@ -95,6 +105,7 @@ def rows(results) -> list:
             "decode_tok_s": s["decode_tok_s_median"],
             "decode_change_pct": pct(s["decode_tok_s_median"], o.get("speed", {}).get("decode_tok_s_median")),
             "prefill_s": s["prefill_s_median"],
+            "bandwidth_fraction": s.get("bandwidth_fraction"),
             "bits_per_weight": m["block_avg_bits_per_weight"],
             "perplexity": q.get("perplexity"), "kl_mean": q.get("kl_mean"), "top1_agreement": q.get("top1_agreement"),
             "suite": suite_agreement(r, original),
@@ -110,7 +121,7 @@ def fmt(v, spec, signed=False):
 
 
 def markdown_table(table) -> str:
-    head = ("| variant | blocks raw/8/4 | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | prefill s "
+    head = ("| variant | blocks raw/8/4 | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | BW % | prefill s "
             "| bits/weight | perplexity | KL | top-1 | suite prefix | ROUGE-L |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for t in table:
@@ -120,7 +131,8 @@ def markdown_table(table) -> str:
         lines.append(
             f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
             f"| {fmt(t['peak_gb'], '.3f')} | {fmt(t['peak_change_pct'], '.1f', True)}% | {fmt(t['decode_tok_s'], '.2f')} "
-            f"| {fmt(t['decode_change_pct'], '.1f', True)}% | {fmt(t['prefill_s'], '.3f')} | {fmt(t['bits_per_weight'], '.2f')} "
+            f"| {fmt(t['decode_change_pct'], '.1f', True)}% "
+            f"| {fmt(t['bandwidth_fraction'] and 100 * t['bandwidth_fraction'], '.0f')} | {fmt(t['prefill_s'], '.3f')} | {fmt(t['bits_per_weight'], '.2f')} "
             f"| {fmt(t['perplexity'], '.3f')} | {fmt(t['kl_mean'], '.4f')} | {fmt(t['top1_agreement'], '.3f')} "
             f"| {fmt(suite.get('prefix_match'), '.3f')} | {fmt(suite.get('rouge_l'), '.3f')} |")
     return "\n".join(lines)
@@ -245,6 +257,18 @@ def research_section(results, report_path: Path, plt) -> list:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         lines.append(f"\n![entropy vs sensitivity]({p.name})")
+    checked = [(r, c) for r in results if (c := (r.get("plan") or {}).get("checks"))]
+    if checked:
+        lines += ["", "Checks of the sensitivity plans (KL on the calibration windows unless said): is the sum of "
+                  "single measurements a good prediction, and does the plan beat random plans of the same size?", "",
+                  "| variant | predicted KL | measured KL | measured / predicted | mean of random plans | "
+                  "random / measured | KL on the evaluation windows |", "|---|---|---|---|---|---|---|"]
+        for r, c in checked:
+            ratio = c["measured_kl"] / c["predicted_kl"] if c["predicted_kl"] else None
+            gain = c["random_mean_kl"] / c["measured_kl"] if c["measured_kl"] else None
+            lines.append(f"| {r['variant']} | {c['predicted_kl']:.4f} | {c['measured_kl']:.4f} | {fmt(ratio, '.2f')} "
+                         f"| {c['random_mean_kl']:.4f} ({', '.join(f'{x:.4f}' for x in c['random_plans_kl'])}) "
+                         f"| {fmt(gain, '.1f')}× | {fmt((r.get('quality') or {}).get('kl_mean'), '.4f')} |")
     lines += ["", "Equal size: variants grouped by the average bits per weight their plans aim at.", "",
               "| target bits | variant | blocks raw/8/4 | KL | perplexity | top-1 |", "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (-size_group(r), (r.get("quality") or {}).get("kl_mean") or 0)):
@@ -255,33 +279,14 @@ def research_section(results, report_path: Path, plt) -> list:
     return lines
 
 
-def build_report(results, out_dir) -> tuple:
-    """(markdown text, report path, notes). Plots are written beside the report."""
-    table = rows(results)
+def build_report(results, out_dir, allow_mixed: bool = False) -> tuple:
+    """(markdown text, report path, notes): one section per model and device (one table with allow_mixed).
+    Plots are written beside the report."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = unique_path(out_dir, f"report_{stamp}", ".md")
-    first = results[0]
-    env = first["environment"]
-    notes = []
-    if not any(r["kind"] == "original" for r in results):
-        notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
-    if not any(r.get("quality") for r in results):
-        notes.append("no quality figures: run the benchmarks with --quality")
-    settings = first["settings"]
-    text = [f"# EWQ report — {first['model']['id']}",
-            "",
-            f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
-            f"{env['transformers']}, bitsandbytes {env['bitsandbytes']}. Suite: {settings['prompts']} prompts "
-            f"({', '.join(settings['tasks'])}), {settings['max_new_tokens']} new tokens, {settings['repeats']} repeats, greedy.",
-            "",
-            markdown_table(table), ""]
-    q = next((r["quality"] for r in results if r.get("quality")), None)
-    if q:
-        text.append(f"Quality on {q['eval_tokens']} tokens of {q['corpus']} ({q['windows']} windows of {q['window']}); "
-                    f"KL over the original's top-{q['kl_top_k']} plus a pooled tail. Suite prefix = share of greedy "
-                    f"tokens equal to the original's before the first divergence.")
+    groups = sections(results, allow_mixed)
     try:
         import matplotlib
 
@@ -289,36 +294,72 @@ def build_report(results, out_dir) -> tuple:
         import matplotlib.pyplot as plt
     except ImportError:
         plt = None
+    title = groups[0][0]["model"]["id"] if len(groups) == 1 else f"{len(groups)} models/devices"
+    text, notes = [f"# EWQ report — {title}"], []
+    if plt is None:
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+    for n, group in enumerate(groups):
+        stem = report_path.stem + (f"_{n + 1}" if len(groups) > 1 else "")
+        part, part_notes = report_section(group, report_path.with_name(stem), plt, heading=len(groups) > 1)
+        text += part
+        notes += part_notes
+    text += [f"\n- {n}" for n in dict.fromkeys(notes)]
+    text.append("\nResult files: " + ", ".join(Path(r["_file"]).name for r in results))
+    return "\n".join(text) + "\n", report_path, notes
+
+
+def report_section(results, stem: Path, plt, heading: bool) -> tuple:
+    """The table, quality note, plots and research section of results from one model on one device."""
+    table = rows(results)
+    first = results[0]
+    env, settings = first["environment"], first["settings"]
+    notes = []
+    if not any(r["kind"] == "original" for r in results):
+        notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
+    if not any(r.get("quality") for r in results):
+        notes.append("no quality figures: run the benchmarks with --quality")
+    text = [""] + ([f"## {first['model']['id']} on {env['device_name']}", ""] if heading else []) + [
+        f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
+        f"{env['transformers']}, bitsandbytes {env.get('bitsandbytes')}, torchao {env.get('torchao', '–')}. Suite: "
+        f"{settings['prompts']} prompts ({', '.join(settings['tasks'])}), {settings['max_new_tokens']} new tokens, "
+        f"{settings['repeats']} repeats, greedy.",
+        "", markdown_table(table), ""]
+    q = next((r["quality"] for r in results if r.get("quality")), None)
+    if q:
+        text.append(f"Quality on {q['eval_tokens']} tokens of {q['corpus']} ({q['windows']} windows of {q['window']}); "
+                    f"KL over the original's top-{q['kl_top_k']} plus a pooled tail. Suite prefix = share of greedy "
+                    f"tokens equal to the original's before the first divergence.")
+    bw = next((r["speed"].get("device_read_bandwidth_gb_s") for r in results if r["speed"].get("device_read_bandwidth_gb_s")), None)
+    if bw:
+        text.append(f"Roofline: the device reads {bw:.1f} GB/s (measured); 'BW %' is weight bytes × decode tok/s as a "
+                    f"share of it.")
     if plt is not None:
         rule_plan = next((plan for r in results if (plan := plan_of(r))), None)
         if rule_plan:
-            p = report_path.with_name(report_path.stem + "_entropy.png")
+            p = stem.with_name(stem.name + "_entropy.png")
             plot_entropy(rule_plan, p, plt)
             text.append(f"\n![block entropy]({p.name})")
         if any(t["kl_mean"] is not None for t in table):
-            p = report_path.with_name(report_path.stem + "_size_vs_kl.png")
+            p = stem.with_name(stem.name + "_size_vs_kl.png")
             plot_size_vs_kl(table, p, plt)
             text.append(f"\n![size vs KL]({p.name})")
     if any((r.get("plan") or {}).get("name") in ("sensitivity", "position") for r in results):
-        text += research_section(results, report_path, plt)
-    text += [f"\n- {n}" for n in notes]
-    text.append("\nResult files: " + ", ".join(Path(r["_file"]).name for r in results))
-    return "\n".join(text) + "\n", report_path, notes
+        text += research_section(results, stem, plt)
+    return text, notes
 
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m ewq.report", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="*", default=["benchmark_results"], help="result JSON files or folders (default benchmark_results/)")
-    p.add_argument("--allow-mixed", action="store_true", help="compare results of different models or devices anyway")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="one table across models and devices (default: one section per model and device)")
     p.add_argument("--all", action="store_true", help="every result, not only the newest of each variant")
     p.add_argument("--out-dir", default="benchmark_results", help="where report_<time>.md and the plots go")
     args = p.parse_args(argv)
     results = collect(args.paths)
     if not args.all:
         results = newest_per_variant(results)
-    check_comparable(results, args.allow_mixed)
-    text, path, _ = build_report(results, args.out_dir)
+    text, path, _ = build_report(results, args.out_dir, args.allow_mixed)
     write_text_atomic(path, text)
     print(text)
     print(path)

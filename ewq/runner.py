@@ -16,7 +16,7 @@ from .common import ArgumentParser, EWQError, check_writable_dir
 from .apply import check_backend
 from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, load_plan, plan_hash, plan_label
 from .quality import TOP_K, WINDOW
-from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
+from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, load_tokenizer
 
 CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 
@@ -146,8 +146,6 @@ def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
 def prepare(args, kind: str):
     """Resolve model and plan, load, quantize (or load a saved quantized model), move to the device.
     Returns everything the measurements need."""
-    from transformers import AutoTokenizer
-
     from .artifact import read_metadata
     from .checkpoint import open_checkpoint
     from .source import resolve_model
@@ -157,7 +155,7 @@ def prepare(args, kind: str):
         raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
     source = resolve_model(args.model, args.models_dir)
     ckpt = open_checkpoint(source.path)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = load_tokenizer(source.path)  # refuses a checkpoint without one before any weight is read
     meta = read_metadata(source.path)
     if meta and meta.get("is_quantized"):
         ctx = prepare_saved(args, kind, source, meta, tokenizer, device)

@@ -95,7 +95,7 @@ class Calibration:
     """The float model, its calibration windows and reference, loaded once for a sweep or plan checks."""
 
     def __init__(self, source, ckpt, fingerprint, calib_tokens, calib_text, window, settings, granularity, device):
-        from transformers import AutoTokenizer
+        from .source import load_tokenizer
 
         # fp32 on the CPU: the ranking needs accuracy, and fp32 prefill is several times faster there than bf16.
         # torchao's CUDA int4 runs in bf16 only.
@@ -105,7 +105,7 @@ class Calibration:
         get_backend(settings.backend).check(settings, self.dtype, device)
         self.source = source
         corpus = load_corpus(calib_text)
-        self.windows = make_windows(AutoTokenizer.from_pretrained(source.path), corpus, calib_tokens, window,
+        self.windows = make_windows(load_tokenizer(source.path), corpus, calib_tokens, window,
                                     from_end=True)
         self.key = calibration_key(fingerprint, corpus, self.windows, settings, self.dtype, device, granularity)
         self.model = self.reference = None

@@ -150,3 +150,25 @@ def ensure_embedded_model(models_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer; a directory without one is refused (transformers would otherwise build
+    an empty tokenizer that turns every prompt into zero tokens)."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise EWQError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES[:4])}, ...); copy the base "
+                       f"model's tokenizer files there (main_cache_model.py needs none, the benchmarks do)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds for broken tokenizer files
+        raise EWQError(f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       f"copy the base model's tokenizer files there") from None
+    if len(tokenizer("Hello, world", add_special_tokens=False).input_ids) == 0:
+        raise EWQError(f"the tokenizer in {path} turns text into zero tokens; copy the base model's tokenizer files there")
+    return tokenizer

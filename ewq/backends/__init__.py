@@ -14,9 +14,18 @@ bitsandbytes never pays for importing torchao and the reverse.
 """
 
 import importlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 from ..common import EWQError
+
+# Harmless noise, silenced once for every entry point (transformers may import torchao before we do):
+# torchao's wheel carries CUDA/cutlass extensions that fail to load on a CPU and log it; it registers enums
+# the old way with torch's pytree; and its tensor subclasses lack a hash for torch.compile's on-disk cache.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
 BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic"}
 BACKENDS = tuple(BACKEND_MODULES)

@@ -9,8 +9,6 @@ torchao skips, with only a log line, a layer whose input size is not a multiple 
 ask first (`unsupported`) so the caller can say which layer and keep it in the run dtype.
 """
 
-import logging
-
 import torch
 
 from ..common import EWQError
@@ -24,10 +22,7 @@ CPU_GROUP_SIZES = (32, 64, 128)
 
 
 def _import():
-    # torchao's wheel carries CUDA/cutlass extensions that fail to load on a CPU and log a harmless warning
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao registers enums the old way
-    import torchao  # noqa: F401
+    import torchao  # noqa: F401  (its import-time noise is silenced in ewq.backends)
 
     return torchao
 
