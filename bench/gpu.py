@@ -115,7 +115,11 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", default="translation",
-                   help="suite subset (default: translation, 2 prompts, so five variants fit one 10-minute call)")
+                   help="suite subset (default: translation, 2 prompts, so a set of variants fits one 10-minute call)")
+    p.add_argument("--set", choices=("eager", "compiled", "all"), default="eager",
+                   help="eager: original, the EWQ plan and uniform 8/4-bit with bitsandbytes and with torchao; "
+                        "compiled: original and the torchao variants with --compile (static cache + torch.compile); "
+                        "all: both (longer than one 10-minute device call on an 8B model)")
     args = p.parse_args()
     import os
 
@@ -134,23 +138,38 @@ def main():
     common = ["--model", str(ckpt), "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
               "--repeats", str(args.repeats), "--tasks", args.tasks, "--out-dir", str(results), "--no-progress"]
     plan = sh(["main_cache_model.py", "--model", str(ckpt), "--out-dir", str(plans), "--no-progress"], log)
-    files = [sh(["benchmark_original.py"] + common, log)]
-    for variant in (plan, "uniform-8bit", "uniform-4bit"):
-        files.append(sh(["benchmark.py", "--plan", variant, "--plans-dir", str(plans)] + common, log))
+    files = []
+    compiled = [[]] if args.set == "eager" else [["--compile"]] if args.set == "compiled" else [[], ["--compile"]]
+    for extra in compiled:
+        files.append(sh(["benchmark_original.py"] + common + extra, log))
+        backends = ["torchao"] + ([] if extra else ["bitsandbytes"])  # bitsandbytes does not compile
+        for backend in backends:
+            for variant in (plan, "uniform-8bit", "uniform-4bit"):
+                files.append(sh(["benchmark.py", "--plan", variant, "--plans-dir", str(plans), "--backend", backend]
+                                + common + extra, log))
     report = sh(["-m", "ewq.report", "--out-dir", str(results)] + files, log)
     summary = {"copy_bandwidth_gb_s": copy_bandwidth_gb_s(args.device),
                "bare_generate_fp16_tok_s": bare_generate_tok_s(ckpt, args.device, args.max_new_tokens),
                "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0}
     by_kind = {json.loads(Path(f).read_text())["variant"]: json.loads(Path(f).read_text()) for f in files}
-    orig, ewq = by_kind["original"], next(r for k, r in by_kind.items() if k.startswith("ewq"))
-    summary["ewq_vs_original"] = {
-        "peak_allocated_ratio": ewq["memory"]["peak_allocated_gb"] / orig["memory"]["peak_allocated_gb"],
-        "decode_tok_s_ratio": ewq["speed"]["decode_tok_s_median"] / orig["speed"]["decode_tok_s_median"]}
-    if summary["ewq_vs_original"]["decode_tok_s_ratio"] < 1.0:
+    summary["vs_original"] = {}
+    for name, r in by_kind.items():  # each variant against the original of the same mode (eager / compiled)
+        orig = by_kind["original+compile" if name.endswith("+compile") else "original"]
+        summary["vs_original"][name] = {
+            "peak_allocated_ratio": r["memory"]["peak_allocated_gb"] / orig["memory"]["peak_allocated_gb"],
+            "driver_process_ratio": (r["memory"]["driver_process_gb"] or 0) / (orig["memory"]["driver_process_gb"] or 1),
+            "decode_tok_s_ratio": r["speed"]["decode_tok_s_median"] / orig["speed"]["decode_tok_s_median"],
+            "bandwidth_fraction": r["speed"].get("bandwidth_fraction"),
+            "greedy_token_match": sum(a == b for t, o in zip(r["tests"], orig["tests"])
+                                      for a, b in zip(t["token_ids"], o["token_ids"]))
+                                  / max(1, sum(len(o["token_ids"]) for o in orig["tests"]))}
+    ewq_bnb = next((k for k in by_kind if k.startswith("ewq") and "@" not in k), None)
+    if ewq_bnb and summary["vs_original"][ewq_bnb]["decode_tok_s_ratio"] < 1.0:
         profile_decode(ckpt, plan, args.device, out)
     (out / "gpu_summary.json").write_text(json.dumps(summary, indent=2))
-    for f in files + [report]:
-        shutil.copy(f, out)
+    # the device returns at most 8 files: every result JSON goes back inside one file
+    (out / "gpu_results.json").write_text(json.dumps({Path(f).name: json.loads(Path(f).read_text()) for f in files}))
+    shutil.copy(report, out)
     print(json.dumps(summary, indent=2))
 
 

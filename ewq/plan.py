@@ -173,6 +173,8 @@ def plan_filename(plan: dict) -> str:
 def load_plan(path) -> dict:
     """Read a plan file and check its structure (a person may have edited it)."""
     path = Path(path)
+    if path.is_dir():
+        raise EWQError(f"plan {path} is a folder; give a plan JSON file (quantized_models/quant_plan_<hash>.json)")
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -196,6 +198,8 @@ def validate_plan(plan: dict, path="plan") -> None:
         blocks = plan["blocks"]
         plan["model"]["fingerprint"]
         int(plan["other"]["params"])
+        if not isinstance(blocks, list):
+            raise TypeError("blocks")
     except (KeyError, TypeError, ValueError):
         raise EWQError(f"{path} lacks model.block_count, model.fingerprint or blocks; regenerate it with main_cache_model.py") from None
     seen = set()

@@ -4,6 +4,7 @@
     -> suite (speed, memory) -> (quality) -> result JSON in benchmark_results/
 """
 
+import math
 import time
 from pathlib import Path
 
@@ -295,6 +296,8 @@ def run(kind: str, argv=None) -> Path:
         raise EWQError(f"--max-new-tokens must be at least 2 (a first token and one decoded), got {args.max_new_tokens}")
     if args.repeats < 1:
         raise EWQError(f"--repeats must be at least 1, got {args.repeats}")
+    if kind == "ewq" and not (math.isfinite(args.int8_threshold) and args.int8_threshold >= 0):
+        raise EWQError(f"--int8-threshold must be a finite number >= 0, got {args.int8_threshold}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     suite = bench.load_suite(tasks)
     out_dir = check_writable_dir(args.out_dir)

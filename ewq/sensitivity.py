@@ -143,7 +143,7 @@ def measure(calibration: Calibration, items, cache_dir, progress: bool = True):
                                  "seconds": round(time.perf_counter() - start, 1)})
 
     rows = sweep(calibration.model, calibration.blocks, calibration.reference, calibration.settings,
-                 calibration.dtype, calibration.device, progress, items, done, save)
+                 calibration.dtype, calibration.device, progress=progress, items=items, done=done, save=save)
     return rows, key, False
 
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from ewq.synthetic import save_byte_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# per-machine caches (bandwidth, analyses) of a test session stay in a temporary folder, not in ~/.cache/ewq
+os.environ.setdefault("EWQ_CACHE", tempfile.mkdtemp(prefix="ewq-test-cache-"))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parent.parent
 

@@ -181,6 +181,19 @@ def other_model_plan(model_dir, tmp_path, factory):
     ("cuda", "CUDA is not available"),
     ("zero-tokens", "--max-new-tokens must be at least 2"),
     ("oom", "out of memory: the weights need"),
+    ("unknown-matrix", "names matrix 'self_attn.x_proj', which the model does not have"),
+    ("matrices-not-object", "'matrices' must be an object"),
+    ("torchao-group-size", "takes --group-size 32, 64, 128"),
+    ("group-size-bnb", "--group-size applies to --backend torchao only"),
+    ("compile-bnb", "--compile with --backend bitsandbytes"),
+    ("save-torchao", "--save is not available with the torchao backend"),
+    ("no-tokenizer", "no tokenizer in"),
+    ("binary-eval-text", "is not UTF-8 text"),
+    ("eval-text-folder", "is a folder"),
+    ("nan-threshold", "--int8-threshold must be a finite number"),
+    ("negative-repeats", "--repeats must be at least 1"),
+    ("plan-is-folder", "is a folder"),
+    ("blocks-not-list", "lacks model.block_count"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys, monkeypatch, case, message):
     model_dir = tiny_factory("llama")
@@ -197,6 +210,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys
         argv += ["--device", "cuda"]
     elif case == "zero-tokens":
         argv += ["--max-new-tokens", "0"]
+    elif case == "unknown-matrix":
+        argv += bad_plan(lambda p: p["blocks"][1].update(matrices={"self_attn.x_proj": "4-bit"}))(model_dir, tmp_path)
+    elif case == "matrices-not-object":
+        argv += bad_plan(lambda p: p["blocks"][1].update(matrices=["self_attn.q_proj"]))(model_dir, tmp_path)
+    elif case == "torchao-group-size":
+        argv += ["--plan", "uniform-4bit", "--backend", "torchao", "--group-size", "256"]
+    elif case == "group-size-bnb":
+        argv += ["--plan", "uniform-4bit", "--group-size", "128"]
+    elif case == "compile-bnb":
+        argv += ["--plan", "uniform-8bit", "--compile"]
+    elif case == "save-torchao":
+        argv += ["--plan", "uniform-8bit", "--backend", "torchao", "--save"]
+    elif case == "no-tokenizer":
+        import shutil
+
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for f in model_dir.iterdir():
+            if f.name in ("config.json", "model.safetensors"):
+                shutil.copy(f, bare / f.name)
+        argv[1] = str(bare)
+        argv += ["--plan", "uniform-8bit"]
+    elif case == "binary-eval-text":
+        (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+        argv += ["--plan", "uniform-8bit", "--quality", "--eval-text", str(tmp_path / "blob.bin")]
+    elif case == "eval-text-folder":
+        argv += ["--plan", "uniform-8bit", "--quality", "--eval-text", str(tmp_path)]
+    elif case == "nan-threshold":
+        argv += ["--plan", "uniform-8bit", "--int8-threshold", "nan"]
+    elif case == "negative-repeats":
+        argv += ["--plan", "uniform-8bit", "--repeats", "-3"]
+    elif case == "plan-is-folder":
+        argv += ["--plan", str(tmp_path)]
+    elif case == "blocks-not-list":
+        argv += bad_plan(lambda p: p.update(blocks="all 4-bit"))(model_dir, tmp_path)
     elif case == "oom":
         import psutil
 

@@ -223,3 +223,28 @@ def test_real_smollm2_plan(smollm2_dir, tmp_path):
     # embeddings are reported outside the blocks and the metadata says the base is not quantized
     assert "model.embed_tokens.weight" in plan["other"]["tensors"]
     assert json.loads((smollm2_dir / "metadata.json").read_text())["is_quantized"] is False
+
+
+def test_analysis_cache_makes_reuse_instant_and_a_changed_file_changes_the_fingerprint(tiny_copy, tmp_path, monkeypatch):
+    import os
+
+    from ewq import analysis
+    from ewq.checkpoint import open_checkpoint
+
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    model = tiny_copy("llama")
+    first = analysis.analyze(open_checkpoint(model), progress=False)
+    again = analysis.analyze(open_checkpoint(model), progress=False)
+    assert not first.from_cache and again.from_cache and again.seconds == 0.0
+    assert again.fingerprint == first.fingerprint and again.block_entropies == first.block_entropies
+    # change one weight in place, keeping the file's size: the write moves the mtime, so it is analysed again
+    f = model / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01
+    f.write_bytes(bytes(data))
+    changed = analysis.analyze(open_checkpoint(model), progress=False)
+    assert not changed.from_cache and changed.fingerprint != first.fingerprint
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a touch alone re-analyses: same weights, same fingerprint
+    touched = analysis.analyze(open_checkpoint(model), progress=False)
+    assert not touched.from_cache and touched.fingerprint == changed.fingerprint

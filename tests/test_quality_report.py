@@ -138,14 +138,22 @@ def test_report_without_matplotlib_still_writes_the_table(tiny_results, tmp_path
     assert code == 0 and "pip install matplotlib" in open(path).read() and not list(tmp_path.glob("*.png"))
 
 
-def test_report_refuses_mixed_models(tiny_results, tiny_factory, tmp_path, capsys):
+def test_report_over_two_models_has_one_section_each_and_skips_damaged_files(tiny_results, tiny_factory, tmp_path,
+                                                                             capsys):
     _, out, _ = tiny_results
     other = tiny_factory("llama", seed=3)
     assert run_cli(benchmark_original.main, ["--model", str(other), "--out-dir", str(tmp_path)] + QUALITY[:7]) == 0
-    code, _, err = run(report, [str(out), str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and "different models" in err and "--allow-mixed" in err
-    code, _, _ = run(report, [str(out), str(tmp_path), "--allow-mixed", "--out-dir", str(tmp_path / "r")], capsys)
-    assert code == 0
+    (tmp_path / "ewq_benchmark_damaged_20260101-000000.json").write_text('{"schema_version": 1, "kind": "ewq", "vari')
+    code, path, err = run(report, [str(out), str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
+    stdout = open(path).read()
+    assert code == 0, err
+    assert "skipped a damaged result file" in err and "ewq_benchmark_damaged" in err and err.count("\n") == 1
+    assert stdout.count("\n## ") == 2 and "2 models/devices" in stdout
+    sections = stdout.split("\n## ")[1:]
+    assert sum("| original |" in sec for sec in sections) == 2 and sum("uniform-4bit" in sec for sec in sections) == 1
+    code, path, _ = run(report, [str(out), str(tmp_path), "--allow-mixed", "--out-dir", str(tmp_path / "r")], capsys)
+    stdout = open(path).read()
+    assert code == 0 and "\n## " not in stdout.split("## Does entropy")[0]  # one cross-model table
 
 
 @pytest.mark.parametrize("case,message", [
@@ -191,7 +199,9 @@ def test_report_bad_input(tmp_path, capsys, case, message):
     if case == "schema":
         (tmp_path / "ewq_benchmark_x_1.json").write_text(json.dumps({"schema_version": 99, "kind": "ewq"}))
     code, _, err = run(report, [str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and message in err and err.count("\n") == 1
+    assert code == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == (2 if case == "schema" else 1)  # the skipped file is named, then the error
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
     assert not (tmp_path / "r").exists()
 
 

@@ -40,10 +40,15 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "gpu_summary.json").read_text())
-    assert summary["bare_generate_fp16_tok_s"] > 0 and "decode_tok_s_ratio" in summary["ewq_vs_original"]
+    assert summary["bare_generate_fp16_tok_s"] > 0
+    # eager set: the original, and the EWQ plan + uniform 8/4-bit with each of bitsandbytes and torchao
+    variants = summary["vs_original"]
+    assert len(variants) == 7 and sum(k.endswith("@torchao") for k in variants) == 3
+    assert all(v["decode_tok_s_ratio"] > 0 and 0 <= v["greedy_token_match"] <= 1 for v in variants.values())
+    results = json.loads((out / "gpu_results.json").read_text())
+    assert sum(n.startswith("original_benchmark_") for n in results) == 1
+    assert sum(n.startswith("ewq_benchmark_") for n in results) == 6
     names = sorted(p.name for p in out.iterdir())
-    assert sum(n.startswith("original_benchmark_") for n in names) == 1
-    assert sum(n.startswith("ewq_benchmark_") for n in names) == 3
     assert any(n.startswith("report_") for n in names) and len(names) <= 8  # the device returns at most 8 files
 
 
