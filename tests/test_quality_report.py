@@ -194,7 +194,7 @@ def test_quality_bad_input(tiny_results, tmp_path, capsys, case, message):
     assert not list((tmp_path / "res").glob("*.json")) if (tmp_path / "res").exists() else True
 
 
-@pytest.mark.parametrize("case,message", [("empty", "no benchmark result JSON"), ("schema", "is not an EWQ benchmark result")])
+@pytest.mark.parametrize("case,message", [("empty", "no benchmark result JSON"), ("schema", "not an EWQ benchmark result")])
 def test_report_bad_input(tmp_path, capsys, case, message):
     if case == "schema":
         (tmp_path / "ewq_benchmark_x_1.json").write_text(json.dumps({"schema_version": 99, "kind": "ewq"}))
