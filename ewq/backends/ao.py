@@ -66,11 +66,10 @@ def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu")
     _import()
     from torchao.quantization import quantize_
 
-    reason = unsupported(tuple(module.weight.shape) if hasattr(module, "in_features") else
-                         tuple(reversed(module.weight.shape)), precision, settings)
+    lin = as_linear(module, dtype, device)  # a fresh Linear ([out, in], Conv1D transposed): quantize_ works in place
+    reason = unsupported(tuple(lin.weight.shape), precision, settings)
     if reason:
         raise EWQError(f"torchao cannot quantize this layer to {precision}: {reason}")
-    lin = as_linear(module, dtype, device)  # a fresh Linear: quantize_ replaces its weight in place
     quantize_(lin, config(precision, settings, device), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
     return lin
 
