@@ -27,15 +27,23 @@ class Applied:
     kept_raw: list = field(default_factory=list)  # "block.matrix: why" for layers the backend's kernel cannot take
 
 
-def load_model(path, dtype: torch.dtype):
+def model_class(kind: str):
+    """Decoders load with their LM head (generate); encoders as the bare encoder (AutoModel: no MLM/classifier
+    head, whose weights an embedding model does not use; transformers drops them with a note)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if kind == "encoder" else AutoModelForCausalLM
+
+
+def load_model(path, dtype: torch.dtype, kind: str = "decoder"):
     """The original model on the CPU, safetensors only, no remote code."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # "some weights were not used" (an MLM head under AutoModel) is expected
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-                                                     device_map="cpu")
+        model = model_class(kind).from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                                                  device_map="cpu")
     except (OSError, ValueError) as e:
         raise EWQError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
     return model.eval()
@@ -43,7 +51,8 @@ def load_model(path, dtype: torch.dtype):
 
 def block_list(model, block_prefix: str) -> nn.ModuleList:
     """The ModuleList of transformer blocks, named as in the checkpoint (`model.layers`, `transformer.h`)."""
-    for prefix in (block_prefix, f"transformer.{block_prefix}", f"model.{block_prefix}"):
+    # an encoder loaded bare (AutoModel) has `encoder.layer` where its checkpoint said `bert.encoder.layer`
+    for prefix in (block_prefix, f"transformer.{block_prefix}", f"model.{block_prefix}", block_prefix.partition(".")[2]):
         try:
             blocks = model.get_submodule(prefix)
         except AttributeError:

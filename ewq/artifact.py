@@ -36,6 +36,7 @@ from .plan import layer_precision, load_plan, plan_hash
 # metadata.json `method` of a saved model <-> the backend that made it (backends whose SAVE_METHOD is None cannot save)
 METHODS = {b: get_backend(b).SAVE_METHOD for b in BACKEND_NAMES if get_backend(b).SAVE_METHOD}
 BACKENDS = {method: backend for backend, method in METHODS.items()}
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling", "2_Normalize")
 
 
 def read_metadata(path) -> dict | None:
@@ -69,13 +70,20 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
         tensors = state_tensors(model)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan)})
         model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name in SENTENCE_TRANSFORMERS_FILES:  # an encoder's pooling travels with it
+            if (source.path / name).is_dir():
+                shutil.copytree(source.path / name, tmp / name)
+            elif (source.path / name).is_file():
+                shutil.copy2(source.path / name, tmp / name)
         write_json_atomic(tmp / "plan.json", plan)
         by_precision = weight_bytes_by_precision(model, plan)
         block_bytes = sum(v for k, v in by_precision.items() if k != "other")
         write_json_atomic(tmp / "metadata.json", {
             "schema_version": 1, "is_quantized": True, "method": METHODS[settings.backend],
+            "kind": plan["model"].get("kind", "decoder"),
             "base_model": source.id, "base_path": str(source.path), "base_fingerprint": fingerprint,
             "artifact_fingerprint": fingerprint_in_memory(open_checkpoint(tmp), tensors),
             "plan_hash": plan_hash(plan), "counts": plan["counts"], "weight_bytes": sum(by_precision.values()),
@@ -160,10 +168,12 @@ def _four_bit_layer(state: dict, prefix: str, dtype):
     return layer.eval()
 
 
-def load_quantized(path) -> tuple:
+def load_quantized(path, kind: str = "decoder") -> tuple:
     """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .apply import model_class
 
     from transformers.initialization import no_init_weights
 
@@ -195,9 +205,9 @@ def load_quantized(path) -> tuple:
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(), no_init_weights():  # every weight is assigned from the file below
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(kind).from_config(config, dtype=dtype)
     prefix = plan["model"]["block_prefix"]
-    state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}")
+    state_prefix = next((p for p in (prefix, f"transformer.{prefix}", f"model.{prefix}", prefix.partition(".")[2])
                          if any(k.startswith(p + ".") for k in state)), prefix)
     by_index = {b["index"]: b for b in plan["blocks"]}
     consumed, replacements = set(), []

@@ -312,6 +312,10 @@ def environment(device: str, dtype: torch.dtype, settings, compiled: bool = Fals
 
 
 def format_table(result: dict) -> str:
+    if result.get("encoder"):
+        from .embed import format_result
+
+        return format_result(result)
     lines = [f"{'task':<22} {'lang':<4} {'prefill s':>9} {'decode tok/s':>12} {'peak GB':>8}"]
     for t in result["tests"]:
         lines.append(f"{t['task']:<22} {t['lang']:<4} {t['prefill_s']:>9.3f} {t['decode_tok_s']:>12.2f} "

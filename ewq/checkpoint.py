@@ -17,7 +17,10 @@ BLOCK_LAYOUTS = [
     ("llama-like (Llama/Mistral/Qwen2/Qwen3/Gemma/Phi3)", re.compile(r"^(model\.layers)\.(\d+)\.(.+)$")),
     ("gpt2", re.compile(r"^(transformer\.h|h)\.(\d+)\.(.+)$")),
     ("gpt-neox", re.compile(r"^(gpt_neox\.layers)\.(\d+)\.(.+)$")),
+    # encoders: BertModel saves `encoder.layer.N`, BertFor* `bert.encoder.layer.N`, (XLM-)RoBERTa `roberta.encoder...`
+    ("bert-like encoder (BERT/RoBERTa/XLM-R)", re.compile(r"^((?:bert\.|roberta\.)?encoder\.layer)\.(\d+)\.(.+)$")),
 ]
+ENCODER_LAYOUTS = {"bert-like encoder (BERT/RoBERTa/XLM-R)"}
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 # Architectures whose projection weights are stored [in_features, out_features] (transformers' Conv1D).
 CONV1D_MODEL_TYPES = {"gpt2"}
@@ -62,6 +65,11 @@ class Checkpoint:
     @property
     def architecture(self) -> str:
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
+
+    @property
+    def kind(self) -> str:
+        """encoder (sentence embeddings, no generate) or decoder (causal LM): decides how a model is loaded and measured."""
+        return "encoder" if self.layout in ENCODER_LAYOUTS else "decoder"
 
     @property
     def conv1d(self) -> bool:

@@ -103,6 +103,7 @@ def model_section(source, ckpt, fingerprint: str) -> dict:
         "fingerprint": fingerprint,
         "architecture": ckpt.architecture,
         "model_type": ckpt.config.get("model_type"),
+        "kind": ckpt.kind,
         "layout": ckpt.layout,
         "block_prefix": ckpt.block_prefix,
         "block_count": len(ckpt.blocks),
@@ -241,7 +242,12 @@ def validate_matrices(b: dict, path) -> None:
                            f"use one of {', '.join(PRECISIONS)}")
 
 
-def check_plan_matches(plan: dict, fingerprint: str, block_count: int, path="plan") -> None:
+def check_plan_matches(plan: dict, fingerprint: str, block_count: int, path="plan", kind: str | None = None) -> None:
+    plan_kind = plan["model"].get("kind", "decoder")  # plans written before encoders existed are decoder plans
+    if kind and plan_kind != kind:
+        raise EWQError(f"{path} is a plan for {'an' if plan_kind == 'encoder' else 'a'} {plan_kind} "
+                       f"({plan['model'].get('id')}), but this model is {'an' if kind == 'encoder' else 'a'} {kind}; "
+                       f"make its own plan with: python main_cache_model.py --model <this model>")
     if plan["model"]["block_count"] != block_count:
         raise EWQError(f"{path} is for a model with {plan['model']['block_count']} blocks, this one has {block_count}")
     if plan["model"]["fingerprint"] != fingerprint:

@@ -148,8 +148,11 @@ def cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"reference_{key['fingerprint'][:12]}_{digest}.safetensors"
 
 
-def load_reference(path: Path, key: dict):
-    """The cached reference for `key`, or None if there is none. A damaged or foreign file is an error."""
+REFERENCE_TENSORS = {"top_logp", "top_index", "top1", "windows"}
+
+
+def load_reference(path: Path, key: dict, names=REFERENCE_TENSORS):
+    """The cached reference for `key` (tensors `names`), or None if there is none. A damaged or foreign file is an error."""
     if not path.exists():
         return None
     try:  # one open: the key in the header metadata, then the tensors
@@ -161,7 +164,7 @@ def load_reference(path: Path, key: dict):
     if stored != key:
         raise EWQError(f"reference cache {path} belongs to another model or setting (fingerprint "
                        f"{stored.get('fingerprint', '?')[:12]}); delete it and run again to recompute")
-    if set(tensors) != {"top_logp", "top_index", "top1", "windows"}:
+    if set(tensors) != set(names):
         raise EWQError(f"reference cache {path} is incomplete; delete it and run again to recompute")
     return tensors
 

@@ -16,8 +16,9 @@ from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_bac
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .apply import check_backend
 from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, load_plan, plan_hash, plan_label
+from .embed import EVAL_SENTENCES, SPEED_SENTENCES
 from .quality import TOP_K, WINDOW
-from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, load_tokenizer
+from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL, load_tokenizer
 
 CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 
@@ -31,7 +32,10 @@ def build_parser(kind: str) -> ArgumentParser:
     p = ArgumentParser(prog="benchmark.py" if kind == "ewq" else "benchmark_original.py",
                        description=f"Benchmark {what}: speed, memory (and quality with --quality). "
                                    f"The last line of stdout is the path of the result JSON.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local directory, Hugging Face id, or '{DEFAULT_MODEL}' (default)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local directory, Hugging Face id, '{DEFAULT_MODEL}' (default, a decoder) or '{ENCODER_MODEL}' "
+                        f"(an encoder). Decoders are measured by generating (tok/s, KL); encoders by embedding "
+                        f"sentences (sentences/s, cosine to the original): the kind is read from the checkpoint")
     if kind == "ewq":
         p.add_argument("--plan", default=None,
                        help="plan JSON from main_cache_model.py, or a built-in baseline: "
@@ -60,8 +64,9 @@ def build_parser(kind: str) -> ArgumentParser:
                         "compile and warm-up time is reported apart from decode tok/s (about 2 minutes on a 2-core CPU). "
                         "Backends that do not compile (bitsandbytes, torch-dynamic) are refused with the reason")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu; "
-                        "float32 for --backend torch-dynamic; bfloat16 for --backend torchao on cuda)")
+                   help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu for decoders, "
+                        "float32 on cpu for encoders; float32 for --backend torch-dynamic; bfloat16 for --backend "
+                        "torchao on cuda)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"exactly this many new tokens per prompt, EOS ignored (default {CUDA_DEFAULT_NEW_TOKENS} on cuda, "
                         f"{CPU_DEFAULT_NEW_TOKENS} on cpu)")
@@ -76,6 +81,12 @@ def build_parser(kind: str) -> ArgumentParser:
     p.add_argument("--eval-window", type=int, default=WINDOW, help=f"tokens per non-overlapping window (default {WINDOW})")
     p.add_argument("--kl-top-k", type=int, default=TOP_K,
                    help=f"the original's top-k log-probs kept for KL; the rest is pooled into one bucket (default {TOP_K})")
+    p.add_argument("--eval-sentences", type=int, default=None,
+                   help=f"encoders: corpus sentences whose embeddings are compared with the original's (cosine, "
+                        f"top-10 neighbours; default {EVAL_SENTENCES}). Encoders always measure this fidelity")
+    p.add_argument("--speed-sentences", type=int, default=None,
+                   help=f"encoders: sentences embedded at batch 1 and at batch 32 for sentences/s and latency "
+                        f"(default {SPEED_SENTENCES})")
     p.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
     p.add_argument("--out-dir", default="benchmark_results", help="where the result JSON goes (default benchmark_results/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -90,13 +101,17 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def pick_dtype(choice, device: str, backend: str) -> torch.dtype:
+def pick_dtype(choice, device: str, backend: str, kind: str = "decoder") -> torch.dtype:
     if choice:
         return DTYPES[choice]
     if backend == "torch-dynamic":
         return torch.float32  # torch's dynamic int8 kernels take fp32 activations
     if backend == "torchao" and device == "cuda":
         return torch.bfloat16  # torchao's CUDA int4 kernel (tinygemm) takes bf16 only
+    if kind == "encoder" and device == "cpu":
+        # an encoder is compute-bound (whole sentences at once, no weight-reading decode loop): without native
+        # bf16 matmul on this CPU bf16 ran at 0.17x fp32 (DESIGN.md), so encoders keep their fp32 here
+        return torch.float32
     # CPU, measured on this project's 2-core AVX2 machine (bench/cpu_dtype.py, docs/RESULTS.md): bf16
     # decodes 1.6x faster than fp32 (20.6 vs 12.7 tok/s: decode reads every weight, bf16 reads half) but
     # prefills 3.6x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
@@ -123,7 +138,7 @@ def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str):
             raise EWQError(f"no plan for this model's weights in {plans_dir}/; make one with: "
                            f"python main_cache_model.py --model {model_spec}")
         path, plan = matches[-1]
-    check_plan_matches(plan, fingerprint, len(ckpt.blocks), path)
+    check_plan_matches(plan, fingerprint, len(ckpt.blocks), path, ckpt.kind)
     return plan, path
 
 
@@ -156,15 +171,37 @@ def prepare(args, kind: str):
         raise EWQError("the torch-dynamic backend runs on the CPU only; pass --device cpu")
     source = resolve_model(args.model, args.models_dir)
     ckpt = open_checkpoint(source.path)
+    check_kind_flags(args, kind, ckpt.kind)
     tokenizer = load_tokenizer(source.path)  # refuses a checkpoint without one before any weight is read
     meta = read_metadata(source.path)
     if meta and meta.get("is_quantized"):
-        ctx = prepare_saved(args, kind, source, meta, tokenizer, device)
+        ctx = prepare_saved(args, kind, source, ckpt, meta, tokenizer, device)
     else:
         ctx = prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device)
     if device != "cpu":
         ctx["model"].to(device)
     return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer)
+
+
+def check_kind_flags(args, kind: str, model_kind: str) -> None:
+    """Flags that measure the other kind of model are refused, not silently ignored."""
+    if model_kind == "encoder":
+        given = [flag for flag, value, default in (
+            ("--compile", args.compile, False), ("--max-new-tokens", args.max_new_tokens, None),
+            ("--tasks", args.tasks, None), ("--eval-tokens", args.eval_tokens, None),
+            ("--eval-window", args.eval_window, WINDOW), ("--kl-top-k", args.kl_top_k, TOP_K)) if value != default]
+        what = "they measure generation"
+    else:
+        given = [flag for flag, value in (("--eval-sentences", args.eval_sentences),
+                                          ("--speed-sentences", args.speed_sentences)) if value is not None]
+        what = "they measure sentence embeddings"
+    if given:
+        raise EWQError(f"{args.model} is {'an' if model_kind == 'encoder' else 'a'} {model_kind}; {', '.join(given)} "
+                       f"{'does' if len(given) == 1 else 'do'} not apply to it ({what}); drop "
+                       f"{'it' if len(given) == 1 else 'them'}")
+    for flag, value in (("--eval-sentences", args.eval_sentences), ("--speed-sentences", args.speed_sentences)):
+        if value is not None and value < 2:
+            raise EWQError(f"{flag} must be at least 2, got {value}")
 
 
 def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict:
@@ -178,20 +215,25 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                                  args.group_size or group_size_of(plan))
     else:
         plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
-    dtype = pick_dtype(args.dtype, device, settings.backend)
+    dtype = pick_dtype(args.dtype, device, settings.backend, ckpt.kind)
     if kind == "ewq":
         backend = check_backend(plan, settings, dtype, device)
         if args.save and backend.SAVE_METHOD is None:
             raise EWQError(f"--save is not available with the {settings.backend} backend yet (its quantized tensors "
                            f"have no safetensors form here); drop --save, or save with --backend bitsandbytes")
     check_memory(ckpt, dtype, device, plan)
-    quality = quality_inputs(args, tokenizer, fp, dtype, device) if args.quality else None
+    encoder = ckpt.kind == "encoder"
+    if encoder:
+        quality = fidelity_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
+    else:
+        quality = quality_inputs(args, tokenizer, fp, dtype, device) if args.quality else None
 
     start = time.perf_counter()
-    model = load_model(source.path, dtype)
+    model = load_model(source.path, dtype, ckpt.kind)
     load_s = time.perf_counter() - start
     if quality and quality["reference"] is None:  # the float model is here anyway: no reload later
-        quality["reference"] = reference_from_float_model(model, quality, device, progress=not args.no_progress)
+        make_reference = embedding_reference if encoder else reference_from_float_model
+        quality["reference"] = make_reference(model, quality, device, progress=not args.no_progress)
     applied = apply_plan(model, plan, settings, dtype, not args.no_progress, device) if kind == "ewq" else Applied()
     for line in applied.kept_raw:
         print(f"note: kept in {str(dtype).replace('torch.', '')}: {line}")
@@ -207,7 +249,7 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                 if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
 
 
-def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
+def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> dict:
     """A model saved by --save: no re-quantization, its own plan, the base model's fingerprint."""
     from .artifact import load_quantized
 
@@ -221,16 +263,18 @@ def prepare_saved(args, kind, source, meta: dict, tokenizer, device) -> dict:
     if args.dtype and args.dtype != meta.get("dtype"):
         raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
     start = time.perf_counter()
-    model, plan, meta = load_quantized(source.path)
+    model, plan, meta = load_quantized(source.path, ckpt.kind)
     load_s = time.perf_counter() - start
     dtype, fp = getattr(torch, meta["dtype"]), meta["base_fingerprint"]
     quality = None
-    if args.quality:
+    if ckpt.kind == "encoder":
+        quality = fidelity_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
+    elif args.quality:
         quality = quality_inputs(args, tokenizer, fp, dtype, device)
-        if quality["reference"] is None:
-            raise EWQError(f"no cached reference of the base model for these windows; run "
-                           f"`python benchmark_original.py --quality --model {meta.get('base_path')}` with the same "
-                           f"--eval-* settings first")
+    if quality and quality["reference"] is None:
+        raise EWQError(f"no cached reference of the base model for these {'sentences' if ckpt.kind == 'encoder' else 'windows'}; "
+                       f"run `python benchmark_original.py {'' if ckpt.kind == 'encoder' else '--quality '}--model "
+                       f"{meta.get('base_path')}` with the same --eval-* settings first")
     from .artifact import BACKENDS
 
     settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
@@ -312,6 +356,62 @@ def run(kind: str, argv=None) -> Path:
         bench.check_compiler(pick_device(args.device))
     ctx = prepare(args, kind)
     device, plan = ctx["device"], ctx["plan"]
+    if ctx["ckpt"].kind == "encoder":
+        measured = measure_encoder(args, ctx)
+    else:
+        measured = measure_decoder(args, ctx, suite)
+    by_precision = weight_bytes_by_precision(ctx["model"], plan)
+    weight_bytes = sum(by_precision.values())
+    block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
+    block_params = plan["size"]["block_params"]
+    tests, warmup_s = measured["tests"], measured["warmup_s"]
+    result = {
+        "schema_version": bench.RESULT_SCHEMA_VERSION,
+        "kind": kind,
+        "variant": variant_label(kind, plan, ctx["settings"], args.compile),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"id": ctx["source"].id, "path": str(ctx["source"].path), "fingerprint": ctx["fingerprint"],
+                  "architecture": ctx["ckpt"].architecture, "block_count": len(ctx["ckpt"].blocks),
+                  "model_kind": ctx["ckpt"].kind},
+        "plan": None if kind == "original" else {
+            "path": str(ctx["plan_path"]) if ctx["plan_path"] else None, "name": plan["method"]["name"],
+            "hash": plan_hash(plan), "method": plan["method"], "counts": plan["counts"],
+            "estimated_avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],
+            "matrix_counts": plan.get("matrix_counts"), "checks": plan.get("checks"),
+            "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])],
+            "matrices": {str(b["index"]): b["matrices"] for b in plan["blocks"] if b.get("matrices")} or None},
+        "environment": bench.environment(device, ctx["dtype"], ctx["settings"], args.compile),
+        "settings": measured["settings"],
+        "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
+                 "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"],
+                 "warmup_s": warmup_s, "compile_warmup_s": warmup_s if args.compile else None},
+        "memory": {
+            "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,
+            "block_avg_bits_per_weight": 8 * block_bytes / block_params,
+            "peak_allocated_gb": measured["peak_gb"],
+            "peak_source": "torch.cuda.max_memory_allocated" if device != "cpu" else
+            f"process peak RSS (VmHWM) during the {'encoder benchmark' if tests == [] else 'suite'}",
+            "driver_process_gb": bench.driver_process_gb(device),
+        },
+        "speed": bench.speed_summary(tests, weight_bytes, bench.read_bandwidth_gb_s(device, progress=not args.no_progress))
+        if tests else None,  # decoders: generation; encoders measure sentences/s in `encoder`
+        "tests": tests,
+        "quality": measured["quality"],
+        "encoder": measured.get("encoder"),
+    }
+    if args.compile:
+        result["speed"]["compiled_matches_eager"] = all(t["same_tokens_as_eager"] for t in tests)
+    name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
+    path = bench.write_result(result, out_dir, name_hash)
+    print(bench.format_table(result))
+    return path
+
+
+def measure_decoder(args, ctx: dict, suite: list) -> dict:
+    """The generation suite (speed, memory) and, with --quality, KL and perplexity on text windows."""
+    from . import bench
+
+    device = ctx["device"]
     cpu = device == "cpu"
     new_tokens = args.max_new_tokens or (bench.CPU_DEFAULT_NEW_TOKENS if cpu else bench.CUDA_DEFAULT_NEW_TOKENS)
     if cpu and args.max_new_tokens is None:
@@ -322,48 +422,73 @@ def run(kind: str, argv=None) -> Path:
     except torch.cuda.OutOfMemoryError:
         raise EWQError(f"out of GPU memory during generation ({torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
                        f"allocated at peak); lower --max-new-tokens or choose a smaller plan") from None
-
     quality = measure_quality(ctx, not args.no_progress) if args.quality else None
-    by_precision = weight_bytes_by_precision(ctx["model"], plan)
-    weight_bytes = sum(by_precision.values())
-    block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
-    block_params = plan["size"]["block_params"]
-    result = {
-        "schema_version": bench.RESULT_SCHEMA_VERSION,
-        "kind": kind,
-        "variant": variant_label(kind, plan, ctx["settings"], args.compile),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"id": ctx["source"].id, "path": str(ctx["source"].path), "fingerprint": ctx["fingerprint"],
-                  "architecture": ctx["ckpt"].architecture, "block_count": len(ctx["ckpt"].blocks)},
-        "plan": None if kind == "original" else {
-            "path": str(ctx["plan_path"]) if ctx["plan_path"] else None, "name": plan["method"]["name"],
-            "hash": plan_hash(plan), "method": plan["method"], "counts": plan["counts"],
-            "estimated_avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],
-            "matrix_counts": plan.get("matrix_counts"), "checks": plan.get("checks"),
-            "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])],
-            "matrices": {str(b["index"]): b["matrices"] for b in plan["blocks"] if b.get("matrices")} or None},
-        "environment": bench.environment(device, ctx["dtype"], ctx["settings"], args.compile),
-        "settings": {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
-                     "prompts": len(suite), "warmup_tokens": new_tokens if args.compile else min(bench.WARMUP_TOKENS, new_tokens),
-                     "greedy": True, "compile": args.compile,
-                     "cache": "static (one size for the suite)" if args.compile else "dynamic"},
-        "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
-                 "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"],
-                 "warmup_s": warmup_s, "compile_warmup_s": warmup_s if args.compile else None},
-        "memory": {
-            "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,
-            "block_avg_bits_per_weight": 8 * block_bytes / block_params,
-            "peak_allocated_gb": max(t["peak_memory_gb"] for t in tests),
-            "peak_source": "torch.cuda.max_memory_allocated" if not cpu else "process peak RSS (VmHWM) during the suite",
-            "driver_process_gb": bench.driver_process_gb(device),
-        },
-        "speed": bench.speed_summary(tests, weight_bytes, bench.read_bandwidth_gb_s(device, progress=not args.no_progress)),
-        "tests": tests,
-        "quality": quality,
-    }
-    if args.compile:
-        result["speed"]["compiled_matches_eager"] = all(t["same_tokens_as_eager"] for t in tests)
-    name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
-    path = bench.write_result(result, out_dir, name_hash)
-    print(bench.format_table(result))
-    return path
+    settings = {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
+                "prompts": len(suite), "warmup_tokens": new_tokens if args.compile else min(bench.WARMUP_TOKENS, new_tokens),
+                "greedy": True, "compile": args.compile,
+                "cache": "static (one size for the suite)" if args.compile else "dynamic"}
+    return {"tests": tests, "warmup_s": warmup_s, "quality": quality, "settings": settings,
+            "peak_gb": max(t["peak_memory_gb"] for t in tests)}
+
+
+def measure_encoder(args, ctx: dict) -> dict:
+    """Sentences/s at batch 1 and 32, batch-1 latency, and (for a quantized model) fidelity to the original's
+    embeddings of the evaluation sentences."""
+    from . import embed
+
+    q, device = ctx["quality"], ctx["device"]
+    speed_sentences = q["sentences"][:args.speed_sentences or embed.SPEED_SENTENCES]
+    start = time.perf_counter()
+    encoder = embed.encoder_suite(ctx["model"], ctx["tokenizer"], speed_sentences, q["pooling"], q["max_length"],
+                                  args.repeats, device, progress=not args.no_progress)
+    quality = None
+    if ctx["path_taken"] != "original-checkpoint":
+        t0 = time.perf_counter()
+        variant = embed.embed(ctx["model"], ctx["tokenizer"], q["sentences"], q["pooling"], q["max_length"], device,
+                              progress=not args.no_progress, desc="fidelity")
+        quality = {**embed.fidelity(q["reference"]["embeddings"], variant), "corpus": q["corpus"].name,
+                   "corpus_sha256": q["corpus"].sha256, "reference_cache": str(q["path"]),
+                   "reference_cached": q["cached"], "eval_s": time.perf_counter() - t0}
+    peak = encoder.pop("peak_memory_gb")
+    encoder.update(pooling=q["pooling"].mode, normalize=q["pooling"].normalize, pooling_source=q["pooling"].source,
+                   max_length=q["max_length"], truncated_sentences=len(q["truncated"]),
+                   bench_s=time.perf_counter() - start)
+    settings = {"repeats": args.repeats, "speed_sentences": len(speed_sentences), "eval_sentences": len(q["sentences"]),
+                "batch_sizes": list(embed.BATCH_SIZES), "warmup": "one batch of 32 and one of 1",
+                "order": "corpus order, each batch padded to its longest sentence"}
+    return {"tests": [], "warmup_s": None, "quality": quality, "settings": settings, "peak_gb": peak,
+            "encoder": encoder}
+
+
+def fidelity_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str, dtype, device: str) -> dict:
+    """Evaluation sentences, the model's pooling and (if cached) the original's embeddings of them."""
+    from . import embed, quality
+
+    corpus = quality.load_corpus(args.eval_text)
+    sentences = embed.corpus_sentences(corpus, args.eval_sentences or embed.EVAL_SENTENCES)
+    pooling = embed.read_pooling(path)
+    limit = embed.max_length(config, tokenizer, path)
+    cut = embed.truncated(tokenizer, sentences, limit)
+    if cut:
+        print(f"note: {len(cut)} of {len(sentences)} sentences are longer than the model's {limit} tokens and are "
+              f"embedded from their first {limit} tokens")
+    key = {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+           "sentences": len(sentences), "pooling": pooling.mode, "normalize": pooling.normalize, "max_length": limit,
+           "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
+    cache = quality.cache_path(Path(args.out_dir) / ".reference", key)
+    reference = quality.load_reference(cache, key, names={"embeddings"})
+    return {"corpus": corpus, "sentences": sentences, "pooling": pooling, "max_length": limit, "truncated": cut,
+            "key": key, "path": cache, "reference": reference, "cached": reference is not None, "tokenizer": tokenizer}
+
+
+def embedding_reference(model, q: dict, device: str, progress: bool) -> dict:
+    from . import embed, quality
+
+    if device != "cpu":
+        model.to(device)
+    reference = {"embeddings": embed.embed(model, q["tokenizer"], q["sentences"], q["pooling"], q["max_length"], device,
+                                           progress=progress, desc="reference embeddings")}
+    if device != "cpu":
+        model.to("cpu")
+    quality.save_reference(q["path"], q["key"], reference)
+    return reference

