@@ -52,7 +52,10 @@ def parse_args(argv):
     size.add_argument("--max-weight-gb", type=positive_float, default=None,
                       help="whole-model weight size in GB (embeddings, norms, lm_head stay 16-bit)")
     p.add_argument("--calib-tokens", type=int, default=None,
-                   help="tokens of calibration text for --method sensitivity (default 512), from the end of the corpus")
+                   help="decoders, --method sensitivity: tokens of calibration text (default 512), from the end of the corpus")
+    p.add_argument("--calib-sentences", type=int, default=None,
+                   help="encoders, --method sensitivity: calibration sentences from the end of the corpus (default 128); "
+                        "damage = mean 1 - cosine of their embeddings to the original's")
     p.add_argument("--calib-text", default=None, help="UTF-8 text file for calibration (default: lee_background.cor from gensim)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="block",
                    help="block (default): one precision per transformer block; matrix: one per weight matrix "
@@ -66,6 +69,9 @@ def parse_args(argv):
                         "the plan count 4 bytes per group. Careful: the embedded SmolLM2 went through GGUF Q4_1 (groups "
                         "of 32, float zero points), so any 32-group 4-bit format re-finds that grid and looks "
                         "near-lossless on it: draw no conclusion from --group-size 32 on that model")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="torchao: measure 8-bit as int8 weights and int8 activations per token (Int8DynamicActivation"
+                        "Int8WeightConfig) instead of weight-only; benchmark.py then runs the plan the same way")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="bitsandbytes 4-bit type measured by --method sensitivity")
     p.add_argument("--entropy", choices=ENTROPY_KINDS, default="histogram",
                    help="histogram: the PoC's 128-bin Shannon entropy in bits (default); "
@@ -83,12 +89,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.calib_tokens is not None and args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    if args.calib_sentences is not None and args.calib_sentences < 2:
+        raise EWQError(f"--calib-sentences must be at least 2, got {args.calib_sentences}")
     path, plan, reused = make_plan(args.model, method=args.method, entropy=args.entropy, k=args.k, bins=HIST_BINS,
                                    target_bits=args.target_bits, max_weight_gb=args.max_weight_gb,
                                    calib_tokens=args.calib_tokens, calib_text=args.calib_text, quant_type=args.quant_type,
                                    force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
                                    progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
-                                   granularity=args.granularity)
+                                   granularity=args.granularity, calib_sentences=args.calib_sentences,
+                                   int8_activations=args.int8_activations)
     print(format_summary(plan))
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")

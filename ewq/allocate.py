@@ -72,12 +72,14 @@ def random_allocation(sizes, budget: float, seed: int) -> list:
 
 
 def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None,
-                 group_size: int = DEFAULT_GROUP_SIZE) -> float:
-    """Bytes the blocks may take. Refuses a target that even all-4-bit cannot meet."""
+                 group_size: int = DEFAULT_GROUP_SIZE, usable=("8-bit", "4-bit"), backend: str = "") -> float:
+    """Bytes the blocks may take. Refuses a target that even the smallest plan the `usable` precisions allow
+    cannot meet (every block 4-bit; every block 8-bit for an executor without 4-bit)."""
     if (target_bits is None) == (max_weight_gb is None):
         raise EWQError("give exactly one size target: --target-bits or --max-weight-gb")
     params = sum(b["params"] for b in blocks)
-    smallest = sum(s["4-bit"] for s in block_sizes(blocks, group_size))
+    lowest = "4-bit" if "4-bit" in usable else "8-bit"
+    smallest = sum(s[lowest] for s in block_sizes(blocks, group_size))
     if target_bits is not None:
         if not target_bits > 0:
             raise EWQError(f"--target-bits must be positive, got {target_bits}")
@@ -87,9 +89,10 @@ def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None
             raise EWQError(f"--max-weight-gb must be positive, got {max_weight_gb}")
         budget = max_weight_gb * 1e9 - 2 * other_params
     if budget < smallest:
-        raise EWQError(f"the size target cannot be met: the smallest reachable plan (every block 4-bit) has "
-                       f"{8 * smallest / params:.3f} bits per weight, {(smallest + 2 * other_params) / 1e9:.3f} GB "
-                       f"for the whole model")
+        why = f" (the {backend} backend has no 4-bit)" if lowest == "8-bit" else ""
+        raise EWQError(f"the size target cannot be met: the smallest reachable plan (every block {lowest}{why}, scales "
+                       f"included) has {8 * smallest / params:.3f} bits per weight, "
+                       f"{(smallest + 2 * other_params) / 1e9:.3f} GB for the whole model; ask for at least that")
     return budget
 
 

@@ -187,8 +187,9 @@ def encoder_suite(model, tokenizer, sentences, pooling: Pooling, limit: int, rep
     (fixed, not sorted by length: what a service sees) and pad to their longest sentence."""
     from .bench import peak_memory_gb, reset_peak_memory
 
-    embed_batch(model, tokenizer, sentences[:max(batch_sizes)], pooling, limit, device)  # warm-up
-    embed_batch(model, tokenizer, sentences[:1], pooling, limit, device)
+    for bs in batch_sizes:  # warm-up: one untimed pass at each batch size (kernels are picked per input shape)
+        for i in range(0, len(sentences), bs):
+            embed_batch(model, tokenizer, sentences[i:i + bs], pooling, limit, device)
     reset_peak_memory(device)
     out, latencies = {}, []
     steps = [(bs, r) for bs in batch_sizes for r in range(repeats)]

@@ -66,6 +66,11 @@ def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE) -> float:
     return estimated_bytes(block["params"], block["rows"], block["precision"], group_size)
 
 
+def int8_activations_of(plan: dict) -> bool:
+    """Whether a sensitivity plan was measured with torchao's int8 activations (then it should run with them)."""
+    return bool(((plan.get("method") or {}).get("formats") or {}).get("int8_activations"))
+
+
 def group_size_of(plan: dict) -> int:
     return (plan.get("method") or {}).get("group_size") or DEFAULT_GROUP_SIZE
 
@@ -272,17 +277,24 @@ def format_summary(plan: dict) -> str:
     if plan.get("stats"):
         st = plan["stats"]
         lines.append(f"entropy    mu {st['mean']:.4f}  sigma {st['std']:.4f}  4-bit below {st['four_bit_threshold']:.4f}")
-    checks = plan.get("checks")
+    checks, m = plan.get("checks"), sensitivity_metric(plan)
     if checks:
-        lines.append(f"checks     KL on the calibration windows: predicted (sum of single measurements) "
-                     f"{checks['predicted_kl']:.4f}, measured {checks['measured_kl']:.4f}; "
-                     f"{len(checks['random_plans_kl'])} random plans of the same size: mean {checks['random_mean_kl']:.4f}")
+        lines.append(f"checks     {METRIC_LABELS[m]} on the calibration text: predicted (sum of single measurements) "
+                     f"{checks[f'predicted_{m}']:.4f}, measured {checks[f'measured_{m}']:.4f}; "
+                     f"{len(checks[f'random_plans_{m}'])} random plans of the same size: mean "
+                     f"{checks[f'random_mean_{m}']:.4f}")
     run = plan.get("run") or {}
     lines.append(f"time       {run.get('analysis_s', 0):.2f} s analysis, peak RSS {run.get('peak_rss_gb', 0):.2f} GB")
     return "\n".join(lines)
 
 
 METHODS = ("entropy", "sensitivity", "position")
+METRIC_LABELS = {"kl": "KL", "cosine_loss": "1 - cosine"}
+
+
+def sensitivity_metric(plan: dict) -> str:
+    """The damage a sensitivity plan measured: kl (decoders) or cosine_loss (encoders); fields are named after it."""
+    return (plan.get("method") or {}).get("metric", "kl")
 
 
 def plan_label(plan: dict) -> str:
@@ -291,7 +303,7 @@ def plan_label(plan: dict) -> str:
     target = m.get("target") or {}
     size = f"-{target['target_bits']:g}b" if "target_bits" in target else f"-{target['max_weight_gb']:g}gb" if target else ""
     detail = ("-" + m["backend"] if m.get("backend") not in (None, "bitsandbytes") else "") + \
-        ("-matrix" if m.get("granularity") == "matrix" else "")
+        ("-a8" if int8_activations_of(plan) else "") + ("-matrix" if m.get("granularity") == "matrix" else "")
     if m["name"] == "entropy":
         return f"ewq-{m['entropy']}" + detail + (size or f"-k{m['k']:g}")
     return m["name"] + detail + size
@@ -301,7 +313,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
-              device: str = "cpu"):
+              device: str = "cpu", calib_sentences=None, int8_activations: bool = False):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
@@ -323,12 +335,20 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
         raise EWQError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if group_size != DEFAULT_GROUP_SIZE and backend != "torchao":
         raise EWQError(f"--group-size applies to --backend torchao only ({backend} 4-bit uses groups of 64)")
-    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size)
+    if int8_activations and backend != "torchao":
+        raise EWQError("--int8-activations applies to --backend torchao only")
+    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size,
+                             int8_activations=int8_activations)
     if method == "sensitivity":
         get_backend(backend)  # an unknown backend is refused before any weight is read
     out_dir = check_writable_dir(out_dir)
     source = resolve_model(model, models_dir)
     ckpt = open_checkpoint(source.path)
+    wrong = "--calib-tokens" if ckpt.kind == "encoder" and calib_tokens is not None else \
+        "--calib-sentences" if ckpt.kind == "decoder" and calib_sentences is not None else None
+    if wrong:
+        raise EWQError(f"{model} is {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}: {wrong} does not apply "
+                       f"(encoders calibrate on sentences, decoders on token windows); drop it")
     # the research question needs both entropy definitions beside the measured sensitivity
     analysis = analyze(ckpt, entropy, progress=progress, also=("histogram", "softmax") if method == "sensitivity" else ())
     rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins)
@@ -337,7 +357,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
         plan = rule_plan
     else:
         plan = allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb,
-                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress)
+                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences)
     path = out_dir / plan_filename(plan)
     if path.exists() and not force:
         try:
@@ -349,9 +369,10 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
 
 
 def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb, settings,
-                   granularity, calib_tokens, calib_text, out_dir, device, progress) -> dict:
+                   granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences=None) -> dict:
     """A plan that fits a size target, chosen per block or per matrix by entropy order, position or measured KL."""
     from . import allocate
+    from .backends import get_backend
 
     blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
     group_size = settings.group_size
@@ -360,7 +381,10 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     else:
         target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
                   "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
-    budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size)
+    # a target the executor cannot reach is refused before anything is measured
+    usable = get_backend(settings.backend).PRECISIONS if method == "sensitivity" else ("8-bit", "4-bit")
+    budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size,
+                                   usable, settings.backend)
     items = allocate.plan_items(blocks, granularity)
     sizes = allocate.item_sizes(items, group_size)
     method_info = {"name": method, "target": target, "granularity": granularity}
@@ -386,12 +410,14 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
         from . import sensitivity
 
         calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
-                                              calib_text, 256, settings, granularity, device)
+                                              calib_text, 256, settings, granularity, device,
+                                              calib_sentences or sensitivity.CALIB_SENTENCES)
+        metric = calibration.metric
         rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
         costs = [{"raw": 0.0, "8-bit": r.get("8-bit", math.inf), "4-bit": r.get("4-bit", math.inf)} for r in rows]
         precisions = allocate.optimal_allocation(costs, sizes, budget)
-        method_info.update(calibration=key, backend=settings.backend, formats=settings.key(),
-                           allocator=f"exact: minimum summed {granularity} KL within the byte budget (Pareto DP)")
+        method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
+                           allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
         if settings.backend == "bitsandbytes":
             method_info["quant_type"] = settings.quant_type
         randoms = [allocate.random_allocation(sizes, budget, seed) for seed in range(sensitivity.RANDOM_PLANS)]
@@ -400,9 +426,10 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
         if not math.isfinite(predicted):
             raise EWQError(f"the {settings.backend} backend has no 4-bit, and this size target needs some; "
                            f"choose a target of at least 8.1 bits or another --backend")
-        checks = {"predicted_kl": predicted, "measured_kl": measured[0],
-                  "random_plans_kl": measured[1:], "random_mean_kl": sum(measured[1:]) / len(randoms),
-                  "windows": "calibration", "note": "predicted = sum of single-item KLs; random = same size, random order"}
+        checks = {f"predicted_{metric}": predicted, f"measured_{metric}": measured[0],
+                  f"random_plans_{metric}": measured[1:], f"random_mean_{metric}": sum(measured[1:]) / len(randoms),
+                  "windows": "calibration",
+                  "note": f"predicted = sum of single-item {metric}; random = same size, random order"}
         extra = rows
     plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
                       analysis.block_entropies, None, analysis.seconds)
@@ -415,11 +442,11 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
             measured_rows = by_block[b["index"]]
             if granularity == "block":
                 r = measured_rows[0][1]
-                b.update(kl_8bit=_round(r.get("8-bit")), kl_4bit=_round(r.get("4-bit")))
-            else:  # a block's sensitivity summarised as the sum over its matrices; per matrix in `matrix_kl`
-                b.update(kl_8bit=_round(sum(r.get("8-bit", 0) for _, r in measured_rows)),
-                         kl_4bit=_round(sum(r.get("4-bit", 0) for _, r in measured_rows)),
-                         matrix_kl={m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows})
+                b.update({f"{metric}_8bit": _round(r.get("8-bit")), f"{metric}_4bit": _round(r.get("4-bit"))})
+            else:  # a block's sensitivity summarised as the sum over its matrices; per matrix in `matrix_<metric>`
+                b.update({f"{metric}_8bit": _round(sum(r.get("8-bit", 0) for _, r in measured_rows)),
+                          f"{metric}_4bit": _round(sum(r.get("4-bit", 0) for _, r in measured_rows)),
+                          f"matrix_{metric}": {m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows}})
             b["entropies"] = {kind: round(v[b["index"]], 9) for kind, v in analysis.by_kind.items()}
     plan["counts"] = counts(plan["blocks"])
     plan["matrix_counts"] = matrix_counts(plan["blocks"])

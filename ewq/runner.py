@@ -15,7 +15,8 @@ from .apply import Applied, apply_plan, load_model, weight_bytes_by_precision
 from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_backend
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .apply import check_backend
-from .plan import BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, load_plan, plan_hash, plan_label
+from .plan import (BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, int8_activations_of, load_plan,
+                   plan_hash, plan_label)
 from .embed import EVAL_SENTENCES, SPEED_SENTENCES
 from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL, load_tokenizer
@@ -49,6 +50,10 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="torchao int4 group size (default: the plan's, else 64; 32/64/128 on the CPU). The embedded "
                             "SmolLM2 went through GGUF Q4_1 with groups of 32, so 32-groups re-find its grid and look "
                             "near-lossless there: draw no conclusion from --group-size 32 on that model")
+        p.add_argument("--int8-activations", action="store_true",
+                       help="torchao: 8-bit layers also quantize activations, one scale per token (int8 x int8 matmul; "
+                            "Int8DynamicActivationInt8WeightConfig). Faster where the work is compute-bound (encoders, "
+                            "prefill); on by default when the plan was measured with it")
         p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="bitsandbytes 4-bit data type (default nf4)")
         p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
         p.add_argument("--int8-threshold", type=float, default=6.0,
@@ -212,7 +217,8 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     if kind == "ewq":
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
         settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold,
-                                 args.group_size or group_size_of(plan))
+                                 args.group_size or group_size_of(plan),
+                                 args.int8_activations or int8_activations_of(plan))
     else:
         plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
     dtype = pick_dtype(args.dtype, device, settings.backend, ckpt.kind)
@@ -328,7 +334,7 @@ def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
     """original / the plan's label, with the executor when it is not bitsandbytes and +compile when compiled."""
     label = "original" if kind == "original" else plan_label(plan)
     if kind == "ewq" and settings.backend != "bitsandbytes":
-        label += f"@{settings.backend}"
+        label += f"@{settings.backend}" + ("-a8" if settings.int8_activations else "")
     return label + ("+compile" if compiled else "")
 
 
@@ -346,6 +352,9 @@ def run(kind: str, argv=None) -> Path:
     suite = bench.load_suite(tasks)
     out_dir = check_writable_dir(args.out_dir)
 
+    if kind == "ewq" and args.int8_activations and args.backend != "torchao":
+        raise EWQError(f"--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and torch-dynamic "
+                       f"always quantize activations, per tensor)")
     if kind == "ewq" and args.group_size is not None and args.backend != "torchao":
         raise EWQError(f"--group-size applies to --backend torchao only ({args.backend} 4-bit uses groups of 64)")
     if args.compile:
@@ -454,7 +463,7 @@ def measure_encoder(args, ctx: dict) -> dict:
                    max_length=q["max_length"], truncated_sentences=len(q["truncated"]),
                    bench_s=time.perf_counter() - start)
     settings = {"repeats": args.repeats, "speed_sentences": len(speed_sentences), "eval_sentences": len(q["sentences"]),
-                "batch_sizes": list(embed.BATCH_SIZES), "warmup": "one batch of 32 and one of 1",
+                "batch_sizes": list(embed.BATCH_SIZES), "warmup": "one untimed pass at each batch size",
                 "order": "corpus order, each batch padded to its longest sentence"}
     return {"tests": [], "warmup_s": None, "quality": quality, "settings": settings, "peak_gb": peak,
             "encoder": encoder}

@@ -1,7 +1,8 @@
 """Measured sensitivity: the damage each block (or each matrix) does when it alone is quantized.
 
 For every item (a block, or one matrix of a block) and for 8-bit and 4-bit separately: quantize that
-item only (everything else raw), measure the mean KL(original || variant) on calibration windows,
+item only (everything else raw), measure the damage on calibration text (decoders: mean KL(original ||
+variant) per token on windows; encoders: mean 1 - cosine of sentence embeddings on sentences),
 restore the item's float layers. The model is loaded once; at any moment only one item exists twice.
 Sensitivity is measured with the backend that will run the plan (bitsandbytes' LLM.int8 and nf4 are not
 torchao's weight-only int8 and HQQ int4), so the cache key holds the backend and its formats.
@@ -29,7 +30,10 @@ from .common import EWQError, write_json_atomic
 from .quality import compute_reference, evaluate, load_corpus, make_windows
 
 CALIB_TOKENS = 512
+CALIB_SENTENCES = 128
 RANDOM_PLANS = 3
+# what "damage" means, by model kind; plans name their sensitivity fields after it (kl_4bit, cosine_loss_4bit)
+METRICS = {"decoder": "kl", "encoder": "cosine_loss"}
 
 
 def item_layers(blocks, item) -> list:
@@ -64,11 +68,15 @@ def quantized(blocks, assignments, settings: QuantSettings, dtype, device: str):
 
 
 def sweep(model, blocks, reference: dict, settings: QuantSettings, dtype, device: str, progress: bool = True,
-          items=None, done=None, save=None) -> list:
-    """[{"8-bit": kl, "4-bit": kl}] per item (default: every block); the model is restored afterwards.
+          items=None, done=None, save=None, score=None) -> list:
+    """[{"8-bit": damage, "4-bit": damage}] per item (default: every block); the model is restored afterwards.
+    damage = score() with the item quantized (default: mean KL to `reference` on its windows).
     `done` holds rows measured earlier (resumed); `save(rows)` is called after every item."""
     if items is None:
         items = [{"block": i, "matrix": None} for i in range(len(blocks))]
+    if score is None:
+        def score():
+            return evaluate(model, reference, device, progress=False)["kl_mean"]
     precisions = [p for p in ("8-bit", "4-bit") if p in get_backend(settings.backend).PRECISIONS]
     rows = list(done or [])
     for item in tqdm(items[len(rows):], desc="sensitivity", initial=len(rows), total=len(items),
@@ -76,48 +84,78 @@ def sweep(model, blocks, reference: dict, settings: QuantSettings, dtype, device
         row = {}
         for precision in precisions:
             with quantized(blocks, [(item, precision)], settings, dtype, device):
-                row[precision] = evaluate(model, reference, device, progress=False)["kl_mean"]
+                row[precision] = score()
         rows.append(row)
         if save:
             save(rows)
     return rows
 
 
-def calibration_key(fingerprint: str, corpus, windows: torch.Tensor, settings: QuantSettings, dtype, device: str,
+def calibration_key(fingerprint: str, corpus, sample: dict, settings: QuantSettings, dtype, device: str,
                     granularity: str = "block") -> dict:
-    return {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-            "windows": int(windows.shape[0]), "window": int(windows.shape[1]), "position": "end of corpus",
-            "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0],
+    """What the measured numbers depend on; `sample` says which text: {"windows", "window"} or {"sentences"}."""
+    return {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256, **sample,
+            "position": "end of corpus", "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0],
             "granularity": granularity, **settings.key()}
 
 
 class Calibration:
-    """The float model, its calibration windows and reference, loaded once for a sweep or plan checks."""
+    """The float model, its calibration text and reference, loaded once for a sweep or plan checks.
 
-    def __init__(self, source, ckpt, fingerprint, calib_tokens, calib_text, window, settings, granularity, device):
+    Decoders: token windows, damage = mean KL(original || variant) per token.
+    Encoders: sentences, damage = mean (1 - cosine) between the original's and the variant's sentence embeddings."""
+
+    def __init__(self, source, ckpt, fingerprint, calib_tokens, calib_text, window, settings, granularity, device,
+                 calib_sentences: int = CALIB_SENTENCES):
         from .source import load_tokenizer
 
         # fp32 on the CPU: the ranking needs accuracy, and fp32 prefill is several times faster there than bf16.
         # torchao's CUDA int4 runs in bf16 only.
         self.dtype = torch.float32 if device == "cpu" else (
             torch.bfloat16 if settings.backend == "torchao" else torch.float16)
-        self.device, self.settings, self.ckpt = device, settings, ckpt
+        self.device, self.settings, self.ckpt, self.kind = device, settings, ckpt, ckpt.kind
         get_backend(settings.backend).check(settings, self.dtype, device)
         self.source = source
         corpus = load_corpus(calib_text)
-        self.windows = make_windows(load_tokenizer(source.path), corpus, calib_tokens, window,
-                                    from_end=True)
-        self.key = calibration_key(fingerprint, corpus, self.windows, settings, self.dtype, device, granularity)
+        self.tokenizer = load_tokenizer(source.path)
+        if self.kind == "encoder":
+            from . import embed
+
+            self.sentences = embed.corpus_sentences(corpus, calib_sentences, from_end=True)
+            self.pooling = embed.read_pooling(source.path)
+            self.max_length = embed.max_length(ckpt.config, self.tokenizer, source.path)
+            sample = {"sentences": len(self.sentences), "pooling": self.pooling.mode}
+        else:
+            self.windows = make_windows(self.tokenizer, corpus, calib_tokens, window, from_end=True)
+            sample = {"windows": int(self.windows.shape[0]), "window": int(self.windows.shape[1])}
+        self.metric = METRICS[self.kind]
+        self.key = calibration_key(fingerprint, corpus, sample, settings, self.dtype, device, granularity)
         self.model = self.reference = None
+
+    def _embed(self):
+        from . import embed
+
+        return embed.embed(self.model, self.tokenizer, self.sentences, self.pooling, self.max_length, self.device)
 
     def load(self, progress: bool):
         if self.model is None:
-            self.model = load_model(self.source.path, self.dtype)
+            self.model = load_model(self.source.path, self.dtype, self.kind)
             if self.device != "cpu":
                 self.model.to(self.device)
-            self.reference = compute_reference(self.model, self.windows, self.device, progress=progress)
+            if self.kind == "encoder":
+                self.reference = self._embed()
+            else:
+                self.reference = compute_reference(self.model, self.windows, self.device, progress=progress)
             self.blocks = block_list(self.model, self.ckpt.block_prefix)
         return self
+
+    def score(self) -> float:
+        """The damage the model's current state does (0 for the original)."""
+        if self.kind == "encoder":
+            from .embed import cosine
+
+            return (1 - cosine(self.reference, self._embed())).mean().item()
+        return evaluate(self.model, self.reference, self.device, progress=False)["kl_mean"]
 
 
 def measure(calibration: Calibration, items, cache_dir, progress: bool = True):
@@ -143,16 +181,17 @@ def measure(calibration: Calibration, items, cache_dir, progress: bool = True):
                                  "seconds": round(time.perf_counter() - start, 1)})
 
     rows = sweep(calibration.model, calibration.blocks, calibration.reference, calibration.settings,
-                 calibration.dtype, calibration.device, progress=progress, items=items, done=done, save=save)
+                 calibration.dtype, calibration.device, progress=progress, items=items, done=done, save=save,
+                 score=calibration.score)
     return rows, key, False
 
 
 def measure_plans(calibration: Calibration, items, plans, progress: bool = True) -> list:
-    """Mean KL on the calibration windows of each whole plan (a precision per item)."""
+    """The damage (calibration.metric) of each whole plan (a precision per item) on the calibration text."""
     calibration.load(progress)
     out = []
     for precisions in tqdm(plans, desc="whole-plan checks", disable=not progress, leave=False):
         with quantized(calibration.blocks, list(zip(items, precisions)), calibration.settings, calibration.dtype,
                        calibration.device):
-            out.append(evaluate(calibration.model, calibration.reference, calibration.device, progress=False)["kl_mean"])
+            out.append(calibration.score())
     return out

@@ -40,6 +40,7 @@ class QuantSettings:
     double_quant: bool = False  # bitsandbytes: also quantize the 4-bit absmax statistics
     threshold: float = 6.0      # bitsandbytes LLM.int8 outlier threshold on activations
     group_size: int = 64        # torchao int4: weights per (scale, zero point) group along the input dimension
+    int8_activations: bool = False  # torchao 8-bit: also quantize activations per token (int8 x int8 matmul)
 
     def key(self) -> dict:
         """What changes the numbers a backend produces (for caches and result files)."""
@@ -47,7 +48,9 @@ class QuantSettings:
             return {"backend": self.backend, "quant_type": self.quant_type, "double_quant": self.double_quant,
                     "int8_threshold": self.threshold}
         if self.backend == "torchao":
-            return {"backend": self.backend, "group_size": self.group_size, **get_backend(self.backend).formats(self)}
+            extra = {"int8_activations": True} if self.int8_activations else {}  # absent when off: older keys stay valid
+            return {"backend": self.backend, "group_size": self.group_size, **extra,
+                    **get_backend(self.backend).formats(self)}
         return {"backend": self.backend}
 
 
