@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .bench import RESULT_SCHEMA_VERSION
 from .common import ArgumentParser, EWQError, run_cli, unique_path, write_text_atomic
+from .plan import METRIC_LABELS, sensitivity_metric
 from .quality import output_agreement
 
 COLORS = {"raw": "#4C72B0", "8-bit": "#DD8452", "4-bit": "#C44E52"}
@@ -109,9 +110,18 @@ def rows(results) -> list:
             "bits_per_weight": m["block_avg_bits_per_weight"],
             "perplexity": q.get("perplexity"), "kl_mean": q.get("kl_mean"), "top1_agreement": q.get("top1_agreement"),
             "suite": suite_agreement(r, original),
-            "counts": (r.get("plan") or {}).get("counts"),
+            "counts": r.get("plan"),
         })
     return out
+
+
+def precision_counts(plan) -> str:
+    """raw/8/4 counts of a result's plan: per matrix (suffix m) for per-matrix plans, else per block."""
+    if not plan or not plan.get("counts"):
+        return "all raw"
+    per_matrix = bool(plan.get("matrices")) and plan.get("matrix_counts")
+    c = plan["matrix_counts"] if per_matrix else plan["counts"]
+    return f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" + (" m" if per_matrix else "")
 
 
 def fmt(v, spec, signed=False):
@@ -121,12 +131,12 @@ def fmt(v, spec, signed=False):
 
 
 def markdown_table(table) -> str:
-    head = ("| variant | blocks raw/8/4 | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | BW % | prefill s "
+    head = ("| variant | raw/8/4 (blocks; m: matrices) | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | BW % | prefill s "
             "| bits/weight | perplexity | KL | top-1 | suite prefix | ROUGE-L |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for t in table:
         c = t["counts"]
-        counts = f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" if c else "all raw"
+        counts = precision_counts(c)
         suite = t["suite"] or {}
         lines.append(
             f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
@@ -230,53 +240,99 @@ def research_section(results, report_path: Path, plt) -> list:
     if sens is None:
         return lines + ["No result of a `--method sensitivity` plan among these files: run "
                         "`python main_cache_model.py --method sensitivity` and benchmark its plan."]
-    blocks = sens["blocks"]
-    kl4 = [b["kl_4bit"] for b in blocks]
-    kl8 = [b["kl_8bit"] for b in blocks]
+    blocks, m = sens["blocks"], sensitivity_metric(sens)
+    label = METRIC_LABELS[m]
+    kl4 = [b.get(f"{m}_4bit") for b in blocks]
+    kl8 = [b.get(f"{m}_8bit") for b in blocks]
     cal = sens["method"]["calibration"]
-    lines.append(f"Block sensitivity of {sens['model']['id']}: KL(original ‖ one block quantized) on "
-                 f"{cal['windows']} calibration windows of {cal['window']} tokens from the end of {cal['corpus']} "
-                 f"(disjoint from the evaluation windows).")
-    lines += ["", "| entropy | Spearman ρ vs 4-bit KL | Spearman ρ vs 8-bit KL |", "|---|---|---|"]
+    text = (f"{cal['sentences']} calibration sentences" if "sentences" in cal
+            else f"{cal['windows']} calibration windows of {cal['window']} tokens")
+    lines.append(f"Block sensitivity of {sens['model']['id']}: {label} (original vs one block quantized) on "
+                 f"{text} from the end of {cal['corpus']} (disjoint from the evaluation text).")
+    lines += ["", f"| entropy | Spearman ρ vs 4-bit {label} | Spearman ρ vs 8-bit {label} |", "|---|---|---|"]
     for kind in ("histogram", "softmax"):
         h = [b["entropies"][kind] for b in blocks]
-        lines.append(f"| {kind} | {spearman(h, kl4):+.3f} | {spearman(h, kl8):+.3f} |")
+        rho = [fmt(spearman(h, x), "+.3f") if None not in x else "– (not measured)" for x in (kl4, kl8)]
+        lines.append(f"| {kind} | {rho[0]} | {rho[1]} |")
     lines.append("\nThe EWQ hypothesis predicts a positive ρ (high entropy = sensitive).")
-    if plt is not None:
+    if plt is not None and None not in kl4:
         p = report_path.with_name(report_path.stem + "_entropy_vs_sensitivity.png")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         for ax, kind in zip(axes, ("histogram", "softmax")):
             ax.scatter([b["entropies"][kind] for b in blocks], kl4, s=18)
             for b in blocks:
-                ax.annotate(str(b["index"]), (b["entropies"][kind], b["kl_4bit"]), fontsize=6)
+                ax.annotate(str(b["index"]), (b["entropies"][kind], b[f"{m}_4bit"]), fontsize=6)
             ax.set_yscale("log")
             ax.set_xlabel(f"{kind} entropy of the block")
-            ax.set_ylabel("KL when the block alone is 4-bit")
+            ax.set_ylabel(f"{label} when the block alone is 4-bit")
         fig.suptitle("block entropy vs measured 4-bit sensitivity")
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)
         lines.append(f"\n![entropy vs sensitivity]({p.name})")
-    checked = [(r, c) for r in results if (c := (r.get("plan") or {}).get("checks"))]
+    checked = [(r, c) for r in results if (c := (r.get("plan") or {}).get("checks")) and f"predicted_{m}" in c]
     if checked:
-        lines += ["", "Checks of the sensitivity plans (KL on the calibration windows unless said): is the sum of "
+        lines += ["", f"Checks of the sensitivity plans ({label} on the calibration text unless said): is the sum of "
                   "single measurements a good prediction, and does the plan beat random plans of the same size?", "",
-                  "| variant | predicted KL | measured KL | measured / predicted | mean of random plans | "
-                  "random / measured | KL on the evaluation windows |", "|---|---|---|---|---|---|---|"]
+                  f"| variant | predicted {label} | measured {label} | measured / predicted | mean of random plans | "
+                  f"random / measured | {label} on the evaluation text |", "|---|---|---|---|---|---|---|"]
         for r, c in checked:
-            ratio = c["measured_kl"] / c["predicted_kl"] if c["predicted_kl"] else None
-            gain = c["random_mean_kl"] / c["measured_kl"] if c["measured_kl"] else None
-            lines.append(f"| {r['variant']} | {c['predicted_kl']:.4f} | {c['measured_kl']:.4f} | {fmt(ratio, '.2f')} "
-                         f"| {c['random_mean_kl']:.4f} ({', '.join(f'{x:.4f}' for x in c['random_plans_kl'])}) "
-                         f"| {fmt(gain, '.1f')}× | {fmt((r.get('quality') or {}).get('kl_mean'), '.4f')} |")
+            pred, meas, rand = c[f"predicted_{m}"], c[f"measured_{m}"], c[f"random_mean_{m}"]
+            ratio = meas / pred if pred else None
+            gain = rand / meas if meas else None
+            lines.append(f"| {r['variant']} | {pred:.4f} | {meas:.4f} | {fmt(ratio, '.2f')} "
+                         f"| {rand:.4f} ({', '.join(f'{x:.4f}' for x in c[f'random_plans_{m}'])}) "
+                         f"| {fmt(gain, '.1f')}× | {fmt(loss_of(r), '.4f')} |")
+    encoder = m == "cosine_loss"
+    extra = ("cosine mean", "top-10") if encoder else ("perplexity", "top-1")
     lines += ["", "Equal size: variants grouped by the average bits per weight their plans aim at.", "",
-              "| target bits | variant | blocks raw/8/4 | KL | perplexity | top-1 |", "|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (-size_group(r), (r.get("quality") or {}).get("kl_mean") or 0)):
-        q, c = r.get("quality") or {}, (r.get("plan") or {}).get("counts")
-        counts = f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" if c else "all raw"
-        lines.append(f"| {size_group(r):.2f} | {r['variant']} | {counts} | {fmt(q.get('kl_mean'), '.4f')} "
-                     f"| {fmt(q.get('perplexity'), '.3f')} | {fmt(q.get('top1_agreement'), '.3f')} |")
+              f"| target bits | variant | raw/8/4 (blocks; m: matrices) | {label} | {extra[0]} | {extra[1]} |", "|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (-size_group(r), loss_of(r) or 0)):
+        q, c = r.get("quality") or {}, r.get("plan")
+        counts = precision_counts(c)
+        more = (fmt(q.get("cosine_mean"), ".4f"), fmt(q.get("top10_agreement"), ".3f")) if encoder else \
+            (fmt(q.get("perplexity"), ".3f"), fmt(q.get("top1_agreement"), ".3f"))
+        lines.append(f"| {size_group(r):.2f} | {r['variant']} | {counts} | {fmt(loss_of(r), '.4f')} | {more[0]} | {more[1]} |")
     return lines
+
+
+def loss_of(result):
+    """The quality loss a result measured: KL for decoders, mean 1 - cosine for encoders (None if not measured)."""
+    q = result.get("quality") or {}
+    return q.get("cosine_loss_mean") if result.get("encoder") else q.get("kl_mean")
+
+
+def encoder_rows(results) -> list:
+    original = next((r for r in results if r["kind"] == "original"), None) or {}
+    o = original.get("encoder") or {}
+    out = []
+    for r in sorted(results, key=lambda r: (r["kind"] != "original", -r["memory"]["weight_bytes"])):
+        e, m, q = r["encoder"], r["memory"], r.get("quality") or {}
+        out.append({
+            "variant": r["variant"], "counts": r.get("plan"), "weight_gb": m["weight_gb"],
+            "weight_change_pct": pct(m["weight_gb"], (original.get("memory") or {}).get("weight_gb")),
+            "peak_gb": m["peak_allocated_gb"], "b1": e["batch_1"]["sentences_per_s"], "b32": e["batch_32"]["sentences_per_s"],
+            "b32_speedup": e["batch_32"]["sentences_per_s"] / o["batch_32"]["sentences_per_s"] if o else None,
+            "p50_ms": 1000 * e["latency_batch_1_s_median"], "p95_ms": 1000 * e["latency_batch_1_s_p95"],
+            "bits_per_weight": m["block_avg_bits_per_weight"], "cosine_mean": q.get("cosine_mean"),
+            "cosine_min": q.get("cosine_min"), "top10": q.get("top10_agreement"),
+        })
+    return out
+
+
+def encoder_table(table) -> str:
+    head = ("| variant | raw/8/4 (blocks; m: matrices) | weight GB | Δ weight | peak GB | sent/s batch 1 | sent/s batch 32 | × original "
+            "(batch 32) | latency p50 ms | latency p95 ms | bits/weight | cosine mean | cosine min | top-10 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for t in table:
+        c = t["counts"]
+        counts = precision_counts(c)
+        lines.append(f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
+                     f"| {fmt(t['peak_gb'], '.3f')} | {fmt(t['b1'], '.1f')} | {fmt(t['b32'], '.1f')} | "
+                     f"{fmt(t['b32_speedup'], '.2f')}× | {fmt(t['p50_ms'], '.1f')} | {fmt(t['p95_ms'], '.1f')} "
+                     f"| {fmt(t['bits_per_weight'], '.2f')} | {fmt(t['cosine_mean'], '.4f')} | {fmt(t['cosine_min'], '.4f')} "
+                     f"| {fmt(t['top10'], '.3f')} |")
+    return "\n".join(lines)
 
 
 def build_report(results, out_dir, allow_mixed: bool = False) -> tuple:
@@ -310,9 +366,11 @@ def build_report(results, out_dir, allow_mixed: bool = False) -> tuple:
 
 def report_section(results, stem: Path, plt, heading: bool) -> tuple:
     """The table, quality note, plots and research section of results from one model on one device."""
-    table = rows(results)
     first = results[0]
     env, settings = first["environment"], first["settings"]
+    if first.get("encoder"):
+        return encoder_section(results, stem, plt, heading)
+    table = rows(results)
     notes = []
     if not any(r["kind"] == "original" for r in results):
         notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
@@ -343,6 +401,27 @@ def report_section(results, stem: Path, plt, heading: bool) -> tuple:
             p = stem.with_name(stem.name + "_size_vs_kl.png")
             plot_size_vs_kl(table, p, plt)
             text.append(f"\n![size vs KL]({p.name})")
+    if any((r.get("plan") or {}).get("name") in ("sensitivity", "position") for r in results):
+        text += research_section(results, stem, plt)
+    return text, notes
+
+
+def encoder_section(results, stem: Path, plt, heading: bool) -> tuple:
+    """An encoder's section: sentences/s and latency beside fidelity to the original's embeddings."""
+    first = results[0]
+    env, settings = first["environment"], first["settings"]
+    e = first["encoder"]
+    notes = [] if any(r["kind"] == "original" for r in results) else [
+        "no original result: the speed-up column needs benchmark_original.py"]
+    q = next((r["quality"] for r in results if r.get("quality")), None)
+    text = [""] + ([f"## {first['model']['id']} on {env['device_name']}", ""] if heading else []) + [
+        f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
+        f"{env['transformers']}, torchao {env.get('torchao', '–')}. Encoder: {settings['speed_sentences']} sentences "
+        f"embedded at batch 1 and 32 ({settings['order']}), {settings['repeats']} repeats, {e['pooling']} pooling.",
+        "", encoder_table(encoder_rows(results)), ""]
+    if q:
+        text.append(f"Fidelity on {q['sentences']} sentences of {q['corpus']}: cosine to the original's embedding of "
+                    f"the same sentence; top-10 = share of each sentence's 10 nearest neighbours that stay its neighbours.")
     if any((r.get("plan") or {}).get("name") in ("sensitivity", "position") for r in results):
         text += research_section(results, stem, plt)
     return text, notes
