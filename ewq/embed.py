@@ -34,7 +34,7 @@ BATCH_SIZES = (1, 32)
 NEIGHBOURS = 10
 POOLING_MODES = ("mean", "cls", "max")
 # Sentence end: . ! ? (optionally closed by a quote or bracket), then space and an upper-case letter or a quote.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(A-Z0-9])")
 
 
 @dataclass
@@ -97,6 +97,13 @@ def corpus_sentences(corpus, n: int, from_end: bool = False) -> list:
         raise EWQError(f"corpus {corpus.name} holds {len(sentences)} sentences, {n} needed; give a longer text or "
                        f"ask for fewer sentences")
     return sentences[-n:] if from_end else sentences[:n]
+
+
+def sentences_digest(sentences) -> str:
+    """Identifies the exact sentences (not just their count) in cache keys: a change in splitting is a new key."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:16]
 
 
 def check_sentences(sentences) -> list:

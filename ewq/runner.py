@@ -482,7 +482,7 @@ def fidelity_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str,
         print(f"note: {len(cut)} of {len(sentences)} sentences are longer than the model's {limit} tokens and are "
               f"embedded from their first {limit} tokens")
     key = {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-           "sentences": len(sentences), "pooling": pooling.mode, "normalize": pooling.normalize, "max_length": limit,
+           "sentences": len(sentences), "sentences_sha256": embed.sentences_digest(sentences), "pooling": pooling.mode, "normalize": pooling.normalize, "max_length": limit,
            "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
     cache = quality.cache_path(Path(args.out_dir) / ".reference", key)
     reference = quality.load_reference(cache, key, names={"embeddings"})

@@ -124,7 +124,8 @@ class Calibration:
             self.sentences = embed.corpus_sentences(corpus, calib_sentences, from_end=True)
             self.pooling = embed.read_pooling(source.path)
             self.max_length = embed.max_length(ckpt.config, self.tokenizer, source.path)
-            sample = {"sentences": len(self.sentences), "pooling": self.pooling.mode}
+            sample = {"sentences": len(self.sentences), "sentences_sha256": embed.sentences_digest(self.sentences),
+                      "pooling": self.pooling.mode}
         else:
             self.windows = make_windows(self.tokenizer, corpus, calib_tokens, window, from_end=True)
             sample = {"windows": int(self.windows.shape[0]), "window": int(self.windows.shape[1])}

@@ -78,3 +78,69 @@ def smollm2_dir():
     from ewq.source import resolve_model
 
     return resolve_model("smollm2-135m", REPO / "models").path
+
+
+# Encoders: (config type, model class whose save gives the layout's tensor names)
+TINY_ENCODERS = {
+    "bert": ("bert", "BertModel"),                        # encoder.layer.N (a sentence-transformers checkpoint)
+    "bert-mlm": ("bert", "BertForMaskedLM"),              # bert.encoder.layer.N
+    "roberta": ("roberta", "RobertaForMaskedLM"),         # roberta.encoder.layer.N
+    "xlm-roberta": ("xlm-roberta", "XLMRobertaForMaskedLM"),
+}
+
+
+def save_wordpiece_tokenizer(directory) -> int:
+    """A lower-casing WordPiece tokenizer that spells any ASCII word from letters: real text gives real lengths."""
+    from transformers import BertTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()$%&/")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + \
+        ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "that", "said", "he", "it", "with"]
+    path = Path(directory) / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path), do_lower_case=True).save_pretrained(directory)
+    return len(vocab)
+
+
+def build_tiny_encoder(kind: str, directory: Path, seed: int = 0, pooling: str | None = "mean") -> Path:
+    import json
+
+    import transformers
+    from transformers import AutoConfig
+
+    model_type, cls = TINY_ENCODERS[kind]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = save_wordpiece_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=66,
+                                  pad_token_id=0)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():  # blocks with different spreads, so entropies and sensitivities differ
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layer." in name:
+                p.mul_(1 + int(name.split(".layer.")[1].split(".")[0]))
+    model.save_pretrained(directory, safe_serialization=True)
+    if pooling:  # sentence-transformers' pooling files, as all-MiniLM-L6-v2 ships them
+        (directory / "1_Pooling").mkdir()
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": 64, "pooling_mode_cls_token": pooling == "cls",
+             "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max"}))
+        (directory / "modules.json").write_text(json.dumps(
+            [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    cache = {}
+
+    def make(kind="bert", **kw):
+        key = (kind, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = build_tiny_encoder(kind, tmp_path_factory.mktemp(kind), **kw)
+        return cache[key]
+
+    return make
