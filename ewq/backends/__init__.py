@@ -24,6 +24,9 @@ from ..common import EWQError
 # torchao's wheel carries CUDA/cutlass extensions that fail to load on a CPU and log it; it registers enums
 # the old way with torch's pytree; and its tensor subclasses lack a hash for torch.compile's on-disk cache.
 logging.getLogger("torchao").setLevel(logging.ERROR)
+# bitsandbytes: a notice on every 8-bit forward, and on import a note that an optional CPU 4-bit kernel package
+# ("kernels") is absent; its own fallback kernel runs instead
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
