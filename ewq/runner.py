@@ -399,7 +399,7 @@ def run(kind: str, argv=None) -> Path:
             "block_avg_bits_per_weight": 8 * block_bytes / block_params,
             "peak_allocated_gb": measured["peak_gb"],
             "peak_source": "torch.cuda.max_memory_allocated" if device != "cpu" else
-            f"process peak RSS (VmHWM) during the {'encoder benchmark' if tests == [] else 'suite'}",
+            f"process peak RSS (VmHWM) during the {'encoder benchmark' if measured.get('encoder') else 'suite'}",
             "driver_process_gb": bench.driver_process_gb(device),
         },
         "speed": bench.speed_summary(tests, weight_bytes, bench.read_bandwidth_gb_s(device, progress=not args.no_progress))

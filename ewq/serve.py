@@ -23,17 +23,12 @@ MAX_SENTENCES = 256
 MAX_NEW_TOKENS = 512
 
 
-def active_info(path: Path, ckpt, meta) -> dict:
-    """The /models/active answer: facts from metadata.json and the checkpoint's headers."""
-    from .artifact import read_metadata
-
+def active_info(path: Path, ckpt, meta: dict | None) -> dict:
+    """The /models/active answer: facts from metadata.json (`meta`, None when the directory has none) and the
+    checkpoint's headers."""
     info = {"name": path.name, "path": str(path.resolve()), "kind": ckpt.kind, "architecture": ckpt.architecture,
             "block_count": len(ckpt.blocks), "metadata": "missing", "is_quantized": None, "method": None,
             "precision_counts": None, "matrix_counts": None, "avg_bits_per_weight": None, "base_model": None, "fingerprint": None}
-    try:
-        meta = read_metadata(path) if meta is None else meta
-    except EWQError as e:
-        return {**info, "metadata": f"unreadable: {e}"}
     if meta is None:
         return info
     quantized = meta.get("is_quantized")
