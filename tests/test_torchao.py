@@ -105,8 +105,10 @@ def test_kernel_shape_limits_keep_the_layer_raw_and_say_which(tiny_factory, tmp_
 
 def test_compiled_and_eager_generate_the_same_tokens(tiny_factory, tmp_path, capsys):
     model_dir = tiny_factory("llama")
+    # float32: the random tiny model has near-tied logits, and in bfloat16 the compiled kernels' other summation
+    # order flipped a greedy token in about one run in three (a rounding tie, not a compile bug)
     argv = ["--model", str(model_dir), "--plan", "uniform-8bit", "--backend", "torchao", "--compile",
-            "--out-dir", str(tmp_path)] + FAST
+            "--dtype", "float32", "--out-dir", str(tmp_path)] + FAST
     assert run_cli(benchmark.main, argv) == 0
     result = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
     assert result["variant"] == "uniform-8bit@torchao+compile" and result["settings"]["compile"] is True
