@@ -1,22 +1,33 @@
 #!/usr/bin/env python
-"""GPU figures in one device call: EWQ vs FP16 vs uniform 8/4-bit on a checkpoint with Llama-3.1-8B's shapes.
+"""GPU figures, one device call per set: EWQ vs the original vs uniform 8/4-bit on Llama-3.1-8B's shapes.
 
-On the GPU machine (no network there), this script
+On the GPU machine (no network there), one set
   1. writes a checkpoint with the exact Llama-3.1-8B configuration (bench/configs/llama-3.1-8b.json) and random
      fp16 weights, plus a byte-level tokenizer: valid for speed and memory, not for quality;
-  2. runs main_cache_model.py on it, then benchmark_original.py, benchmark.py with the EWQ plan, and the
-     uniform-8bit and uniform-4bit baselines, all with the same suite, --max-new-tokens and --repeats;
-  3. measures the device's copy bandwidth (a large device-to-device copy), the decode speed of a bare FP16
-     model.generate loop outside the harness, and a torch.profiler summary by kernel of EWQ decoding;
-  4. writes the report and copies the result JSONs, the report and a summary to --out ($OUT on the device).
+  2. plans it with main_cache_model.py (the PoC's entropy rule), then benchmarks, one process each and side by
+     side: the original, the EWQ plan, uniform 8-bit and uniform 4-bit with the set's executor and dtype;
+  3. checks the CUDA path: greedy tokens of every variant against the original's; in the bitsandbytes set, a saved
+     and reloaded mixed model (raw, 8-bit and 4-bit blocks) must give the logits it gave before saving, bit for bit;
+  4. measures the device's copy bandwidth and a bare model.generate loop (harness overhead), and profiles the
+     bitsandbytes EWQ decode by kernel if it is slower than the original;
+  5. after every step rewrites gpu_summary.json and gpu_results.json in --out ($OUT): a call stopped at its time
+     limit still brings back every figure finished before it.
 
-bitsandbytes is not installed on the GPU machine: carry its wheel (see docs/RESULTS.md, "GPU figures").
-    python bench/gpu.py --out "$OUT"                   # defaults sized to fit one 10-minute device call
+Sets (each sized for one 10-minute device call; a step that would not finish inside --budget-s is skipped and
+listed in the summary, never silently dropped):
+  bnb       float16, eager: the PoC's executor (bitsandbytes LLM.int8 / nf4)
+  torchao   bfloat16, eager: torchao int8 weight-only / int4 HQQ (its CUDA int4 kernel takes bf16 only)
+  compiled  bfloat16, static cache + torch.compile: the original and the torchao variants
+
+    bash bench/gpu_wheels.sh                           # here: the wheels the GPU image lacks, into .whl/
+    python bench/gpu.py --set bnb                      # on the device (see docs/RESULTS.md, "GPU figures")
     python bench/gpu.py --config tiny.json --device cpu --max-new-tokens 4 --repeats 1   # a dry run here
 """
 
 import argparse
+import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,25 +37,113 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ewq.common import write_json_atomic  # noqa: E402
 
-def sh(argv, log):
-    """Run one of the project's scripts; return the last line of its stdout (the path it wrote)."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True)
-    log.write(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr[-3000:]}\n({time.perf_counter() - start:.0f} s)\n")
-    log.flush()
-    print("\n".join(proc.stdout.strip().splitlines()[-3:]), flush=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(argv)}\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip().splitlines()[-1]
+SETS = {
+    "bnb": {"backend": "bitsandbytes", "dtype": "float16", "compile": False},
+    "torchao": {"backend": "torchao", "dtype": "bfloat16", "compile": False},
+    "compiled": {"backend": "torchao", "dtype": "bfloat16", "compile": True},
+}
+VARIANTS = ("ewq", "uniform-8bit", "uniform-4bit")  # "ewq" stands for the plan main_cache_model.py wrote
 
 
-def copy_bandwidth_gb_s(device: str) -> float:
-    """Device-to-device copy of 4 GiB, bytes read + written per second (median of 5)."""
+class Steps:
+    """Runs the set's steps against one deadline; records what finished, failed or was skipped, and why."""
+
+    def __init__(self, budget_s: float, log):
+        self.start, self.budget_s, self.log = time.perf_counter(), budget_s, log
+        self.longest_s = 0.0  # a step not yet run is assumed to take as long as the longest one so far
+        self.failed, self.skipped = [], []
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start) if self.budget_s else float("inf")
+
+    def fits(self, name: str, expected_s=None) -> bool:
+        expected_s = self.longest_s if expected_s is None else expected_s
+        if self.left_s() < expected_s:
+            self.skipped.append(f"{name}: {max(self.left_s(), 0):.0f} s of --budget-s left, it would take about "
+                                f"{expected_s:.0f} s")
+            print(f"skipped (time budget): {name}", flush=True)
+            return False
+        return True
+
+    def script(self, name: str, argv: list, expected_s=None):
+        """One of the project's scripts in its own process; (stdout lines, or None if it failed or timed out)."""
+        if not self.fits(name, expected_s):
+            return None
+        start = time.perf_counter()
+        timeout = None if self.left_s() == float("inf") else max(self.left_s(), 1)
+        try:
+            proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr, error = proc.stdout, proc.stderr, proc.returncode and f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr = (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
+            error = f"timed out at the end of --budget-s ({timeout:.0f} s left when it started)"
+        seconds = time.perf_counter() - start
+        self.longest_s = max(self.longest_s, seconds)
+        self.log.write(f"$ {' '.join(argv)}\n{stdout}{stderr[-3000:]}\n({seconds:.0f} s)\n")
+        self.log.flush()
+        print(f"{name}: {'FAILED, ' + error if error else 'done'} ({seconds:.0f} s)", flush=True)
+        if error:
+            self.failed.append({"step": name, "error": error, "stderr_tail": stderr.strip().splitlines()[-5:]})
+            return None
+        return stdout.strip().splitlines()
+
+    def call(self, name: str, fn, *args, expected_s=None):
+        """A measurement made in this process; its failure is recorded, not fatal."""
+        if not self.fits(name, expected_s):
+            return None
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        except Exception as e:  # a GPU-side failure must not lose the figures already taken
+            self.failed.append({"step": name, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"{name}: FAILED, {type(e).__name__}: {e}", flush=True)
+            return None
+        finally:
+            self.longest_s = max(self.longest_s, time.perf_counter() - start)
+            free_gpu_memory()
+
+
+def free_gpu_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_dtype(the_set: dict, device: str) -> str:
+    return the_set["dtype"] if device == "cuda" else "bfloat16"  # the dry run: the project's CPU dtype
+
+
+def preflight(device: str) -> dict:
+    """Versions and the device, first: a missing wheel should cost seconds, not the checkpoint's minutes."""
+    import importlib.metadata
+
+    import torch
+    import transformers
+
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda, but torch {torch.__version__} sees no GPU")
+    facts = {"device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+             "torch": torch.__version__, "transformers": transformers.__version__}
+    for dist in ("bitsandbytes", "torchao"):
+        try:
+            facts[dist] = importlib.metadata.version(dist)
+            __import__(dist)
+        except Exception as e:  # noqa: BLE001  (absent, or present but broken against this torch)
+            sys.exit(f"{dist} cannot be imported ({type(e).__name__}: {e}); carry its wheel (bash bench/gpu_wheels.sh)")
+    print(json.dumps(facts), flush=True)
+    return facts
+
+
+def copy_bandwidth_gb_s(device: str):
+    """Device-to-device copy of 4 GiB, bytes read + written per second (median of 5); None on the CPU."""
     import torch
 
     if device != "cuda":
-        return float("nan")
+        return None
     src = torch.empty(1 << 31, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(src)
     times = []
@@ -54,20 +153,23 @@ def copy_bandwidth_gb_s(device: str) -> float:
         dst.copy_(src)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    del src, dst
-    torch.cuda.empty_cache()
     return 2 * (1 << 32) / sorted(times[1:])[2] / 1e9
 
 
-def bare_generate_tok_s(model_dir: Path, device: str, new_tokens: int) -> float:
-    """FP16 decode speed of a plain model.generate loop, outside the harness."""
+def prompt_ids(device: str):
+    import torch
+
+    return torch.tensor([[65, 66, 67, 68] * 8], device=device)
+
+
+def bare_generate_tok_s(model_dir: Path, dtype, device: str, new_tokens: int) -> float:
+    """Decode speed of a plain model.generate loop outside the harness (prefill included: a lower bound)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    ids = torch.tensor([[65, 66, 67, 68] * 8], device=device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=256)
+    ids = prompt_ids(device)
     model.generate(ids, **kw)
     runs = []
     for _ in range(3):
@@ -78,100 +180,174 @@ def bare_generate_tok_s(model_dir: Path, device: str, new_tokens: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         runs.append(new_tokens / (time.perf_counter() - t))
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return sorted(runs)[1]
 
 
-def profile_decode(model_dir: Path, plan: str, device: str, out: Path) -> None:
+def quantized_in_memory(model_dir: Path, plan: dict, dtype, device: str):
+    from ewq.apply import QuantSettings, apply_plan, load_model
+
+    model = load_model(model_dir, dtype)
+    apply_plan(model, plan, QuantSettings(), dtype, progress=False, device=device)
+    return model.to(device)
+
+
+def saved_and_loaded(model_dir: Path, dtype, device: str, root: Path) -> dict:
+    """A mixed model (blocks raw, 8-bit, 4-bit in turn, bitsandbytes) quantized on the device, saved, loaded back
+    and moved to the device again: its logits must be bit-identical to those of the model before saving."""
+    import torch
+
+    from ewq.analysis import fingerprint
+    from ewq.apply import QuantSettings
+    from ewq.artifact import load_quantized, save_quantized
+    from ewq.checkpoint import open_checkpoint
+    from ewq.plan import build_plan
+    from ewq.source import load_tokenizer, resolve_model
+
+    source, ckpt = resolve_model(str(model_dir)), open_checkpoint(model_dir)
+    fp = fingerprint(ckpt, progress=False)
+    plan = build_plan(source, ckpt, fp, {"name": "mixed-save-check"},
+                      [("raw", "8-bit", "4-bit")[i % 3] for i in range(len(ckpt.blocks))])
+    ids = prompt_ids(device)
+    with torch.inference_mode():
+        model = quantized_in_memory(model_dir, plan, dtype, device)
+        want = model(ids).logits.float().cpu()
+        saved, _ = save_quantized(model, plan, source, fp, load_tokenizer(model_dir), QuantSettings(), dtype, root)
+        del model
+        free_gpu_memory()
+        loaded, _, _ = load_quantized(saved)
+        got = loaded.to(device)(ids).logits.float().cpu()
+    return {"saved_model": str(saved), "plan_counts": plan["counts"], "logits_identical": torch.equal(got, want),
+            "logits_max_abs_diff": (got - want).abs().max().item(),
+            "greedy_tokens_equal": torch.equal(got.argmax(-1), want.argmax(-1))}
+
+
+def profile_decode(model_dir: Path, plan_path: str, dtype, device: str, out: Path) -> str:
     """Where EWQ decode time goes: torch.profiler table by kernel for 16 decoded tokens."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ewq.apply import QuantSettings, apply_plan, load_model
     from ewq.plan import load_plan
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    model = load_model(model_dir, dtype)
-    apply_plan(model, load_plan(plan), QuantSettings(), dtype, progress=False)
-    model.to(device)
-    ids = torch.tensor([[65, 66, 67, 68] * 8], device=device)
+    model = quantized_in_memory(model_dir, load_plan(plan_path), dtype, device)
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=256)
-    model.generate(ids, **kw)
+    model.generate(prompt_ids(device), **kw)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        model.generate(ids, **kw)
+        model.generate(prompt_ids(device), **kw)
     key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    (out / "profile_ewq_decode.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+    path = out / "profile_ewq_decode.txt"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+    return path.name
+
+
+def compare(by_variant: dict) -> dict:
+    """Each variant against the original of the same run (same dtype, same mode): ratios and greedy-token match."""
+    orig = next((r for name, r in by_variant.items() if name.startswith("original")), None)
+    if orig is None:
+        return {}
+    out = {}
+    for name, r in by_variant.items():
+        mem, omem = r["memory"], orig["memory"]
+        out[name] = {
+            "decode_tok_s": r["speed"]["decode_tok_s_median"], "prefill_s": r["speed"]["prefill_s_median"],
+            "decode_tok_s_ratio": r["speed"]["decode_tok_s_median"] / orig["speed"]["decode_tok_s_median"],
+            "weight_gb": mem["weight_gb"], "weight_ratio": mem["weight_gb"] / omem["weight_gb"],
+            "peak_allocated_gb": mem["peak_allocated_gb"],
+            "peak_allocated_ratio": mem["peak_allocated_gb"] / omem["peak_allocated_gb"],
+            "driver_process_gb": mem["driver_process_gb"],
+            "driver_process_ratio": mem["driver_process_gb"] / omem["driver_process_gb"]
+            if mem["driver_process_gb"] and omem["driver_process_gb"] else None,
+            "bandwidth_fraction": r["speed"].get("bandwidth_fraction"),
+            "compiled_matches_eager": r["speed"].get("compiled_matches_eager"),
+            "greedy_token_match": sum(a == b for t, o in zip(r["tests"], orig["tests"])
+                                      for a, b in zip(t["token_ids"], o["token_ids"]))
+            / max(1, sum(len(o["token_ids"]) for o in orig["tests"]))}
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "bench/configs/llama-3.1-8b.json"))
+    p.add_argument("--set", choices=tuple(SETS), default="bnb", help="which executor and mode (see above)")
+    p.add_argument("--config", default=str(REPO / "bench/configs/llama-3.1-8b.json"),
+                   help="transformers config of the random checkpoint (default: Llama-3.1-8B's)")
     p.add_argument("--work", default="/tmp/ewq-gpu", help="where the random checkpoint, plans and results go")
-    p.add_argument("--out", default=None, help="where the figures are copied (default: $OUT, else --work/out)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tasks", default="translation",
-                   help="suite subset (default: translation, 2 prompts, so a set of variants fits one 10-minute call)")
-    p.add_argument("--set", choices=("eager", "compiled", "all"), default="eager",
-                   help="eager: original, the EWQ plan and uniform 8/4-bit with bitsandbytes and with torchao; "
-                        "compiled: original and the torchao variants with --compile (static cache + torch.compile); "
-                        "all: both (longer than one 10-minute device call on an 8B model)")
+    p.add_argument("--out", default=None, help="where the figures are written (default: $OUT, else --work/out)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the whole script")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="exactly this many greedy tokens per generation")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per prompt (medians are reported)")
+    p.add_argument("--tasks", default="translation", help="suite subset (default: translation, 2 prompts)")
+    p.add_argument("--budget-s", type=float, default=510,
+                   help="seconds this set may take; a step that would not fit is skipped and listed (0: no limit). "
+                        "The default leaves a device call's 600 s a margin for the start and the copy back")
     args = p.parse_args()
-    import os
-
+    the_set = SETS[args.set]
     out = Path(args.out or os.environ.get("OUT") or Path(args.work) / "out")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    ckpt, plans, results = work / "checkpoint", work / "plans", work / "results"
+    ckpt, plans, results = work / "checkpoint", work / "plans", work / "results" / args.set
+    import torch
+
+    dtype_name = run_dtype(the_set, args.device)
+    dtype = getattr(torch, dtype_name)
+    summary = {"schema_version": 1, "set": args.set, **the_set, "dtype": dtype_name, "command": " ".join(sys.argv),
+               "environment": preflight(args.device), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
     log = open(out / "gpu_log.txt", "w")
-    t0 = time.perf_counter()
+    steps = Steps(args.budget_s, log)
+    files = {}
+
+    def save_outputs():
+        summary.update(failed=steps.failed, skipped=steps.skipped, seconds=time.perf_counter() - steps.start)
+        by_variant = {r["variant"]: r for r in (json.loads(Path(f).read_text()) for f in files.values())}
+        summary["vs_original"] = compare(by_variant)
+        write_json_atomic(out / "gpu_summary.json", summary)
+        # the device returns at most 8 files: every result JSON travels inside one
+        write_json_atomic(out / "gpu_results.json", {Path(f).name: json.loads(Path(f).read_text()) for f in files.values()})
+
     if not (ckpt / "config.json").exists():
         from ewq.synthetic import save_byte_tokenizer, write_random_checkpoint
 
         write_random_checkpoint(json.loads(Path(args.config).read_text()), ckpt, device=args.device)
         save_byte_tokenizer(ckpt)
-    print(f"checkpoint ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"checkpoint ready ({time.perf_counter() - steps.start:.0f} s)", flush=True)
+    lines = steps.script("plan", ["main_cache_model.py", "--model", str(ckpt), "--out-dir", str(plans), "--no-progress"])
+    plan = lines[-1] if lines else None
+    summary["plan"] = plan and {k: json.loads(Path(plan).read_text())[k] for k in ("counts", "size")}
     common = ["--model", str(ckpt), "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
-              "--repeats", str(args.repeats), "--tasks", args.tasks, "--out-dir", str(results), "--no-progress"]
-    plan = sh(["main_cache_model.py", "--model", str(ckpt), "--out-dir", str(plans), "--no-progress"], log)
-    files = []
-    compiled = [[]] if args.set == "eager" else [["--compile"]] if args.set == "compiled" else [[], ["--compile"]]
-    for extra in compiled:
-        files.append(sh(["benchmark_original.py"] + common + extra, log))
-        backends = ["torchao"] + ([] if extra else ["bitsandbytes"])  # bitsandbytes does not compile
-        for backend in backends:
-            for variant in (plan, "uniform-8bit", "uniform-4bit"):
-                files.append(sh(["benchmark.py", "--plan", variant, "--plans-dir", str(plans), "--backend", backend]
-                                + common + extra, log))
-    report = sh(["-m", "ewq.report", "--out-dir", str(results)] + files, log)
-    summary = {"copy_bandwidth_gb_s": copy_bandwidth_gb_s(args.device),
-               "bare_generate_fp16_tok_s": bare_generate_tok_s(ckpt, args.device, args.max_new_tokens),
-               "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0}
-    by_kind = {json.loads(Path(f).read_text())["variant"]: json.loads(Path(f).read_text()) for f in files}
-    summary["vs_original"] = {}
-    for name, r in by_kind.items():  # each variant against the original of the same mode (eager / compiled)
-        orig = by_kind["original+compile" if name.endswith("+compile") else "original"]
-        summary["vs_original"][name] = {
-            "peak_allocated_ratio": r["memory"]["peak_allocated_gb"] / orig["memory"]["peak_allocated_gb"],
-            "driver_process_ratio": (r["memory"]["driver_process_gb"] or 0) / (orig["memory"]["driver_process_gb"] or 1),
-            "decode_tok_s_ratio": r["speed"]["decode_tok_s_median"] / orig["speed"]["decode_tok_s_median"],
-            "bandwidth_fraction": r["speed"].get("bandwidth_fraction"),
-            "greedy_token_match": sum(a == b for t, o in zip(r["tests"], orig["tests"])
-                                      for a, b in zip(t["token_ids"], o["token_ids"]))
-                                  / max(1, sum(len(o["token_ids"]) for o in orig["tests"]))}
-    ewq_bnb = next((k for k in by_kind if k.startswith("ewq") and "@" not in k), None)
-    if ewq_bnb and summary["vs_original"][ewq_bnb]["decode_tok_s_ratio"] < 1.0:
-        profile_decode(ckpt, plan, args.device, out)
-    (out / "gpu_summary.json").write_text(json.dumps(summary, indent=2))
-    # the device returns at most 8 files: every result JSON goes back inside one file
-    (out / "gpu_results.json").write_text(json.dumps({Path(f).name: json.loads(Path(f).read_text()) for f in files}))
-    shutil.copy(report, out)
+              "--repeats", str(args.repeats), "--tasks", args.tasks, "--out-dir", str(results),
+              "--no-progress", "--dtype", dtype_name] + (["--compile"] if the_set["compile"] else [])
+    lines = steps.script("original", ["benchmark_original.py"] + common)
+    if lines:
+        files["original"] = lines[-1]
+    save_outputs()
+    for variant in VARIANTS:
+        spec = plan if variant == "ewq" else variant
+        if spec is None:
+            steps.skipped.append("ewq: no plan (the plan step did not finish)")
+            continue
+        lines = steps.script(variant, ["benchmark.py", "--plan", spec, "--backend", the_set["backend"]] + common)
+        if lines:
+            files[variant] = lines[-1]
+        save_outputs()
+    if the_set["backend"] == "bitsandbytes":
+        summary["saved_and_loaded"] = steps.call("saved_and_loaded", saved_and_loaded, ckpt, dtype, args.device,
+                                                 work / "saved")
+    if not the_set["compile"]:
+        summary["bare_generate_tok_s"] = steps.call("bare_generate", bare_generate_tok_s, ckpt, dtype, args.device,
+                                                    args.max_new_tokens)
+    summary["copy_bandwidth_gb_s"] = steps.call("copy_bandwidth", copy_bandwidth_gb_s, args.device, expected_s=5)
+    save_outputs()
+    ewq = summary["vs_original"].get(json.loads(Path(files["ewq"]).read_text())["variant"]) if "ewq" in files else None
+    if the_set["backend"] == "bitsandbytes" and ewq and ewq["decode_tok_s_ratio"] < 1.0:
+        summary["profile"] = steps.call("profile", profile_decode, ckpt, plan, dtype, args.device, out)
+    if files:
+        lines = steps.script("report", ["-m", "ewq.report", "--out-dir", str(work / "report" / args.set)]
+                             + list(files.values()), expected_s=10)
+        if lines:
+            shutil.copy(lines[-1], out)
+    save_outputs()
     print(json.dumps(summary, indent=2))
+    return 1 if steps.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
