@@ -128,30 +128,42 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
     return torch.nn.functional.normalize(out, dim=-1) if pooling.normalize else out
 
 
-def truncated(tokenizer, sentences, limit: int) -> list:
-    """Indices of the sentences longer than `limit` tokens (embedded from their first `limit` tokens)."""
-    full = tokenizer(sentences, add_special_tokens=True, truncation=False)["input_ids"]
-    return [i for i, ids in enumerate(full) if len(ids) > limit]
+@dataclass
+class Embedder:
+    """How one model turns sentences into embeddings: its tokenizer, its pooling and its token limit.
+    Built once (`Embedder.of`) by whoever embeds: the benchmark, the sensitivity sweep, the service."""
+    tokenizer: object
+    pooling: Pooling
+    max_length: int
 
+    @classmethod
+    def of(cls, path: Path, config: dict, tokenizer) -> "Embedder":
+        return cls(tokenizer, read_pooling(path), max_length(config, tokenizer, path))
 
-def embed_batch(model, tokenizer, sentences, pooling: Pooling, limit: int, device: str = "cpu") -> torch.Tensor:
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    return pool(hidden, batch["attention_mask"], pooling).cpu()
+    def truncated(self, sentences) -> list:
+        """Indices of the sentences longer than max_length tokens (embedded from their first max_length tokens)."""
+        full = self.tokenizer(sentences, add_special_tokens=True, truncation=False)["input_ids"]
+        return [i for i, ids in enumerate(full) if len(ids) > self.max_length]
 
+    def batch(self, model, sentences, device: str = "cpu") -> torch.Tensor:
+        """One padded batch, in the given order."""
+        batch = self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        return pool(hidden, batch["attention_mask"], self.pooling).cpu()
 
-def embed(model, tokenizer, sentences, pooling: Pooling, limit: int, device: str = "cpu", batch_size: int = 32,
-          progress: bool = False, desc: str = "embedding") -> torch.Tensor:
-    """[n, dim] float32 embeddings. Sentences are batched in length order (little padding) and returned in order."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    out = [None] * len(sentences)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        for i, e in zip(idx, embed_batch(model, tokenizer, [sentences[i] for i in idx], pooling, limit, device)):
-            out[i] = e
-    return torch.stack(out)
+    def embed(self, model, sentences, device: str = "cpu", batch_size: int = 32, progress: bool = False,
+              desc: str = "embedding") -> torch.Tensor:
+        """[n, dim] float32 embeddings. Sentences are batched in length order (little padding), returned in order."""
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = [None] * len(sentences)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[start:start + batch_size]
+            for i, e in zip(idx, self.batch(model, [sentences[i] for i in idx], device)):
+                out[i] = e
+        return torch.stack(out)
 
 
 # ---- fidelity ----
@@ -188,15 +200,15 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def encoder_suite(model, tokenizer, sentences, pooling: Pooling, limit: int, repeats: int, device: str = "cpu",
-                  batch_sizes=BATCH_SIZES, progress: bool = True) -> dict:
+def encoder_suite(model, embedder: Embedder, sentences, repeats: int, device: str = "cpu", batch_sizes=BATCH_SIZES,
+                  progress: bool = True) -> dict:
     """Sentences/s per batch size on the same sentences, and batch-1 latency. Batches keep the sentences' order
     (fixed, not sorted by length: what a service sees) and pad to their longest sentence."""
     from .bench import peak_memory_gb, reset_peak_memory
 
     for bs in batch_sizes:  # warm-up: one untimed pass at each batch size (kernels are picked per input shape)
         for i in range(0, len(sentences), bs):
-            embed_batch(model, tokenizer, sentences[i:i + bs], pooling, limit, device)
+            embedder.batch(model, sentences[i:i + bs], device)
     reset_peak_memory(device)
     out, latencies = {}, []
     steps = [(bs, r) for bs in batch_sizes for r in range(repeats)]
@@ -205,7 +217,7 @@ def encoder_suite(model, tokenizer, sentences, pooling: Pooling, limit: int, rep
         start = time.perf_counter()
         for i in range(0, len(sentences), bs):
             t0 = time.perf_counter()
-            embed_batch(model, tokenizer, sentences[i:i + bs], pooling, limit, device)
+            embedder.batch(model, sentences[i:i + bs], device)
             _sync(device)
             if bs == 1:
                 latencies.append(time.perf_counter() - t0)

@@ -448,19 +448,20 @@ def measure_encoder(args, ctx: dict) -> dict:
     q, device = ctx["quality"], ctx["device"]
     speed_sentences = q["sentences"][:args.speed_sentences or embed.SPEED_SENTENCES]
     start = time.perf_counter()
-    encoder = embed.encoder_suite(ctx["model"], ctx["tokenizer"], speed_sentences, q["pooling"], q["max_length"],
-                                  args.repeats, device, progress=not args.no_progress)
+    embedder = q["embedder"]
+    encoder = embed.encoder_suite(ctx["model"], embedder, speed_sentences, args.repeats, device,
+                                  progress=not args.no_progress)
     quality = None
     if ctx["path_taken"] != "original-checkpoint":
         t0 = time.perf_counter()
-        variant = embed.embed(ctx["model"], ctx["tokenizer"], q["sentences"], q["pooling"], q["max_length"], device,
-                              progress=not args.no_progress, desc="fidelity")
+        variant = embedder.embed(ctx["model"], q["sentences"], device, progress=not args.no_progress, desc="fidelity")
         quality = {**embed.fidelity(q["reference"]["embeddings"], variant), "corpus": q["corpus"].name,
                    "corpus_sha256": q["corpus"].sha256, "reference_cache": str(q["path"]),
                    "reference_cached": q["cached"], "eval_s": time.perf_counter() - t0}
     peak = encoder.pop("peak_memory_gb")
-    encoder.update(pooling=q["pooling"].mode, normalize=q["pooling"].normalize, pooling_source=q["pooling"].source,
-                   max_length=q["max_length"], truncated_sentences=len(q["truncated"]),
+    encoder.update(pooling=embedder.pooling.mode, normalize=embedder.pooling.normalize,
+                   pooling_source=embedder.pooling.source, max_length=embedder.max_length,
+                   truncated_sentences=len(q["truncated"]),
                    bench_s=time.perf_counter() - start)
     settings = {"repeats": args.repeats, "speed_sentences": len(speed_sentences), "eval_sentences": len(q["sentences"]),
                 "batch_sizes": list(embed.BATCH_SIZES), "warmup": "one untimed pass at each batch size",
@@ -475,28 +476,29 @@ def fidelity_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str,
 
     corpus = quality.load_corpus(args.eval_text)
     sentences = embed.corpus_sentences(corpus, args.eval_sentences or embed.EVAL_SENTENCES)
-    pooling = embed.read_pooling(path)
-    limit = embed.max_length(config, tokenizer, path)
-    cut = embed.truncated(tokenizer, sentences, limit)
+    embedder = embed.Embedder.of(path, config, tokenizer)
+    limit = embedder.max_length
+    cut = embedder.truncated(sentences)
     if cut:
         print(f"note: {len(cut)} of {len(sentences)} sentences are longer than the model's {limit} tokens and are "
               f"embedded from their first {limit} tokens")
     key = {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-           "sentences": len(sentences), "sentences_sha256": embed.sentences_digest(sentences), "pooling": pooling.mode, "normalize": pooling.normalize, "max_length": limit,
+           "sentences": len(sentences), "sentences_sha256": embed.sentences_digest(sentences),
+           "pooling": embedder.pooling.mode, "normalize": embedder.pooling.normalize, "max_length": limit,
            "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
     cache = quality.cache_path(Path(args.out_dir) / ".reference", key)
     reference = quality.load_reference(cache, key, names={"embeddings"})
-    return {"corpus": corpus, "sentences": sentences, "pooling": pooling, "max_length": limit, "truncated": cut,
-            "key": key, "path": cache, "reference": reference, "cached": reference is not None, "tokenizer": tokenizer}
+    return {"corpus": corpus, "sentences": sentences, "embedder": embedder, "truncated": cut,
+            "key": key, "path": cache, "reference": reference, "cached": reference is not None}
 
 
 def embedding_reference(model, q: dict, device: str, progress: bool) -> dict:
-    from . import embed, quality
+    from . import quality
 
     if device != "cpu":
         model.to(device)
-    reference = {"embeddings": embed.embed(model, q["tokenizer"], q["sentences"], q["pooling"], q["max_length"], device,
-                                           progress=progress, desc="reference embeddings")}
+    reference = {"embeddings": q["embedder"].embed(model, q["sentences"], device, progress=progress,
+                                                   desc="reference embeddings")}
     if device != "cpu":
         model.to("cpu")
     quality.save_reference(q["path"], q["key"], reference)

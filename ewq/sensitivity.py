@@ -122,10 +122,9 @@ class Calibration:
             from . import embed
 
             self.sentences = embed.corpus_sentences(corpus, calib_sentences, from_end=True)
-            self.pooling = embed.read_pooling(source.path)
-            self.max_length = embed.max_length(ckpt.config, self.tokenizer, source.path)
+            self.embedder = embed.Embedder.of(source.path, ckpt.config, self.tokenizer)
             sample = {"sentences": len(self.sentences), "sentences_sha256": embed.sentences_digest(self.sentences),
-                      "pooling": self.pooling.mode}
+                      "pooling": self.embedder.pooling.mode}
         else:
             self.windows = make_windows(self.tokenizer, corpus, calib_tokens, window, from_end=True)
             sample = {"windows": int(self.windows.shape[0]), "window": int(self.windows.shape[1])}
@@ -134,9 +133,7 @@ class Calibration:
         self.model = self.reference = None
 
     def _embed(self):
-        from . import embed
-
-        return embed.embed(self.model, self.tokenizer, self.sentences, self.pooling, self.max_length, self.device)
+        return self.embedder.embed(self.model, self.sentences, self.device)
 
     def load(self, progress: bool):
         if self.model is None:

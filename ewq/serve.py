@@ -67,29 +67,29 @@ class Service:
         self.model.to(device)
         self.info = active_info(source.path, self.ckpt, meta)
         if self.kind == "encoder":
-            from .embed import max_length, read_pooling
+            from .embed import Embedder
 
-            self.pooling = read_pooling(source.path)
-            self.max_length = max_length(self.ckpt.config, self.tokenizer, source.path)
-            self.info.update(pooling=self.pooling.mode, normalize=self.pooling.normalize, max_length=self.max_length)
+            self.embedder = Embedder.of(source.path, self.ckpt.config, self.tokenizer)
+            self.info.update(pooling=self.embedder.pooling.mode, normalize=self.embedder.pooling.normalize,
+                             max_length=self.embedder.max_length)
         self.lock = threading.Lock()
 
     def embed(self, sentences) -> dict:
-        from .embed import check_sentences, embed, truncated
+        from .embed import check_sentences
 
         if self.kind != "encoder":
             raise EWQError(f"{self.info['name']} is a decoder; it has no sentence embeddings (use POST /generate)")
         sentences = check_sentences(sentences)
         if len(sentences) > MAX_SENTENCES:
             raise EWQError(f"{len(sentences)} sentences in one request; send at most {MAX_SENTENCES}")
-        cut = truncated(self.tokenizer, sentences, self.max_length)
+        cut = self.embedder.truncated(sentences)
         with self.lock:
-            vectors = embed(self.model, self.tokenizer, sentences, self.pooling, self.max_length, self.device)
+            vectors = self.embedder.embed(self.model, sentences, self.device)
         out = {"model": self.info["name"], "dim": int(vectors.shape[1]), "embeddings": vectors.tolist(),
                "truncated": cut}
         if cut:
-            out["note"] = (f"{len(cut)} sentence(s) longer than {self.max_length} tokens were embedded from their "
-                           f"first {self.max_length} tokens")
+            limit = self.embedder.max_length
+            out["note"] = f"{len(cut)} sentence(s) longer than {limit} tokens were embedded from their first {limit} tokens"
         return out
 
     def generate(self, prompt, max_new_tokens) -> dict:

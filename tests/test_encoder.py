@@ -16,7 +16,7 @@ import torch
 from ewq.apply import apply_plan, load_model, plan_layers
 from ewq.backends import QuantSettings
 from ewq.checkpoint import open_checkpoint
-from ewq.embed import Pooling, embed, fidelity, pool, read_pooling, split_sentences
+from ewq.embed import Embedder, Pooling, fidelity, pool, read_pooling, split_sentences
 from ewq.plan import builtin_plan
 from ewq.source import ModelSource
 
@@ -262,11 +262,11 @@ def test_embedded_minilm_is_an_encoder_with_its_own_pooling(tmp_path):
     assert ckpt.kind == "encoder" and len(ckpt.blocks) == 6 and ckpt.tensors[0].dtype == "F32"
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["is_quantized"] is False
-    pooling = read_pooling(path)
-    assert (pooling.mode, pooling.normalize) == ("mean", True)
+    embedder = Embedder.of(path, ckpt.config, AutoTokenizer.from_pretrained(path))
+    assert (embedder.pooling.mode, embedder.pooling.normalize, embedder.max_length) == ("mean", True, 256)
     model = load_model(path, torch.float32, "encoder")
-    e = embed(model, AutoTokenizer.from_pretrained(path), ["A bushfire forced people from their homes.",
-                                                          "Residents fled as the blaze approached the town.",
-                                                          "The central bank raised interest rates."], pooling, 256)
+    e = embedder.embed(model, ["A bushfire forced people from their homes.",
+                               "Residents fled as the blaze approached the town.",
+                               "The central bank raised interest rates."])
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # paraphrases closer than an unrelated sentence: the pooling is right
