@@ -67,24 +67,21 @@ def quantized(blocks, assignments, settings: QuantSettings, dtype, device: str):
             block.set_submodule(name, layer)
 
 
-def sweep(model, blocks, reference: dict, settings: QuantSettings, dtype, device: str, progress: bool = True,
-          items=None, done=None, save=None, score=None) -> list:
-    """[{"8-bit": damage, "4-bit": damage}] per item (default: every block); the model is restored afterwards.
-    damage = score() with the item quantized (default: mean KL to `reference` on its windows).
-    `done` holds rows measured earlier (resumed); `save(rows)` is called after every item."""
+def sweep(calibration: "Calibration", items=None, done=None, save=None, progress: bool = True) -> list:
+    """[{"8-bit": damage, "4-bit": damage}] per item (default: every block): calibration.score() with that item
+    alone quantized; the model is restored afterwards. `done` holds rows measured earlier (resumed);
+    `save(rows)` is called after every item."""
+    c = calibration.load(progress)
     if items is None:
-        items = [{"block": i, "matrix": None} for i in range(len(blocks))]
-    if score is None:
-        def score():
-            return evaluate(model, reference, device, progress=False)["kl_mean"]
-    precisions = [p for p in ("8-bit", "4-bit") if p in get_backend(settings.backend).PRECISIONS]
+        items = [{"block": i, "matrix": None} for i in range(len(c.blocks))]
+    precisions = [p for p in ("8-bit", "4-bit") if p in get_backend(c.settings.backend).PRECISIONS]
     rows = list(done or [])
     for item in tqdm(items[len(rows):], desc="sensitivity", initial=len(rows), total=len(items),
                      disable=not progress, leave=False):
         row = {}
         for precision in precisions:
-            with quantized(blocks, [(item, precision)], settings, dtype, device):
-                row[precision] = score()
+            with quantized(c.blocks, [(item, precision)], c.settings, c.dtype, c.device):
+                row[precision] = c.score()
         rows.append(row)
         if save:
             save(rows)
@@ -172,15 +169,12 @@ def measure(calibration: Calibration, items, cache_dir, progress: bool = True):
         except (ValueError, KeyError, TypeError):
             done = []  # a damaged cache entry is measured again and replaced
     start = time.perf_counter()
-    calibration.load(progress)
 
     def save(rows):  # after every item: Ctrl-C loses at most the item in progress
         write_json_atomic(path, {"schema_version": 2, "calibration": key, "items": rows, "complete": len(rows) == len(items),
                                  "seconds": round(time.perf_counter() - start, 1)})
 
-    rows = sweep(calibration.model, calibration.blocks, calibration.reference, calibration.settings,
-                 calibration.dtype, calibration.device, progress=progress, items=items, done=done, save=save,
-                 score=calibration.score)
+    rows = sweep(calibration, items, done=done, save=save, progress=progress)
     return rows, key, False
 
 

@@ -10,11 +10,10 @@ import torch
 import benchmark
 from ewq import report
 from ewq.allocate import block_sizes, budget_bytes, optimal_allocation, ordered_allocation, position_order
-from ewq.apply import QuantSettings, block_list, load_model
+from ewq.apply import QuantSettings
 from ewq.common import EWQError, run_cli
 from ewq.plan import PRECISIONS, make_plan
-from ewq.quality import compute_reference, load_corpus, make_windows
-from ewq.sensitivity import sweep
+from ewq.sensitivity import Calibration, sweep
 
 
 def brute_force(costs, sizes, budget):
@@ -68,16 +67,16 @@ def test_unreachable_target_is_refused_with_the_smallest_size():
 
 
 def test_sweep_restores_every_block(tiny_factory):
-    from transformers import AutoTokenizer
+    from ewq.checkpoint import open_checkpoint
+    from ewq.source import resolve_model
 
     model_dir = tiny_factory("llama")
-    model = load_model(model_dir, torch.float32)
-    windows = make_windows(AutoTokenizer.from_pretrained(model_dir), load_corpus(), 200, 64, from_end=True)
+    calibration = Calibration(resolve_model(str(model_dir)), open_checkpoint(model_dir), "f" * 32, 200, None, 64,
+                              QuantSettings(), "block", "cpu").load(progress=False)
+    model, windows, blocks = calibration.model, calibration.windows, calibration.blocks
     before = model(windows).logits
-    reference = compute_reference(model, windows, "cpu", progress=False)
-    blocks = block_list(model, "model.layers")
     layers_before = [[id(m) for m in b.modules()] for b in blocks]
-    rows = sweep(model, blocks, reference, QuantSettings(), torch.float32, "cpu", progress=False)
+    rows = sweep(calibration, progress=False)
     assert [[id(m) for m in b.modules()] for b in blocks] == layers_before
     assert torch.equal(model(windows).logits, before)
     assert all(r["4-bit"] > r["8-bit"] > 0 for r in rows)
