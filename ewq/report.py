@@ -97,8 +97,10 @@ def rows(results) -> list:
     for r in order:
         m, s, q = r["memory"], r["speed"], r.get("quality") or {}
         o = original or {}
+        suite = suite_agreement(r, original)
         out.append({
             "variant": r["variant"],
+            "precisions": precision_counts(r.get("plan")),
             "weight_gb": m["weight_gb"],
             "weight_change_pct": pct(m["weight_gb"], o.get("memory", {}).get("weight_gb")),
             "peak_gb": m["peak_allocated_gb"],
@@ -106,11 +108,10 @@ def rows(results) -> list:
             "decode_tok_s": s["decode_tok_s_median"],
             "decode_change_pct": pct(s["decode_tok_s_median"], o.get("speed", {}).get("decode_tok_s_median")),
             "prefill_s": s["prefill_s_median"],
-            "bandwidth_fraction": s.get("bandwidth_fraction"),
+            "bandwidth_pct": s.get("bandwidth_fraction") and 100 * s["bandwidth_fraction"],
             "bits_per_weight": m["block_avg_bits_per_weight"],
             "perplexity": q.get("perplexity"), "kl_mean": q.get("kl_mean"), "top1_agreement": q.get("top1_agreement"),
-            "suite": suite_agreement(r, original),
-            "counts": r.get("plan"),
+            "suite_prefix": (suite or {}).get("prefix_match"), "suite_rouge_l": (suite or {}).get("rouge_l"),
         })
     return out
 
@@ -124,27 +125,34 @@ def precision_counts(plan) -> str:
     return f"{c['raw']}/{c['8-bit']}/{c['4-bit']}" + (" m" if per_matrix else "")
 
 
-def fmt(v, spec, signed=False):
+def fmt(v, spec):
+    """A number for a table: `spec` is a format spec, with a trailing % or × kept as a unit; None is "–"."""
     if v is None:
         return "–"
-    return format(v, ("+" if signed else "") + spec)
+    if spec and spec[-1] in "%×":
+        return format(v, spec[:-1]) + spec[-1]
+    return format(v, spec) if spec else str(v)
 
 
-def markdown_table(table) -> str:
-    head = ("| variant | raw/8/4 (blocks; m: matrices) | weight GB | Δ weight | peak GB | Δ peak | decode tok/s | Δ decode | BW % | prefill s "
-            "| bits/weight | perplexity | KL | top-1 | suite prefix | ROUGE-L |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for t in table:
-        c = t["counts"]
-        counts = precision_counts(c)
-        suite = t["suite"] or {}
-        lines.append(
-            f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
-            f"| {fmt(t['peak_gb'], '.3f')} | {fmt(t['peak_change_pct'], '.1f', True)}% | {fmt(t['decode_tok_s'], '.2f')} "
-            f"| {fmt(t['decode_change_pct'], '.1f', True)}% "
-            f"| {fmt(t['bandwidth_fraction'] and 100 * t['bandwidth_fraction'], '.0f')} | {fmt(t['prefill_s'], '.3f')} | {fmt(t['bits_per_weight'], '.2f')} "
-            f"| {fmt(t['perplexity'], '.3f')} | {fmt(t['kl_mean'], '.4f')} | {fmt(t['top1_agreement'], '.3f')} "
-            f"| {fmt(suite.get('prefix_match'), '.3f')} | {fmt(suite.get('rouge_l'), '.3f')} |")
+# (header, row key, format): one row per result, as `rows` and `encoder_rows` build them
+DECODER_COLUMNS = (
+    ("variant", "variant", None), ("raw/8/4 (blocks; m: matrices)", "precisions", None),
+    ("weight GB", "weight_gb", ".3f"), ("Δ weight", "weight_change_pct", "+.1f%"), ("peak GB", "peak_gb", ".3f"),
+    ("Δ peak", "peak_change_pct", "+.1f%"), ("decode tok/s", "decode_tok_s", ".2f"),
+    ("Δ decode", "decode_change_pct", "+.1f%"), ("BW %", "bandwidth_pct", ".0f"), ("prefill s", "prefill_s", ".3f"),
+    ("bits/weight", "bits_per_weight", ".2f"), ("perplexity", "perplexity", ".3f"), ("KL", "kl_mean", ".4f"),
+    ("top-1", "top1_agreement", ".3f"), ("suite prefix", "suite_prefix", ".3f"), ("ROUGE-L", "suite_rouge_l", ".3f"))
+ENCODER_COLUMNS = (
+    ("variant", "variant", None), ("raw/8/4 (blocks; m: matrices)", "precisions", None),
+    ("weight GB", "weight_gb", ".3f"), ("Δ weight", "weight_change_pct", "+.1f%"), ("peak GB", "peak_gb", ".3f"),
+    ("sent/s batch 1", "b1", ".1f"), ("sent/s batch 32", "b32", ".1f"), ("× original (batch 32)", "b32_speedup", ".2f×"),
+    ("latency p50 ms", "p50_ms", ".1f"), ("latency p95 ms", "p95_ms", ".1f"), ("bits/weight", "bits_per_weight", ".2f"),
+    ("cosine mean", "cosine_mean", ".4f"), ("cosine min", "cosine_min", ".4f"), ("top-10", "top10", ".3f"))
+
+
+def markdown_table(table, columns=DECODER_COLUMNS) -> str:
+    lines = ["| " + " | ".join(head for head, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(t[key], spec) for _, key, spec in columns) + " |" for t in table]
     return "\n".join(lines)
 
 
@@ -309,7 +317,8 @@ def encoder_rows(results) -> list:
     for r in sorted(results, key=lambda r: (r["kind"] != "original", -r["memory"]["weight_bytes"])):
         e, m, q = r["encoder"], r["memory"], r.get("quality") or {}
         out.append({
-            "variant": r["variant"], "counts": r.get("plan"), "weight_gb": m["weight_gb"],
+            "variant": r["variant"], "precisions": precision_counts(r.get("plan")),
+            "weight_gb": m["weight_gb"],
             "weight_change_pct": pct(m["weight_gb"], (original.get("memory") or {}).get("weight_gb")),
             "peak_gb": m["peak_allocated_gb"], "b1": e["batch_1"]["sentences_per_s"], "b32": e["batch_32"]["sentences_per_s"],
             "b32_speedup": e["batch_32"]["sentences_per_s"] / o["batch_32"]["sentences_per_s"] if o else None,
@@ -318,21 +327,6 @@ def encoder_rows(results) -> list:
             "cosine_min": q.get("cosine_min"), "top10": q.get("top10_agreement"),
         })
     return out
-
-
-def encoder_table(table) -> str:
-    head = ("| variant | raw/8/4 (blocks; m: matrices) | weight GB | Δ weight | peak GB | sent/s batch 1 | sent/s batch 32 | × original "
-            "(batch 32) | latency p50 ms | latency p95 ms | bits/weight | cosine mean | cosine min | top-10 |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for t in table:
-        c = t["counts"]
-        counts = precision_counts(c)
-        lines.append(f"| {t['variant']} | {counts} | {fmt(t['weight_gb'], '.3f')} | {fmt(t['weight_change_pct'], '.1f', True)}% "
-                     f"| {fmt(t['peak_gb'], '.3f')} | {fmt(t['b1'], '.1f')} | {fmt(t['b32'], '.1f')} | "
-                     f"{fmt(t['b32_speedup'], '.2f')}× | {fmt(t['p50_ms'], '.1f')} | {fmt(t['p95_ms'], '.1f')} "
-                     f"| {fmt(t['bits_per_weight'], '.2f')} | {fmt(t['cosine_mean'], '.4f')} | {fmt(t['cosine_min'], '.4f')} "
-                     f"| {fmt(t['top10'], '.3f')} |")
-    return "\n".join(lines)
 
 
 def build_report(results, out_dir, allow_mixed: bool = False) -> tuple:
@@ -418,7 +412,7 @@ def encoder_section(results, stem: Path, plt, heading: bool) -> tuple:
         f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
         f"{env['transformers']}, torchao {env.get('torchao', '–')}. Encoder: {settings['speed_sentences']} sentences "
         f"embedded at batch 1 and 32 ({settings['order']}), {settings['repeats']} repeats, {e['pooling']} pooling.",
-        "", encoder_table(encoder_rows(results)), ""]
+        "", markdown_table(encoder_rows(results), ENCODER_COLUMNS), ""]
     if q:
         text.append(f"Fidelity on {q['sentences']} sentences of {q['corpus']}: cosine to the original's embedding of "
                     f"the same sentence; top-10 = share of each sentence's 10 nearest neighbours that stay its neighbours.")
