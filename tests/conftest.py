@@ -144,3 +144,23 @@ def tiny_encoder(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def layer_error_probe(dtype):
+    """A seeded Linear(256 -> 192) and an input in `dtype`: returns (err, layer), where err(precision, settings) is
+    the relative output error of the layer quantized by the settings' backend (its output dtype checked)."""
+    from ewq.apply import quantize_layer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192, bias=True).to(dtype)
+    x = torch.randn(8, 256, dtype=dtype)
+    with torch.no_grad():
+        y = lin(x).float()
+
+    def err(precision, settings):
+        with torch.no_grad():
+            yq = quantize_layer(lin, precision, settings, dtype)(x)
+        assert yq.dtype == dtype
+        return float((yq.float() - y).norm() / y.norm())
+
+    return err, lin

@@ -9,9 +9,11 @@ from torch import nn
 
 import benchmark
 import benchmark_original
-from ewq.apply import QuantSettings, apply_plan, block_list, load_model, quantize_layer, weight_bytes_by_precision
+from ewq.apply import QuantSettings, apply_plan, block_list, load_model, weight_bytes_by_precision
 from ewq.common import run_cli
 from ewq.plan import make_plan
+
+from conftest import layer_error_probe
 
 MIX = ["raw", "8-bit", "4-bit", "8-bit"]
 
@@ -55,19 +57,9 @@ def test_module_types_follow_the_plan(tiny_factory, tmp_path, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_layers_stay_within_measured_tolerance(dtype):
     # Measured on this machine: relative output error ~0.8 % (int8), ~9 % (nf4), ~11 % (fp4).
-    torch.manual_seed(0)
-    lin = nn.Linear(256, 192, bias=True).to(dtype)
-    x = torch.randn(8, 256, dtype=dtype)
-    with torch.no_grad():
-        y = lin(x).float()
-
-    def err(precision, qt="nf4"):
-        with torch.no_grad():
-            yq = quantize_layer(lin, precision, QuantSettings(quant_type=qt), dtype)(x)
-        assert yq.dtype == dtype
-        return float((yq.float() - y).norm() / y.norm())
-
-    e8, nf4, fp4 = err("8-bit"), err("4-bit", "nf4"), err("4-bit", "fp4")
+    err, _ = layer_error_probe(dtype)
+    e8, nf4, fp4 = err("8-bit", QuantSettings()), err("4-bit", QuantSettings(quant_type="nf4")), \
+        err("4-bit", QuantSettings(quant_type="fp4"))
     assert 0 < e8 < 0.015
     assert 0.02 < nf4 < 0.12 and 0.02 < fp4 < 0.14
     assert e8 < nf4 < fp4

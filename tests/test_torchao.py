@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import benchmark
-from ewq.apply import QuantSettings, apply_plan, block_list, load_model, quantize_layer, weight_bytes_by_precision
+from ewq.apply import QuantSettings, apply_plan, block_list, load_model, weight_bytes_by_precision
 from ewq.common import run_cli
 from ewq.plan import load_plan, make_plan
+
+from conftest import layer_error_probe
 
 FAST = ["--tasks", "math", "--max-new-tokens", "6", "--repeats", "1", "--no-progress"]
 AO = QuantSettings(backend="torchao")
@@ -65,12 +67,8 @@ def test_layer_types_follow_a_per_matrix_plan_exactly(tiny_factory, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torchao_layers_stay_within_measured_tolerance(dtype):
     # Measured on this machine: relative output error ~0.4 % (int8 per row), ~6 % (int4 HQQ g64).
-    torch.manual_seed(0)
-    lin = nn.Linear(256, 192, bias=True).to(dtype)
-    x = torch.randn(8, 256, dtype=dtype)
-    with torch.no_grad():
-        y = lin(x).float()
-        e8, e4 = [float((quantize_layer(lin, p, AO, dtype)(x).float() - y).norm() / y.norm()) for p in ("8-bit", "4-bit")]
+    err, lin = layer_error_probe(dtype)
+    e8, e4 = err("8-bit", AO), err("4-bit", AO)
     assert 0 < e8 < 0.012 and 0.02 < e4 < 0.09 and e8 < e4
     assert type(lin.weight) is nn.Parameter  # the float layer is left as it was
 
