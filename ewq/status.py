@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, EWQError, run_cli
 
 SCHEMA_VERSION = 1
 MAX_DEPTH = 4  # models/models--org--name/snapshots/<revision>/ in the huggingface_hub cache layout
@@ -101,10 +101,16 @@ def format_table(rows) -> str:
 def main(argv=None):
     p = ArgumentParser(prog="python -m ewq.status", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of the table")
-    p.add_argument("--models-dir", default="models")
-    p.add_argument("--plans-dir", default="quantized_models")
-    p.add_argument("--results-dir", default="benchmark_results")
+    p.add_argument("--models-dir", default="models", help="where embedded and fetched models live (default models/)")
+    p.add_argument("--plans-dir", default="quantized_models",
+                   help="where plans and saved quantized models are (default quantized_models/)")
+    p.add_argument("--results-dir", default="benchmark_results",
+                   help="where benchmark result JSONs are (default benchmark_results/)")
     args = p.parse_args(argv)
+    for flag in ("models_dir", "plans_dir", "results_dir"):  # a typo must not read as "no models"
+        given = Path(getattr(args, flag))
+        if given.exists() and not given.is_dir() or not given.exists() and str(given) != p.get_default(flag):
+            raise EWQError(f"--{flag.replace('_', '-')} {given} is not a directory; give the folder to list")
     rows = status(args.models_dir, args.plans_dir, args.results_dir)
     if args.json:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "models": rows}, indent=2))

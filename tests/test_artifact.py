@@ -148,3 +148,6 @@ def test_status_lists_every_model_and_flags_broken_ones(mixed_plan, tmp_path, ca
     assert data["schema_version"] == 1 and len(data["models"]) == 4
     assert run_cli(status.main, ["--models-dir", str(models), "--plans-dir", str(plans)]) == 0
     assert "unknown" in capsys.readouterr().out
+    # a mistyped folder is an error, not an empty listing
+    assert run_cli(status.main, ["--models-dir", str(tmp_path / "modles"), "--plans-dir", str(plans)]) == 2
+    assert "--models-dir" in capsys.readouterr().err
