@@ -186,6 +186,7 @@ def main(argv=None):
         raise EWQError(f"--port must be between 1 and 65535, got {args.port}")
     from .runner import pick_device
 
+    listener = bind(args.host, args.port)  # before the model loads: a busy port costs a second, not the load
     service = Service(args.model, args.models_dir, pick_device(args.device))
     import uvicorn
 
@@ -193,7 +194,22 @@ def main(argv=None):
     print(f"serving {info['name']} ({info['kind']}, is_quantized {json.dumps(info['is_quantized'])}) on "
           f"http://{args.host}:{args.port}  (GET /models/active, POST /{'embed' if info['kind'] == 'encoder' else 'generate'})",
           flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning")).run(sockets=[listener])
+
+
+def bind(host: str, port: int):
+    """The listening socket uvicorn will serve on."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise EWQError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host, choose another --port, "
+                       f"or stop what holds it") from None
+    return sock
 
 
 if __name__ == "__main__":

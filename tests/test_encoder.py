@@ -16,6 +16,7 @@ import torch
 from ewq.apply import apply_plan, load_model, plan_layers
 from ewq.backends import QuantSettings
 from ewq.checkpoint import open_checkpoint
+from ewq.common import run_cli
 from ewq.embed import Embedder, Pooling, fidelity, pool, read_pooling, split_sentences
 from ewq.plan import builtin_plan
 from ewq.source import ModelSource
@@ -238,6 +239,19 @@ def test_service_answers_models_active_and_embeds(tiny_encoder, tmp_path, live_s
     assert status == 404 and "error" in out
     status, info = call(url + "/models/active")  # still serving after every bad request
     assert status == 200
+
+
+def test_service_refuses_a_busy_port_before_loading_the_model(tmp_path, capsys):
+    from ewq import serve
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # the model does not exist: had the port been checked after loading, the message would be about the model
+        assert run_cli(serve.main, ["--model", str(tmp_path / "absent"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
 
 
 def test_models_active_never_guesses(tiny_encoder, tiny_factory, tmp_path):
