@@ -6,8 +6,8 @@ On the GPU machine (no network there), one set
      fp16 weights, plus a byte-level tokenizer: valid for speed and memory, not for quality;
   2. plans it with main_cache_model.py (the PoC's entropy rule), then benchmarks, one process each and side by
      side: the original, the EWQ plan, uniform 8-bit and uniform 4-bit with the set's executor and dtype;
-  3. checks the CUDA path: greedy tokens of every variant against the original's; in the bitsandbytes set, a saved
-     and reloaded mixed model (raw, 8-bit and 4-bit blocks) must give the logits it gave before saving, bit for bit;
+  3. checks the CUDA path: greedy tokens of every variant against the original's; in the eager sets, a saved and
+     reloaded mixed model (raw, 8-bit and 4-bit blocks) must give the logits it gave before saving, bit for bit;
   4. measures the device's copy bandwidth and a bare model.generate loop (harness overhead), and profiles the
      bitsandbytes EWQ decode by kernel if it is slower than the original;
   5. after every step rewrites gpu_summary.json and gpu_results.json in --out ($OUT): a call stopped at its time
@@ -185,35 +185,39 @@ def bare_generate_tok_s(model_dir: Path, dtype, device: str, new_tokens: int) ->
     return sorted(runs)[1]
 
 
-def quantized_in_memory(model_dir: Path, plan: dict, dtype, device: str):
-    from ewq.apply import QuantSettings, apply_plan, load_model
+def quantized_in_memory(model_dir: Path, plan: dict, settings, dtype, device: str):
+    from ewq.apply import apply_plan, load_model
 
     model = load_model(model_dir, dtype)
-    apply_plan(model, plan, QuantSettings(), dtype, progress=False, device=device)
+    apply_plan(model, plan, settings, dtype, progress=False, device=device)
     return model.to(device)
 
 
-def saved_and_loaded(model_dir: Path, dtype, device: str, root: Path) -> dict:
-    """A mixed model (blocks raw, 8-bit, 4-bit in turn, bitsandbytes) quantized on the device, saved, loaded back
-    and moved to the device again: its logits must be bit-identical to those of the model before saving."""
+def saved_and_loaded(model_dir: Path, backend: str, dtype, device: str, root: Path) -> dict:
+    """A mixed model (blocks raw, 8-bit, 4-bit in turn; 4-bit only where the backend can save it there) quantized
+    on the device, saved, loaded back and moved to the device again: its logits must be bit-identical to those
+    of the model before saving."""
     import torch
 
     from ewq.analysis import fingerprint
     from ewq.apply import QuantSettings
     from ewq.artifact import load_quantized, save_quantized
+    from ewq.backends import get_backend
     from ewq.checkpoint import open_checkpoint
     from ewq.plan import build_plan
     from ewq.source import load_tokenizer, resolve_model
 
     source, ckpt = resolve_model(str(model_dir)), open_checkpoint(model_dir)
     fp = fingerprint(ckpt, progress=False)
-    plan = build_plan(source, ckpt, fp, {"name": "mixed-save-check"},
-                      [("raw", "8-bit", "4-bit")[i % 3] for i in range(len(ckpt.blocks))])
+    cycle = [p for p in ("raw", "8-bit", "4-bit") if not get_backend(backend).cannot_save({p}, device)]
+    plan = build_plan(source, ckpt, fp, {"name": "mixed-save-check", "backend": backend},
+                      [cycle[i % len(cycle)] for i in range(len(ckpt.blocks))])
+    settings = QuantSettings(backend=backend)
     ids = prompt_ids(device)
     with torch.inference_mode():
-        model = quantized_in_memory(model_dir, plan, dtype, device)
+        model = quantized_in_memory(model_dir, plan, settings, dtype, device)
         want = model(ids).logits.float().cpu()
-        saved, _ = save_quantized(model, plan, source, fp, load_tokenizer(model_dir), QuantSettings(), dtype, root)
+        saved, _ = save_quantized(model, plan, source, fp, load_tokenizer(model_dir), settings, dtype, root)
         del model
         free_gpu_memory()
         loaded, _, _ = load_quantized(saved)
@@ -228,9 +232,10 @@ def profile_decode(model_dir: Path, plan_path: str, dtype, device: str, out: Pat
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from ewq.apply import QuantSettings
     from ewq.plan import load_plan
 
-    model = quantized_in_memory(model_dir, load_plan(plan_path), dtype, device)
+    model = quantized_in_memory(model_dir, load_plan(plan_path), QuantSettings(), dtype, device)
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=256)
     model.generate(prompt_ids(device), **kw)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -336,9 +341,9 @@ def main():
         if lines:
             files[variant] = lines[-1]
         save_outputs()
-    if the_set["backend"] == "bitsandbytes":
-        summary["saved_and_loaded"] = steps.call("saved_and_loaded", saved_and_loaded, ckpt, dtype, args.device,
-                                                 work / "saved")
+    if not the_set["compile"]:
+        summary["saved_and_loaded"] = steps.call("saved_and_loaded", saved_and_loaded, ckpt, the_set["backend"], dtype,
+                                                 args.device, work / "saved")
     if not the_set["compile"]:
         summary["bare_generate_tok_s"] = steps.call("bare_generate", bare_generate_tok_s, ckpt, dtype, args.device,
                                                     args.max_new_tokens)

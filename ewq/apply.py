@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_backend  # noqa: F401 (re-exported)
 from .common import EWQError
-from .plan import layer_precision
+from .plan import layer_precision, precisions_used
 
 
 @dataclass
@@ -100,9 +100,7 @@ def check_backend(plan: dict, settings: QuantSettings, dtype, device: str):
     """Refuse, before any work, what the backend cannot run. Returns the backend module."""
     backend = get_backend(settings.backend)
     backend.check(settings, dtype, device)
-    used = {layer_precision(b, name) for b in plan["blocks"] for name in (b.get("matrices") or {})}
-    used |= {b["precision"] for b in plan["blocks"]}
-    missing = sorted(used - {"raw"} - set(backend.PRECISIONS))
+    missing = sorted(precisions_used(plan) - {"raw"} - set(backend.PRECISIONS))
     if missing:
         where = [b["index"] for b in plan["blocks"] if b["precision"] in missing
                  or set((b.get("matrices") or {}).values()) & set(missing)]

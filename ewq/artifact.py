@@ -4,14 +4,17 @@ transformers cannot save or load one model whose blocks mix 8-bit and 4-bit bits
 saved model is a directory of our own making:
     model.safetensors   every tensor of the quantized model (int8 data + row scales; packed 4-bit data
                         + its quantization state, as bitsandbytes' own state dict writes them; for the
-                        torch-dynamic backend, int8 data + per-tensor scale and zero point)
+                        torch-dynamic backend, int8 data + per-tensor scale and zero point; for torchao,
+                        each quantized weight's parts, with their types and attributes in the file's
+                        metadata, as torchao.prototype.safetensors flattens them: allow-listed classes only)
     config.json, generation_config.json, tokenizer files
     plan.json           the plan that made it
     metadata.json       is_quantized: true, method (ewq-bitsandbytes or dynamic-ptq-int8), base model
                         and fingerprints, counts, sizes, versions
 It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
 finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
-plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit).
+plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit;
+torchao's unflatten_tensor_state_dict rebuilds its weight tensors).
 """
 
 import json
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -67,8 +70,8 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors = state_tensors(model)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan)})
+        tensors, layout = state_tensors(model)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan), **layout})
         model.config.save_pretrained(tmp)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
@@ -92,6 +95,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
             "avg_bits_per_weight": 8 * block_bytes / plan["size"]["block_params"],
             "dtype": str(dtype).replace("torch.", ""), "quant_type": settings.quant_type,
             "double_quant": settings.double_quant, "int8_threshold": settings.threshold,
+            "group_size": settings.group_size, "int8_activations": settings.int8_activations,
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         tmp.rename(target)
@@ -101,14 +105,20 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
     return target, True
 
 
-def state_tensors(model) -> dict:
-    """Every tensor of the model for safetensors. bitsandbytes layers write their own state (int8 data +
-    SCB; packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed parameters that
-    safetensors cannot hold, so they are stored as int8 data + per-tensor scale and zero point."""
+def state_tensors(model) -> tuple:
+    """(every tensor of the model for safetensors, metadata for the file's header). bitsandbytes layers write their
+    own state (int8 data + SCB; packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed
+    parameters that safetensors cannot hold, so they are stored as int8 data + per-tensor scale and zero point;
+    torchao's weight tensors are flattened by torchao into plain tensors + a description in the header."""
+    from .backends.ao import is_torchao_tensor
+
     dynamic = {name + ".": m for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
-    tensors, seen = {}, set()
+    tensors, seen, torchao_weights = {}, set(), {}
     for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor) or any(name.startswith(p) for p in dynamic):
+            continue
+        if is_torchao_tensor(t):
+            torchao_weights[name] = t
             continue
         key = (t.data_ptr(), t.numel(), t.dtype)
         if key in seen:  # tied weights (lm_head = embeddings) are stored once
@@ -124,7 +134,13 @@ def state_tensors(model) -> dict:
         tensors[prefix + "weight_zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
         if b is not None:
             tensors[prefix + "bias"] = b.detach().contiguous()
-    return tensors
+    header = {}
+    if torchao_weights:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        parts, header = flatten_tensor_state_dict(torchao_weights)
+        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in parts.items()})
+    return tensors, header
 
 
 def _dynamic_int8_layer(state: dict, prefix: str):
@@ -169,6 +185,17 @@ def _four_bit_layer(state: dict, prefix: str, dtype):
     return layer.eval()
 
 
+def _torchao_layer(weights: dict, state: dict, prefix: str, dtype):
+    weight = weights[prefix + "weight"]
+    out_f, in_f = weight.shape
+    bias = state.get(prefix + "bias")
+    layer = torch.nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=dtype)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer.eval()
+
+
 def load_quantized(path, kind: str = "decoder") -> tuple:
     """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
     from accelerate import init_empty_weights
@@ -187,7 +214,7 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
     if not meta or meta.get("is_quantized") is not True or meta.get("method") not in BACKENDS:
         raise EWQError(f"{path} is not a quantized model saved by EWQ (metadata.json with is_quantized: true, "
                        f"method one of {', '.join(BACKENDS)})")
-    dynamic = BACKENDS[meta["method"]] == "torch-dynamic"
+    backend = BACKENDS[meta["method"]]
     for needed in ("model.safetensors", "config.json", "plan.json"):
         if not (path / needed).is_file():
             raise EWQError(f"saved model {path} is incomplete: {needed} is missing; save it again with benchmark.py --save")
@@ -198,11 +225,23 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
     headers = open_checkpoint(path)  # a truncated or corrupt file fails here, with a clear message
     try:
         state = load_file(path / "model.safetensors")
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            header = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise EWQError(f"cannot read {path / 'model.safetensors'}: {e}; save the model again") from None
     if fingerprint_in_memory(headers, state) != meta.get("artifact_fingerprint"):
         raise EWQError(f"the tensors in {path} are not the ones that were saved (truncated, edited or from another "
                        f"plan); save the model again with benchmark.py --save")
+    torchao_weights = {}
+    if backend == "torchao":
+        from .backends.ao import _import
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        _import()
+        try:
+            torchao_weights, state = unflatten_tensor_state_dict(state, header)
+        except (ValueError, KeyError, TypeError) as e:
+            raise EWQError(f"the torchao weights in {path} cannot be rebuilt ({e}); save the model again") from None
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(), no_init_weights():  # every weight is assigned from the file below
@@ -218,10 +257,14 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
             if precision == "raw":
                 continue
             p = f"{state_prefix}.{i}.{name}."
+            if backend == "torchao" and p + "weight" in state:
+                continue  # a layer torchao's kernel could not take was kept raw (apply.Applied.kept_raw)
             try:
-                if precision == "4-bit":
+                if backend == "torchao":
+                    layer = _torchao_layer(torchao_weights, state, p, dtype)
+                elif precision == "4-bit":
                     layer = _four_bit_layer(state, p, dtype)
-                elif dynamic:
+                elif backend == "torch-dynamic":
                     layer = _dynamic_int8_layer(state, p)
                 else:
                     layer = _int8_layer(state, p, meta["int8_threshold"])

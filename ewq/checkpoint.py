@@ -146,7 +146,8 @@ def open_checkpoint(path) -> Checkpoint:
             continue
         prefixes.add(m.group(1))
         block = blocks.setdefault(int(m.group(2)), Block(int(m.group(2))))
-        is_matrix = len(t.shape) == 2 and m.group(3).endswith("weight")
+        # a model saved with torchao stores each quantized weight as its parts (<layer>._weight_qdata, ...)
+        is_matrix = len(t.shape) == 2 and m.group(3).endswith("weight") or m.group(3).endswith("._weight_qdata")
         (block.matrices if is_matrix else block.others).append(t)
     indices = sorted(blocks)
     if indices != list(range(len(indices))):

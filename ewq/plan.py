@@ -59,6 +59,12 @@ def layer_precision(block: dict, matrix: str) -> str:
     return (block.get("matrices") or {}).get(matrix, block["precision"])
 
 
+def precisions_used(plan: dict) -> set:
+    """Every precision the plan gives a block or a matrix (raw included)."""
+    used = {layer_precision(b, name) for b in plan["blocks"] for name in (b.get("matrices") or {})}
+    return used | {b["precision"] for b in plan["blocks"]}
+
+
 def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE) -> float:
     if block.get("matrices"):
         return sum(estimated_bytes(o * i, o, layer_precision(block, name), group_size)

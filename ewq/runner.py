@@ -16,7 +16,7 @@ from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_bac
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .apply import check_backend
 from .plan import (BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, int8_activations_of, load_plan,
-                   plan_hash, plan_label)
+                   plan_hash, plan_label, precisions_used)
 from .embed import EVAL_SENTENCES, SPEED_SENTENCES
 from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL, load_tokenizer
@@ -62,7 +62,8 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="where plans are looked for and --save writes (default quantized_models/)")
         p.add_argument("--save", action="store_true",
                        help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
-                            "metadata.json); pass that directory as --model later to skip quantizing")
+                            "metadata.json); pass that directory as --model later to skip quantizing. Every backend; "
+                            "torchao's CPU int4 layers cannot be saved (torchao has no safetensors form for them)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decode step (transformers' compiled generate); the "
@@ -224,9 +225,10 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     dtype = pick_dtype(args.dtype, device, settings.backend, ckpt.kind)
     if kind == "ewq":
         backend = check_backend(plan, settings, dtype, device)
-        if args.save and backend.SAVE_METHOD is None:
-            raise EWQError(f"--save is not available with the {settings.backend} backend yet (its quantized tensors "
-                           f"have no safetensors form here); drop --save, or save with --backend bitsandbytes")
+        refusal = args.save and backend.cannot_save(precisions_used(plan), device)
+        if refusal:
+            raise EWQError(f"--save cannot save this plan with the {settings.backend} backend: {refusal}; drop --save, "
+                           f"use a plan without those layers, or save with --backend bitsandbytes")
     check_memory(ckpt, dtype, device, plan)
     encoder = ckpt.kind == "encoder"
     if encoder:
@@ -283,7 +285,8 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
                        f"{meta.get('base_path')}` with the same --eval-* settings first")
     from .artifact import BACKENDS
 
-    settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"])
+    settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"],
+                             meta.get("group_size", 64), meta.get("int8_activations", False))  # (absent before torchao saves)
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
                 model=model, load_s=load_s, quantize_s=0.0, kept_raw=[], quality=quality, path_taken="saved-quantized",
                 saved_to=None)

@@ -117,6 +117,36 @@ def test_compiled_and_eager_generate_the_same_tokens(tiny_factory, tmp_path, cap
     assert s["device_read_bandwidth_gb_s"] > 0 and 0 < s["bandwidth_fraction"] < 1
 
 
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_saved_torchao_models_give_identical_logits_and_keep_their_settings(tiny_factory, tmp_path, capsys,
+                                                                             int8_activations):
+    from ewq.artifact import load_quantized
+
+    model_dir = tiny_factory("llama")
+    a8 = ["--int8-activations"] if int8_activations else []
+    argv = ["--model", str(model_dir), "--plan", "uniform-8bit", "--backend", "torchao", *a8, "--save",
+            "--plans-dir", str(tmp_path / "qm"), "--out-dir", str(tmp_path)] + FAST
+    assert run_cli(benchmark.main, argv) == 0
+    out = capsys.readouterr().out
+    saved = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("saved: "))
+    fresh = json.loads(open(out.strip().splitlines()[-1]).read())
+    # the saved directory is a model of its own: no plan, no backend flags, no re-quantizing
+    assert run_cli(benchmark.main, ["--model", saved, "--out-dir", str(tmp_path)] + FAST) == 0
+    again = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
+    assert again["load"]["path_taken"] == "saved-quantized" and again["load"]["quantize_s"] == 0
+    assert again["variant"] == fresh["variant"]  # the label carries the backend and -a8: its settings came back
+    assert again["memory"]["weight_bytes"] == fresh["memory"]["weight_bytes"]
+    assert [t["token_ids"] for t in again["tests"]] == [t["token_ids"] for t in fresh["tests"]]
+    loaded, plan, meta = load_quantized(saved)
+    assert meta["method"] == "ewq-torchao" and meta["int8_activations"] is int8_activations
+    model = load_model(model_dir, torch.bfloat16)
+    apply_plan(model, plan, QuantSettings(backend="torchao", int8_activations=int8_activations), torch.bfloat16,
+               progress=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_matrix_sensitivity_is_per_backend_resumable_and_checked(tiny_factory, tmp_path, monkeypatch):
     from ewq import sensitivity
 

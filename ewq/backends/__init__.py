@@ -3,7 +3,8 @@
 Every backend module provides
     PRECISIONS                 the plan precisions it can run ("8-bit", "4-bit")
     COMPILES, COMPILE_NOTE     whether `--compile` (static cache + torch.compile) works with it, and why not
-    SAVE_METHOD                the `method` written to a saved model's metadata.json, or None if it cannot be saved
+    SAVE_METHOD                the `method` written to a saved model's metadata.json
+    cannot_save(precisions, device)           why a model with these plan precisions cannot be saved, or None
     check(settings, dtype, device)            refuse combinations it cannot run (EWQError, one line)
     unsupported(shape, precision, settings)   why its kernel cannot take a matrix of shape [out, in], or None
     quantize_layer(layer, precision, settings, dtype, device) -> a new module; the float layer is left untouched

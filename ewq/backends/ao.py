@@ -20,7 +20,7 @@ from . import GROUP_SIZES, as_linear
 PRECISIONS = ("8-bit", "4-bit")
 COMPILES = True
 COMPILE_NOTE = None
-SAVE_METHOD = None  # torchao tensors have no safetensors form here yet: --save is refused with this backend
+SAVE_METHOD = "ewq-torchao"  # saved through torchao's own safetensors support (torchao.prototype.safetensors)
 CPU_GROUP_SIZES = (32, 64, 128)
 
 
@@ -38,6 +38,13 @@ def check(settings, dtype, device: str) -> None:
     if device != "cpu" and dtype != torch.bfloat16:
         raise EWQError(f"torchao's CUDA int4 kernel (tinygemm) runs in bfloat16 only; pass --dtype bfloat16 "
                        f"(got {str(dtype).replace('torch.', '')})")
+
+
+def cannot_save(precisions, device: str):
+    if "4-bit" in precisions and device == "cpu":
+        return ("torchao's CPU int4 weights (Int4OpaqueTensor) have no safetensors form in torchao's save support, "
+                "which covers its int8 weights on every device and its CUDA int4 weights")
+    return None
 
 
 def unsupported(shape, precision: str, settings):
@@ -75,6 +82,11 @@ def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu")
         raise EWQError(f"torchao cannot quantize this layer to {precision}: {reason}")
     quantize_(lin, config(precision, settings, device), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
     return lin
+
+
+def is_torchao_tensor(t) -> bool:
+    """A weight quantized by torchao: one of its tensor subclasses (checked without importing torchao)."""
+    return type(t).__module__.startswith("torchao.")
 
 
 def state_bytes(module) -> int:

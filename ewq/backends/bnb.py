@@ -26,6 +26,10 @@ def check(settings, dtype, device: str) -> None:
         raise EWQError(f"unknown 4-bit type '{settings.quant_type}'; choose one of {', '.join(QUANT_TYPES)}")
 
 
+def cannot_save(precisions, device: str):
+    return None
+
+
 def unsupported(shape, precision: str, settings):
     return None  # bitsandbytes takes any Linear shape
 

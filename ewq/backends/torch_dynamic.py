@@ -23,6 +23,10 @@ def check(settings, dtype, device: str) -> None:
         raise EWQError("the torch-dynamic backend runs in float32 only; pass --dtype float32")
 
 
+def cannot_save(precisions, device: str):
+    return None
+
+
 def unsupported(shape, precision: str, settings):
     return None
 
