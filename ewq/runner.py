@@ -189,6 +189,15 @@ def prepare(args, kind: str):
     return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer)
 
 
+def check_compiles(args, backend_name: str, saved: bool = False) -> None:
+    """--compile with a backend whose layers do not compile is refused before any weight is read."""
+    backend = get_backend(backend_name)
+    if args.compile and not backend.COMPILES:
+        what = f"{args.model} was saved with the {backend_name} backend" if saved else f"--backend {backend_name}"
+        raise EWQError(f"--compile with {what}: {backend.COMPILE_NOTE}; "
+                       f"{'save it with --backend torchao' if saved else 'use --backend torchao'}, or drop --compile")
+
+
 def check_kind_flags(args, kind: str, model_kind: str) -> None:
     """Flags that measure the other kind of model are refused, not silently ignored."""
     if model_kind == "encoder":
@@ -214,6 +223,8 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
     from .analysis import fingerprint as weights_fingerprint
 
+    if kind == "ewq":
+        check_compiles(args, args.backend)
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
     if kind == "ewq":
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
@@ -270,6 +281,10 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
         raise EWQError(f"{source.path} is already a saved quantized model; drop --save")
     if args.dtype and args.dtype != meta.get("dtype"):
         raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
+    from .artifact import BACKENDS
+
+    if meta.get("method") in BACKENDS:  # (an unknown method is refused by load_quantized, with its own message)
+        check_compiles(args, BACKENDS[meta["method"]], saved=True)
     start = time.perf_counter()
     model, plan, meta = load_quantized(source.path, ckpt.kind)
     load_s = time.perf_counter() - start
@@ -283,8 +298,6 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
         raise EWQError(f"no cached reference of the base model for these {'sentences' if ckpt.kind == 'encoder' else 'windows'}; "
                        f"run `python benchmark_original.py {'' if ckpt.kind == 'encoder' else '--quality '}--model "
                        f"{meta.get('base_path')}` with the same --eval-* settings first")
-    from .artifact import BACKENDS
-
     settings = QuantSettings(BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"],
                              meta.get("group_size", 64), meta.get("int8_activations", False))  # (absent before torchao saves)
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
@@ -361,10 +374,6 @@ def run(kind: str, argv=None) -> Path:
     if kind == "ewq" and args.group_size is not None and args.backend != "torchao":
         raise EWQError(f"--group-size applies to --backend torchao only ({args.backend} 4-bit uses groups of 64)")
     if args.compile:
-        backend = get_backend(args.backend) if kind == "ewq" else None
-        if backend is not None and not backend.COMPILES:
-            raise EWQError(f"--compile with --backend {args.backend}: {backend.COMPILE_NOTE}; use --backend torchao, "
-                           f"or drop --compile")
         bench.check_compiler(pick_device(args.device))
     ctx = prepare(args, kind)
     device, plan = ctx["device"], ctx["plan"]

@@ -122,6 +122,9 @@ def test_benchmark_saves_and_loads_without_requantizing(tiny_factory, tmp_path, 
     assert second["model"]["fingerprint"] == first["model"]["fingerprint"]
     assert [t["token_ids"] for t in second["tests"]] == [t["token_ids"] for t in first["tests"]]
     assert second["memory"]["weight_bytes"] == first["memory"]["weight_bytes"]
+    # --compile is judged by the backend the saved model was made with, not by the --backend default
+    assert run_cli(benchmark.main, ["--model", saved_dir, "--compile"] + fast) == 2
+    assert "was saved with the bitsandbytes backend" in capsys.readouterr().err
 
 
 def test_status_lists_every_model_and_flags_broken_ones(mixed_plan, tmp_path, capsys):

@@ -145,6 +145,10 @@ def test_saved_torchao_models_give_identical_logits_and_keep_their_settings(tiny
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+    if not int8_activations:  # the shipped model runs compiled too (its backend, torchao, compiles)
+        assert run_cli(benchmark.main, ["--model", saved, "--compile", "--out-dir", str(tmp_path)] + FAST) == 0
+        compiled = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
+        assert compiled["variant"] == fresh["variant"] + "+compile" and compiled["load"]["compile_warmup_s"] > 0
 
 
 def test_matrix_sensitivity_is_per_backend_resumable_and_checked(tiny_factory, tmp_path, monkeypatch):
