@@ -35,12 +35,12 @@ def plan_items(blocks, granularity: str = "block") -> list:
             for b in blocks for name, (o, i) in b["shapes"].items()]
 
 
-def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE) -> list:
-    return [{p: estimated_bytes(it["params"], it["rows"], p, group_size) for p in PRECISIONS} for it in items]
+def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> list:
+    return [{p: estimated_bytes(it["params"], it["rows"], p, group_size, raw_bits) for p in PRECISIONS} for it in items]
 
 
-def block_sizes(blocks, group_size: int = DEFAULT_GROUP_SIZE) -> list:
-    return item_sizes(plan_items(blocks), group_size)
+def block_sizes(blocks, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> list:
+    return item_sizes(plan_items(blocks), group_size, raw_bits)
 
 
 def write_precisions(blocks, items, precisions) -> None:
@@ -72,7 +72,8 @@ def random_allocation(sizes, budget: float, seed: int) -> list:
 
 
 def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None,
-                 group_size: int = DEFAULT_GROUP_SIZE, usable=("8-bit", "4-bit"), backend: str = "") -> float:
+                 group_size: int = DEFAULT_GROUP_SIZE, usable=("8-bit", "4-bit"), backend: str = "",
+                 raw_bits: int = 16) -> float:
     """Bytes the blocks may take. Refuses a target that even the smallest plan the `usable` precisions allow
     cannot meet (every block 4-bit; every block 8-bit for an executor without 4-bit)."""
     if (target_bits is None) == (max_weight_gb is None):
@@ -87,12 +88,12 @@ def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None
     else:
         if not max_weight_gb > 0:
             raise EWQError(f"--max-weight-gb must be positive, got {max_weight_gb}")
-        budget = max_weight_gb * 1e9 - 2 * other_params
+        budget = max_weight_gb * 1e9 - raw_bits / 8 * other_params
     if budget < smallest:
         why = f" (the {backend} backend has no 4-bit)" if lowest == "8-bit" else ""
         raise EWQError(f"the size target cannot be met: the smallest reachable plan (every block {lowest}{why}, scales "
                        f"included) has {8 * smallest / params:.3f} bits per weight, "
-                       f"{(smallest + 2 * other_params) / 1e9:.3f} GB for the whole model; ask for at least that")
+                       f"{(smallest + raw_bits / 8 * other_params) / 1e9:.3f} GB for the whole model; ask for at least that")
     return budget
 
 

@@ -44,9 +44,10 @@ def entropy_rule(entropies, k: float):
 DEFAULT_GROUP_SIZE = 64
 
 
-def estimated_bytes(params: int, rows: int, precision: str, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+def estimated_bytes(params: int, rows: int, precision: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    raw_bits: int = 16) -> float:
     if precision == "raw":
-        return 2.0 * params
+        return raw_bits / 8 * params
     if precision == "8-bit":
         return params + 4.0 * rows
     if precision == "4-bit":
@@ -65,11 +66,11 @@ def precisions_used(plan: dict) -> set:
     return used | {b["precision"] for b in plan["blocks"]}
 
 
-def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> float:
     if block.get("matrices"):
-        return sum(estimated_bytes(o * i, o, layer_precision(block, name), group_size)
+        return sum(estimated_bytes(o * i, o, layer_precision(block, name), group_size, raw_bits)
                    for name, (o, i) in block["shapes"].items())
-    return estimated_bytes(block["params"], block["rows"], block["precision"], group_size)
+    return estimated_bytes(block["params"], block["rows"], block["precision"], group_size, raw_bits)
 
 
 def int8_activations_of(plan: dict) -> bool:
@@ -81,17 +82,35 @@ def group_size_of(plan: dict) -> int:
     return (plan.get("method") or {}).get("group_size") or DEFAULT_GROUP_SIZE
 
 
-def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+def raw_bits_of(plan: dict) -> int:
+    """Bits of a raw (unquantized) weight in the dtype the plan was sized for: 16 (bf16/fp16, recorded only when
+    it is not) or 32 (an encoder's float32 on the CPU, torch-dynamic's float32)."""
+    return (plan.get("method") or {}).get("raw_bits") or 16
+
+
+def default_raw_bits(kind: str, backend: str) -> int:
+    """Bits of a raw weight in the dtype benchmark.py runs by default on this machine (device.pick_dtype)."""
+    import torch
+
+    from .device import pick_device, pick_dtype
+
+    return torch.finfo(pick_dtype(None, pick_device("auto"), backend, kind)).bits
+
+
+def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> dict:
+    """Estimated bytes; raw weights, embeddings and norms at `raw_bits`."""
     params = sum(b["params"] for b in blocks)
-    before = sum(estimated_bytes(b["params"], b["rows"], "raw") for b in blocks)
-    after = sum(block_bytes(b, group_size) for b in blocks)
+    before = sum(estimated_bytes(b["params"], b["rows"], "raw", raw_bits=raw_bits) for b in blocks)
+    after = sum(block_bytes(b, group_size, raw_bits) for b in blocks)
+    other = raw_bits / 8 * other_params
     return {
         "block_params": params,
         "other_params": other_params,
+        "raw_bits": raw_bits,
         "blocks_bytes_before": int(before),
         "blocks_bytes_after": int(after),
-        "model_bytes_before": int(before + 2 * other_params),
-        "model_bytes_after": int(after + 2 * other_params),
+        "model_bytes_before": int(before + other),
+        "model_bytes_after": int(after + other),
         "avg_bits_per_weight": round(8 * after / params, 4),
     }
 
@@ -152,24 +171,30 @@ def build_plan(source, ckpt, fingerprint: str, method: dict, precisions, entropi
                   "tensors": [t.name for t in ckpt.other]},
         "counts": counts(blocks),
         "matrix_counts": matrix_counts(blocks),
-        "size": size_summary(blocks, other_params, group_size_of({"method": method})),
+        "size": size_summary(blocks, other_params, group_size_of({"method": method}), raw_bits_of({"method": method})),
         "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "analysis_s": round(analysis_s, 3),
                 "peak_rss_gb": round(peak_rss_gb(), 3), "tool_version": __version__},
     }
 
 
-def entropy_plan(source, ckpt, analysis, entropy: str, k: float, bins: int) -> dict:
+def entropy_plan(source, ckpt, analysis, entropy: str, k: float, bins: int, raw_bits: int = 16) -> dict:
     precisions, stats = entropy_rule(analysis.block_entropies, k)
     method = {"name": "entropy", "entropy": entropy, "bins": bins if entropy == "histogram" else None,
-              "k": k, "rule": RULE}
+              "k": k, "rule": RULE, **raw_bits_entry(raw_bits)}
     return build_plan(source, ckpt, analysis.fingerprint, method, precisions, analysis.block_entropies, stats,
                       analysis.seconds)
 
 
-def builtin_plan(name: str, source, ckpt, fingerprint: str) -> dict:
+def raw_bits_entry(raw_bits: int) -> dict:
+    """The method's record of raw bits: absent at 16, so the plans (and hashes) of 16-bit models stay as they were."""
+    return {} if raw_bits == 16 else {"raw_bits": raw_bits}
+
+
+def builtin_plan(name: str, source, ckpt, fingerprint: str, raw_bits: int = 16) -> dict:
     """The baselines EWQ must beat: every block raw, 8-bit or 4-bit."""
     precision = BUILTIN_PLANS[name]
-    return build_plan(source, ckpt, fingerprint, {"name": name}, [precision] * len(ckpt.blocks))
+    return build_plan(source, ckpt, fingerprint, {"name": name, **raw_bits_entry(raw_bits)},
+                      [precision] * len(ckpt.blocks))
 
 
 def plan_hash(plan: dict) -> str:
@@ -198,7 +223,7 @@ def load_plan(path) -> dict:
     plan["blocks"].sort(key=lambda b: b["index"])
     plan["counts"] = counts(plan["blocks"])
     plan["matrix_counts"] = matrix_counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"], group_size_of(plan))
+    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"], group_size_of(plan), raw_bits_of(plan))
     return plan
 
 
@@ -278,7 +303,8 @@ def format_summary(plan: dict) -> str:
          if (mc := plan.get("matrix_counts")) and any(b.get("matrices") for b in plan["blocks"]) else []) + [
         f"weights    blocks {s['blocks_bytes_before'] / gb:.3f} GB -> {s['blocks_bytes_after'] / gb:.3f} GB, "
         f"whole model {s['model_bytes_before'] / gb:.3f} GB -> {s['model_bytes_after'] / gb:.3f} GB (estimated)",
-        f"avg bits   {s['avg_bits_per_weight']:.2f} bits per block weight",
+        f"avg bits   {s['avg_bits_per_weight']:.2f} bits per block weight (a raw weight counted at "
+        f"{s.get('raw_bits', 16)} bits)",
     ]
     if plan.get("stats"):
         st = plan["stats"]
@@ -357,7 +383,9 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
                        f"(encoders calibrate on sentences, decoders on token windows); drop it")
     # the research question needs both entropy definitions beside the measured sensitivity
     analysis = analyze(ckpt, entropy, progress=progress, also=("histogram", "softmax") if method == "sensitivity" else ())
-    rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins)
+    # sizes count a raw weight in the dtype the benchmark will run it in here: an encoder's float32 on the CPU
+    # costs 32 bits, not 16
+    rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins, default_raw_bits(ckpt.kind, backend))
     has_target = target_bits is not None or max_weight_gb is not None
     if method == "entropy" and not has_target and granularity == "block":
         plan = rule_plan
@@ -381,7 +409,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     from .backends import get_backend
 
     blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
-    group_size = settings.group_size
+    group_size, raw_bits = settings.group_size, raw_bits_of(rule_plan)
     if target_bits is not None or max_weight_gb is not None:
         target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
     else:
@@ -390,10 +418,10 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     # a target the executor cannot reach is refused before anything is measured
     usable = get_backend(settings.backend).PRECISIONS if method == "sensitivity" else ("8-bit", "4-bit")
     budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size,
-                                   usable, settings.backend)
+                                   usable, settings.backend, raw_bits)
     items = allocate.plan_items(blocks, granularity)
-    sizes = allocate.item_sizes(items, group_size)
-    method_info = {"name": method, "target": target, "granularity": granularity}
+    sizes = allocate.item_sizes(items, group_size, raw_bits)
+    method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
     if group_size != DEFAULT_GROUP_SIZE:
         method_info["group_size"] = group_size
     extra, checks, cached = None, None, None
@@ -456,7 +484,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
             b["entropies"] = {kind: round(v[b["index"]], 9) for kind, v in analysis.by_kind.items()}
     plan["counts"] = counts(plan["blocks"])
     plan["matrix_counts"] = matrix_counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], other, group_size)
+    plan["size"] = size_summary(plan["blocks"], other, group_size, raw_bits)
     if checks:
         plan["checks"] = {k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
                           for k, v in checks.items()}

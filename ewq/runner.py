@@ -16,14 +16,14 @@ from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_bac
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .apply import check_backend
 from .plan import (BUILTIN_PLANS, builtin_plan, check_plan_matches, group_size_of, int8_activations_of, load_plan,
-                   plan_hash, plan_label, precisions_used)
+                   plan_hash, plan_label, precisions_used, raw_bits_of)
+from .device import DTYPES, pick_device, pick_dtype
 from .embed import EVAL_SENTENCES, SPEED_SENTENCES
 from .quality import TOP_K, WINDOW
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL, load_tokenizer
 
 CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_parser(kind: str) -> ArgumentParser:
@@ -99,36 +99,10 @@ def build_parser(kind: str) -> ArgumentParser:
     return p
 
 
-def pick_device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise EWQError(f"--device cuda, but CUDA is not available to torch {torch.__version__}; use --device cpu")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
-
-
-def pick_dtype(choice, device: str, backend: str, kind: str = "decoder") -> torch.dtype:
-    if choice:
-        return DTYPES[choice]
-    if backend == "torch-dynamic":
-        return torch.float32  # torch's dynamic int8 kernels take fp32 activations
-    if backend == "torchao" and device == "cuda":
-        return torch.bfloat16  # torchao's CUDA int4 kernel (tinygemm) takes bf16 only
-    if kind == "encoder" and device == "cpu":
-        # an encoder is compute-bound (whole sentences at once, no weight-reading decode loop): without native
-        # bf16 matmul on this CPU bf16 ran at 0.17x fp32 (DESIGN.md), so encoders keep their fp32 here
-        return torch.float32
-    # CPU, measured on this project's 2-core AVX2 machine (bench/cpu_dtype.py, docs/RESULTS.md): bf16
-    # decodes 1.6x faster than fp32 (20.6 vs 12.7 tok/s: decode reads every weight, bf16 reads half) but
-    # prefills 3.6x slower (no native bf16 matmul). Decode is the headline figure and bf16 keeps raw
-    # blocks at 16 bits as fp16 does on a GPU, so bf16 is the CPU default.
-    return torch.float16 if device == "cuda" else torch.bfloat16
-
-
-def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str):
+def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str, raw_bits: int = 16):
     """(plan, path or None): a built-in baseline, the given file, or the newest plan for these weights."""
     if spec in BUILTIN_PLANS:
-        return builtin_plan(spec, source, ckpt, fingerprint), None
+        return builtin_plan(spec, source, ckpt, fingerprint, raw_bits), None
     if spec:
         plan, path = load_plan(spec), Path(spec)
     else:
@@ -157,7 +131,7 @@ def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
         raise EWQError(f"out of memory: the weights need {need:.2f} GB in {dtype} on the CPU, {free:.2f} GB is free; "
                        f"close other programs or use a machine with more RAM")
     if device == "cuda":
-        ratio = torch.finfo(dtype).bits / 16
+        ratio = torch.finfo(dtype).bits / raw_bits_of(plan)
         need_gpu = plan["size"]["model_bytes_after"] * ratio / 1e9
         free_gpu = torch.cuda.mem_get_info()[0] / 1e9
         if need_gpu > 0.95 * free_gpu:
@@ -226,14 +200,15 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     if kind == "ewq":
         check_compiles(args, args.backend)
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
+    dtype = pick_dtype(args.dtype, device, args.backend if kind == "ewq" else QuantSettings().backend, ckpt.kind)
+    raw_bits = torch.finfo(dtype).bits  # what a raw weight costs in this run (built-in plans are sized with it)
     if kind == "ewq":
-        plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model)
+        plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model, raw_bits)
         settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold,
                                  args.group_size or group_size_of(plan),
                                  args.int8_activations or int8_activations_of(plan))
     else:
-        plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp), None, QuantSettings()
-    dtype = pick_dtype(args.dtype, device, settings.backend, ckpt.kind)
+        plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp, raw_bits), None, QuantSettings()
     if kind == "ewq":
         backend = check_backend(plan, settings, dtype, device)
         refusal = args.save and backend.cannot_save(precisions_used(plan), device)

@@ -50,7 +50,7 @@ class Service:
         from .apply import load_model
         from .artifact import load_quantized, read_metadata
         from .checkpoint import open_checkpoint
-        from .runner import pick_dtype
+        from .device import pick_dtype
         from .source import load_tokenizer, resolve_model
 
         source = resolve_model(model_spec, models_dir)
@@ -184,7 +184,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         raise EWQError(f"--port must be between 1 and 65535, got {args.port}")
-    from .runner import pick_device
+    from .device import pick_device
 
     listener = bind(args.host, args.port)  # before the model loads: a busy port costs a second, not the load
     service = Service(args.model, args.models_dir, pick_device(args.device))

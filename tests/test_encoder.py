@@ -128,6 +128,16 @@ def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path):
     c = plan["checks"]
     assert c["measured_cosine_loss"] >= 0 and len(c["random_plans_cosine_loss"]) == 3
     assert all("cosine_loss_8bit" in b and "matrix_cosine_loss" in b for b in plan["blocks"])
+    # an fp32 encoder keeps its raw matrices in fp32 on the CPU: the plan counts them at 32 bits, so its size is
+    # the size the benchmark measures (at 16 bits it read about 30 % small)
+    assert plan["size"]["raw_bits"] == 32 and plan["matrix_counts"]["raw"] >= 1
+    bench = run_script("benchmark.py", "--model", tiny_encoder("roberta"), "--plan", r.stdout.strip().splitlines()[-1],
+                       "--backend", "torch-dynamic", *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(open(bench.stdout.strip().splitlines()[-1]).read())
+    measured, estimated = result["memory"]["block_avg_bits_per_weight"], plan["size"]["avg_bits_per_weight"]
+    # within 7 %: the estimate keeps 4 bytes per row for 8-bit scales, the measurement counts the layers' biases
+    assert abs(measured / estimated - 1) < 0.07, (measured, estimated)
     assert plan["matrix_counts"]["raw"] > 0 and plan["matrix_counts"]["4-bit"] == 0  # torch-dynamic has no 4-bit
     assert "1 - cosine on the calibration text" in r.stdout
 
