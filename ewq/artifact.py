@@ -9,7 +9,7 @@ saved model is a directory of our own making:
                         metadata, as torchao.prototype.safetensors flattens them: allow-listed classes only)
     config.json, generation_config.json, tokenizer files
     plan.json           the plan that made it
-    metadata.json       is_quantized: true, method (ewq-bitsandbytes or dynamic-ptq-int8), base model
+    metadata.json       is_quantized: true, method (ewq-bitsandbytes, ewq-torchao or dynamic-ptq-int8), base model
                         and fingerprints, counts, sizes, versions
 It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
 finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
@@ -234,10 +234,8 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
                        f"plan); save the model again with benchmark.py --save")
     torchao_weights = {}
     if backend == "torchao":
-        from .backends.ao import _import
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        _import()
         try:
             torchao_weights, state = unflatten_tensor_state_dict(state, header)
         except (ValueError, KeyError, TypeError) as e:

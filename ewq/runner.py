@@ -25,7 +25,6 @@ from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL, load_token
 CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 
 
-
 def build_parser(kind: str) -> ArgumentParser:
     from .bench import CPU_DEFAULT_NEW_TOKENS, CUDA_DEFAULT_NEW_TOKENS, task_names
 
