@@ -79,7 +79,7 @@ class Steps:
             proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
             stdout, stderr, error = proc.stdout, proc.stderr, proc.returncode and f"exit {proc.returncode}"
         except subprocess.TimeoutExpired as e:
-            stdout, stderr = (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace")
+            stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
             error = f"timed out at the end of --budget-s ({timeout:.0f} s left when it started)"
         seconds = time.perf_counter() - start
         self.longest_s = max(self.longest_s, seconds)
