@@ -40,7 +40,7 @@ def build_parser(kind: str) -> ArgumentParser:
         p.add_argument("--plan", default=None,
                        help="plan JSON from main_cache_model.py, or a built-in baseline: "
                             f"{', '.join(BUILTIN_PLANS)} (default: the newest plan in --plans-dir for this model's weights)")
-        p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
+        p.add_argument("--backend", choices=BACKENDS, default=None,
                        help="bitsandbytes (default, the PoC's executor): Linear8bitLt (LLM.int8, activations int8 too) / "
                             "Linear4bit nf4/fp4; torchao: weight-only int8 per row / int4 with HQQ scales per group, "
                             "activations stay in the run dtype (faster and closer to the original; see docs/RESULTS.md); "
@@ -196,14 +196,20 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
     from .analysis import fingerprint as weights_fingerprint
 
+    backend_name = (args.backend if kind == "ewq" else None) or QuantSettings.backend
     if kind == "ewq":
-        check_compiles(args, args.backend)
+        if args.int8_activations and backend_name != "torchao":
+            raise EWQError("--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and "
+                           "torch-dynamic always quantize activations, per tensor)")
+        if args.group_size is not None and backend_name != "torchao":
+            raise EWQError(f"--group-size applies to --backend torchao only ({backend_name} 4-bit uses groups of 64)")
+        check_compiles(args, backend_name)
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
-    dtype = pick_dtype(args.dtype, device, args.backend if kind == "ewq" else QuantSettings().backend, ckpt.kind)
+    dtype = pick_dtype(args.dtype, device, backend_name, ckpt.kind)
     raw_bits = torch.finfo(dtype).bits  # what a raw weight costs in this run (built-in plans are sized with it)
     if kind == "ewq":
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model, raw_bits)
-        settings = QuantSettings(args.backend, args.quant_type, args.double_quant, args.int8_threshold,
+        settings = QuantSettings(backend_name, args.quant_type, args.double_quant, args.int8_threshold,
                                  args.group_size or group_size_of(plan),
                                  args.int8_activations or int8_activations_of(plan))
     else:
@@ -253,6 +259,14 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
         raise EWQError(f"{source.path} is a saved quantized model and carries its own plan; drop --plan")
     if args.save:
         raise EWQError(f"{source.path} is already a saved quantized model; drop --save")
+    given = [flag for flag, value, default in (
+        ("--backend", args.backend, None), ("--group-size", args.group_size, None),
+        ("--int8-activations", args.int8_activations, False), ("--quant-type", args.quant_type, QuantSettings.quant_type),
+        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold))
+        if value != default]
+    if given:
+        raise EWQError(f"{source.path} is a saved quantized model: its metadata.json sets the executor "
+                       f"({meta.get('method')}); drop {', '.join(given)}")
     if args.dtype and args.dtype != meta.get("dtype"):
         raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
     from .artifact import BACKENDS
@@ -342,11 +356,6 @@ def run(kind: str, argv=None) -> Path:
     suite = bench.load_suite(tasks)
     out_dir = check_writable_dir(args.out_dir)
 
-    if kind == "ewq" and args.int8_activations and args.backend != "torchao":
-        raise EWQError(f"--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and torch-dynamic "
-                       f"always quantize activations, per tensor)")
-    if kind == "ewq" and args.group_size is not None and args.backend != "torchao":
-        raise EWQError(f"--group-size applies to --backend torchao only ({args.backend} 4-bit uses groups of 64)")
     if args.compile:
         bench.check_compiler(pick_device(args.device))
     ctx = prepare(args, kind)

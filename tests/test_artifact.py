@@ -125,6 +125,9 @@ def test_benchmark_saves_and_loads_without_requantizing(tiny_factory, tmp_path, 
     # --compile is judged by the backend the saved model was made with, not by the --backend default
     assert run_cli(benchmark.main, ["--model", saved_dir, "--compile"] + fast) == 2
     assert "was saved with the bitsandbytes backend" in capsys.readouterr().err
+    # executor flags are the saved model's (metadata.json): given again they are refused, not silently ignored
+    assert run_cli(benchmark.main, ["--model", saved_dir, "--backend", "torchao", "--int8-threshold", "3"] + fast) == 2
+    assert "drop --backend, --int8-threshold" in capsys.readouterr().err
 
 
 def test_status_lists_every_model_and_flags_broken_ones(mixed_plan, tmp_path, capsys):
