@@ -147,11 +147,16 @@ def apply_plan(model, plan: dict, settings: QuantSettings, dtype: torch.dtype, p
 
 # ---- exact weight bytes, counted from the tensors the model really holds ----
 
+def is_tensor_subclass(t) -> bool:
+    """A wrapper tensor subclass (torchao's quantized weights): its bytes live in the tensors inside it."""
+    return hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter)
+
+
 def tensor_bytes(t) -> int:
-    """Bytes of a tensor; for a tensor subclass (torchao's quantized weights), of the tensors inside it."""
+    """Bytes of a tensor; for a tensor subclass, of the tensors inside it."""
     if t is None:
         return 0
-    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+    if is_tensor_subclass(t):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
@@ -175,7 +180,7 @@ def weight_bytes_by_precision(model, plan: dict | None) -> dict:
                 continue
             seen_modules.add(id(m))
             for t in m.parameters(recurse=False):  # buffers (rotary tables, causal masks) are not weights
-                key = id(t) if hasattr(t, "__tensor_flatten__") and type(t) is not nn.Parameter else (t.data_ptr(), t.numel())
+                key = id(t) if is_tensor_subclass(t) else (t.data_ptr(), t.numel())
                 if t.numel() and key not in seen_tensors:
                     seen_tensors.add(key)
                     groups[group] += tensor_bytes(t)
