@@ -171,17 +171,22 @@ def check_compiles(args, backend_name: str, saved: bool = False) -> None:
                        f"{'save it with --backend torchao' if saved else 'use --backend torchao'}, or drop --compile")
 
 
+def flags_given(flags) -> list:
+    """The flags set away from their defaults: [(flag, value, default)] -> [flag]."""
+    return [flag for flag, value, default in flags if value != default]
+
+
 def check_kind_flags(args, kind: str, model_kind: str) -> None:
     """Flags that measure the other kind of model are refused, not silently ignored."""
     if model_kind == "encoder":
-        given = [flag for flag, value, default in (
+        given = flags_given((
             ("--compile", args.compile, False), ("--max-new-tokens", args.max_new_tokens, None),
             ("--tasks", args.tasks, None), ("--eval-tokens", args.eval_tokens, None),
-            ("--eval-window", args.eval_window, WINDOW), ("--kl-top-k", args.kl_top_k, TOP_K)) if value != default]
+            ("--eval-window", args.eval_window, WINDOW), ("--kl-top-k", args.kl_top_k, TOP_K)))
         what = "they measure generation"
     else:
-        given = [flag for flag, value in (("--eval-sentences", args.eval_sentences),
-                                          ("--speed-sentences", args.speed_sentences)) if value is not None]
+        given = flags_given((("--eval-sentences", args.eval_sentences, None),
+                             ("--speed-sentences", args.speed_sentences, None)))
         what = "they measure sentence embeddings"
     if given:
         raise EWQError(f"{args.model} is {'an' if model_kind == 'encoder' else 'a'} {model_kind}; {', '.join(given)} "
@@ -259,11 +264,10 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
         raise EWQError(f"{source.path} is a saved quantized model and carries its own plan; drop --plan")
     if args.save:
         raise EWQError(f"{source.path} is already a saved quantized model; drop --save")
-    given = [flag for flag, value, default in (
+    given = flags_given((
         ("--backend", args.backend, None), ("--group-size", args.group_size, None),
         ("--int8-activations", args.int8_activations, False), ("--quant-type", args.quant_type, QuantSettings.quant_type),
-        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold))
-        if value != default]
+        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold)))
     if given:
         raise EWQError(f"{source.path} is a saved quantized model: its metadata.json sets the executor "
                        f"({meta.get('method')}); drop {', '.join(given)}")
