@@ -9,8 +9,9 @@ from ewq.allocate import GRANULARITIES
 from ewq.backends import BACKENDS, GROUP_SIZES
 from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
+from ewq.plan import format_summary
+from ewq.planning import METHODS, make_plan
 from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
-from ewq.plan import METHODS, format_summary, make_plan
 
 
 def nonnegative_float(text):

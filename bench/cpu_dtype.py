@@ -17,7 +17,7 @@ def main():
     import torch
 
     from ewq.apply import load_model
-    from ewq.bench import encode_prompt, generate_exact, load_suite
+    from ewq.generate import encode_prompt, generate_exact, load_suite
     from ewq.source import resolve_model
     from transformers import AutoTokenizer
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .common import EWQError, write_json_atomic
 from .entropy import ENTROPY_FUNCTIONS, block_entropy
+from .probes import cache_dir
 
 WORKERS = 2
 
@@ -64,7 +65,6 @@ def stat_key(ckpt: Checkpoint) -> str:
 
 
 def _cache_path(ckpt: Checkpoint):
-    from .bench import cache_dir
 
     return cache_dir() / "analysis" / f"analysis_{stat_key(ckpt)}.json"
 

@@ -29,10 +29,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .apply import block_list, quantizable_layers, weight_bytes_by_precision
+from .analysis import fingerprint_in_memory
+from .apply import (
+    block_list,
+    model_class,
+    quantizable_layers,
+    weight_bytes_by_precision,
+)
 from .backends import BACKENDS as BACKEND_NAMES
 from .backends import get_backend
+from .backends.ao import is_torchao_tensor
 from .backends.bnb import quiet as quiet_bitsandbytes
+from .checkpoint import open_checkpoint
 from .common import EWQError, write_json_atomic
 from .plan import layer_precision, load_plan, plan_hash
 
@@ -59,9 +67,6 @@ def artifact_name(model_id: str, plan: dict) -> str:
 
 def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, settings, dtype, root) -> tuple:
     """Write the quantized model to root/<name>-<plan hash>/. Returns (path, written now?)."""
-    from .analysis import fingerprint_in_memory
-    from .checkpoint import open_checkpoint
-
     root = Path(root)
     target = root / artifact_name(source.id, plan)
     if (target / "metadata.json").is_file():
@@ -110,8 +115,6 @@ def state_tensors(model) -> tuple:
     own state (int8 data + SCB; packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed
     parameters that safetensors cannot hold, so they are stored as int8 data + per-tensor scale and zero point;
     torchao's weight tensors are flattened by torchao into plain tensors + a description in the header."""
-    from .backends.ao import is_torchao_tensor
-
     dynamic = {name + ".": m for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
     tensors, seen, torchao_weights = {}, set(), {}
     for name, t in model.state_dict().items():
@@ -136,7 +139,9 @@ def state_tensors(model) -> tuple:
             tensors[prefix + "bias"] = b.detach().contiguous()
     header = {}
     if torchao_weights:
-        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+        from torchao.prototype.safetensors.safetensors_support import (
+            flatten_tensor_state_dict,
+        )
 
         parts, header = flatten_tensor_state_dict(torchao_weights)
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in parts.items()})
@@ -200,13 +205,7 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
     """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
-
-    from .apply import model_class
-
     from transformers.initialization import no_init_weights
-
-    from .analysis import fingerprint_in_memory
-    from .checkpoint import open_checkpoint
 
     quiet_bitsandbytes()
     path = Path(path)
@@ -234,7 +233,9 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
                        f"plan); save the model again with benchmark.py --save")
     torchao_weights = {}
     if backend == "torchao":
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+        from torchao.prototype.safetensors.safetensors_support import (
+            unflatten_tensor_state_dict,
+        )
 
         try:
             torchao_weights, state = unflatten_tensor_state_dict(state, header)

@@ -13,6 +13,9 @@ Fidelity (`fidelity`): against the original's embeddings of the evaluation sente
 the float model and cached: mean and minimum cosine similarity, and top-10 nearest-neighbour agreement
 (the share of each sentence's 10 nearest other sentences that stay among its 10 nearest): what a
 retrieval service built on the embeddings would notice.
+
+The runner (runner.py) calls this module for an encoder, through the same small interface as the decoder's
+generate.py: add_arguments, check_arguments, quality_inputs, make_reference, measure, format_result.
 """
 
 import json
@@ -25,8 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import quality
 from .common import EWQError
+from .probes import peak_memory_gb, reset_peak_memory, synchronize
 
+KIND = "encoder"
 EVAL_SENTENCES = 1024
 CALIB_SENTENCES = 128
 SPEED_SENTENCES = 128
@@ -195,17 +201,10 @@ def fidelity(reference: torch.Tensor, variant: torch.Tensor, k: int = NEIGHBOURS
 
 # ---- speed ----
 
-def _sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def encoder_suite(model, embedder: Embedder, sentences, repeats: int, device: str = "cpu", batch_sizes=BATCH_SIZES,
                   progress: bool = True) -> dict:
     """Sentences/s per batch size on the same sentences, and batch-1 latency. Batches keep the sentences' order
     (fixed, not sorted by length: what a service sees) and pad to their longest sentence."""
-    from .bench import peak_memory_gb, reset_peak_memory
-
     for bs in batch_sizes:  # warm-up: one untimed pass at each batch size (kernels are picked per input shape)
         for i in range(0, len(sentences), bs):
             embedder.batch(model, sentences[i:i + bs], device)
@@ -218,7 +217,7 @@ def encoder_suite(model, embedder: Embedder, sentences, repeats: int, device: st
         for i in range(0, len(sentences), bs):
             t0 = time.perf_counter()
             embedder.batch(model, sentences[i:i + bs], device)
-            _sync(device)
+            synchronize(device)
             if bs == 1:
                 latencies.append(time.perf_counter() - t0)
         throughput[bs].append(len(sentences) / (time.perf_counter() - start))
@@ -249,3 +248,86 @@ def format_result(result: dict) -> str:
                      f"neighbour agreement {q[f'top{NEIGHBOURS}_agreement']:.3f} over {q['sentences']} sentences of "
                      f"{q['corpus']}{' (reference from cache)' if q['reference_cached'] else ''}")
     return "\n".join(lines)
+
+
+# ---- the encoder's part of a benchmark run (runner.py calls these) ----
+
+MISSING_REFERENCE = "no cached reference of the base model for these sentences; run `python benchmark_original.py " \
+                    "--model {base}` with the same --eval-* settings first"
+
+
+def add_arguments(p) -> None:
+    """The flags only encoders take; a decoder refuses them (runner.check_kind_flags)."""
+    p.add_argument("--eval-sentences", type=int, default=None,
+                   help=f"corpus sentences whose embeddings are compared with the original's (cosine, "
+                        f"top-10 neighbours; default {EVAL_SENTENCES}). Encoders always measure this fidelity")
+    p.add_argument("--speed-sentences", type=int, default=None,
+                   help=f"sentences embedded at batch 1 and at batch 32 for sentences/s and latency "
+                        f"(default {SPEED_SENTENCES})")
+
+
+def check_arguments(args) -> None:
+    for flag, value in (("--eval-sentences", args.eval_sentences), ("--speed-sentences", args.speed_sentences)):
+        if value is not None and value < 2:
+            raise EWQError(f"{flag} must be at least 2, got {value}")
+
+
+def quality_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str, dtype, device: str) -> dict:
+    """Evaluation sentences, the model's pooling and (if cached) the original's embeddings of them. Encoders
+    always measure this fidelity."""
+    corpus = quality.load_corpus(args.eval_text)
+    sentences = corpus_sentences(corpus, args.eval_sentences or EVAL_SENTENCES)
+    embedder = Embedder.of(path, config, tokenizer)
+    limit = embedder.max_length
+    cut = embedder.truncated(sentences)
+    if cut:
+        print(f"note: {len(cut)} of {len(sentences)} sentences are longer than the model's {limit} tokens and are "
+              f"embedded from their first {limit} tokens")
+    key = {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+           "sentences": len(sentences), "sentences_sha256": sentences_digest(sentences),
+           "pooling": embedder.pooling.mode, "normalize": embedder.pooling.normalize, "max_length": limit,
+           "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
+    cache = quality.cache_path(Path(args.out_dir) / ".reference", key)
+    reference = quality.load_reference(cache, key, names={"embeddings"})
+    return {"corpus": corpus, "sentences": sentences, "embedder": embedder, "truncated": cut,
+            "key": key, "path": cache, "reference": reference, "cached": reference is not None}
+
+
+def make_reference(model, q: dict, device: str, progress: bool) -> dict:
+    """The original's embeddings of the evaluation sentences, from the float model, saved to the reference cache."""
+    if device != "cpu":
+        model.to(device)
+    reference = {"embeddings": q["embedder"].embed(model, q["sentences"], device, progress=progress,
+                                                   desc="reference embeddings")}
+    if device != "cpu":
+        model.to("cpu")
+    quality.save_reference(q["path"], q["key"], reference)
+    return reference
+
+
+def measure(args, ctx: dict, weight_bytes: int) -> dict:
+    """Sentences/s at batch 1 and 32, batch-1 latency, and (for a quantized model) fidelity to the original's
+    embeddings of the evaluation sentences."""
+    q, device = ctx["quality"], ctx["device"]
+    speed_sentences = q["sentences"][:args.speed_sentences or SPEED_SENTENCES]
+    start = time.perf_counter()
+    embedder = q["embedder"]
+    encoder = encoder_suite(ctx["model"], embedder, speed_sentences, args.repeats, device,
+                            progress=not args.no_progress)
+    fidelity_of = None
+    if ctx["path_taken"] != "original-checkpoint":
+        t0 = time.perf_counter()
+        variant = embedder.embed(ctx["model"], q["sentences"], device, progress=not args.no_progress, desc="fidelity")
+        fidelity_of = {**fidelity(q["reference"]["embeddings"], variant), "corpus": q["corpus"].name,
+                       "corpus_sha256": q["corpus"].sha256, "reference_cache": str(q["path"]),
+                       "reference_cached": q["cached"], "eval_s": time.perf_counter() - t0}
+    peak = encoder.pop("peak_memory_gb")
+    encoder.update(pooling=embedder.pooling.mode, normalize=embedder.pooling.normalize,
+                   pooling_source=embedder.pooling.source, max_length=embedder.max_length,
+                   truncated_sentences=len(q["truncated"]),
+                   bench_s=time.perf_counter() - start)
+    settings = {"repeats": args.repeats, "speed_sentences": len(speed_sentences), "eval_sentences": len(q["sentences"]),
+                "batch_sizes": list(BATCH_SIZES), "warmup": "one untimed pass at each batch size",
+                "order": "corpus order, each batch padded to its longest sentence"}
+    return {"tests": [], "warmup_s": None, "quality": fidelity_of, "settings": settings, "peak_gb": peak,
+            "peak_during": "encoder benchmark", "speed": None, "encoder": encoder}

@@ -1,8 +1,7 @@
-"""Stage 3: the quantization plan, a JSON file a person can read and edit.
+"""The plan file: a JSON file a person can read and edit, what every stage after planning reads.
 
-The entropy rule (the published PoC's): with mu, sigma the mean and population standard deviation
-of the block entropies,  H >= mu -> raw;  mu - k*sigma <= H < mu -> 8-bit;  H < mu - k*sigma -> 4-bit.
-When every block has the same entropy (sigma = 0) every block stays raw.
+Its schema, validation, sizes and hash live here; how a plan is *chosen* (the entropy rule, size targets,
+measured sensitivity) lives above, in planning.py, which imports this module and never the reverse.
 
 A block may carry `matrices: {"self_attn.q_proj": "4-bit", ...}` (a per-matrix plan): those matrices
 take that precision instead of the block's `precision`. `shapes` lists every matrix of the block with
@@ -17,7 +16,6 @@ group), 4.5 bits at the default group of 64.
 import hashlib
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -26,19 +24,7 @@ from .common import EWQError, peak_rss_gb
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("raw", "8-bit", "4-bit")
-RULE = "H >= mu -> raw; mu - k*sigma <= H < mu -> 8-bit; H < mu - k*sigma -> 4-bit"
 BUILTIN_PLANS = {"raw": "raw", "uniform-8bit": "8-bit", "uniform-4bit": "4-bit"}
-
-
-def entropy_rule(entropies, k: float):
-    """Precision per block from its entropy; returns (precisions, stats). k >= 0 is checked by make_plan."""
-    if min(entropies) == max(entropies):  # sigma = 0: nothing stands out, keep everything raw
-        mu, sigma = entropies[0], 0.0
-    else:
-        mu, sigma = statistics.fmean(entropies), statistics.pstdev(entropies)
-    low = mu - k * sigma
-    precisions = ["raw" if h >= mu else "8-bit" if h >= low else "4-bit" for h in entropies]
-    return precisions, {"mean": mu, "std": sigma, "raw_threshold": mu, "four_bit_threshold": low}
 
 
 DEFAULT_GROUP_SIZE = 64
@@ -86,15 +72,6 @@ def raw_bits_of(plan: dict) -> int:
     """Bits of a raw (unquantized) weight in the dtype the plan was sized for: 16 (bf16/fp16, recorded only when
     it is not) or 32 (an encoder's float32 on the CPU, torch-dynamic's float32)."""
     return (plan.get("method") or {}).get("raw_bits") or 16
-
-
-def default_raw_bits(kind: str, backend: str) -> int:
-    """Bits of a raw weight in the dtype benchmark.py runs by default on this machine (device.pick_dtype)."""
-    import torch
-
-    from .device import pick_device, pick_dtype
-
-    return torch.finfo(pick_dtype(None, pick_device("auto"), backend, kind)).bits
 
 
 def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> dict:
@@ -175,14 +152,6 @@ def build_plan(source, ckpt, fingerprint: str, method: dict, precisions, entropi
         "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "analysis_s": round(analysis_s, 3),
                 "peak_rss_gb": round(peak_rss_gb(), 3), "tool_version": __version__},
     }
-
-
-def entropy_plan(source, ckpt, analysis, entropy: str, k: float, bins: int, raw_bits: int = 16) -> dict:
-    precisions, stats = entropy_rule(analysis.block_entropies, k)
-    method = {"name": "entropy", "entropy": entropy, "bins": bins if entropy == "histogram" else None,
-              "k": k, "rule": RULE, **raw_bits_entry(raw_bits)}
-    return build_plan(source, ckpt, analysis.fingerprint, method, precisions, analysis.block_entropies, stats,
-                      analysis.seconds)
 
 
 def raw_bits_entry(raw_bits: int) -> dict:
@@ -320,7 +289,6 @@ def format_summary(plan: dict) -> str:
     return "\n".join(lines)
 
 
-METHODS = ("entropy", "sensitivity", "position")
 METRIC_LABELS = {"kl": "KL", "cosine_loss": "1 - cosine"}
 
 
@@ -340,158 +308,3 @@ def plan_label(plan: dict) -> str:
         return f"ewq-{m['entropy']}" + detail + (size or f"-k{m['k']:g}")
     return m["name"] + detail + size
 
-
-def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k: float = 1.0, bins: int = 128,
-              target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
-              force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
-              backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
-              device: str = "cpu", calib_sentences=None, int8_activations: bool = False):
-    """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
-
-    Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
-    (and granularity) aims at the size of that rule's plan, so methods compare at equal size by default."""
-    from . import allocate
-    from .analysis import analyze
-    from .backends import GROUP_SIZES, QuantSettings, get_backend
-    from .checkpoint import open_checkpoint
-    from .common import check_writable_dir, write_json_atomic
-    from .source import resolve_model
-
-    if method not in METHODS:
-        raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    if not math.isfinite(k) or k < 0:
-        raise EWQError(f"--k must be a finite number >= 0, got {k}")
-    if granularity not in allocate.GRANULARITIES:
-        raise EWQError(f"unknown granularity '{granularity}'; choose one of {', '.join(allocate.GRANULARITIES)}")
-    if group_size not in GROUP_SIZES:
-        raise EWQError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-    if group_size != DEFAULT_GROUP_SIZE and backend != "torchao":
-        raise EWQError(f"--group-size applies to --backend torchao only ({backend} 4-bit uses groups of 64)")
-    if int8_activations and backend != "torchao":
-        raise EWQError("--int8-activations applies to --backend torchao only")
-    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size,
-                             int8_activations=int8_activations)
-    if method == "sensitivity":
-        get_backend(backend)  # an unknown backend is refused before any weight is read
-    out_dir = check_writable_dir(out_dir)
-    source = resolve_model(model, models_dir)
-    ckpt = open_checkpoint(source.path)
-    wrong = "--calib-tokens" if ckpt.kind == "encoder" and calib_tokens is not None else \
-        "--calib-sentences" if ckpt.kind == "decoder" and calib_sentences is not None else None
-    if wrong:
-        raise EWQError(f"{model} is {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}: {wrong} does not apply "
-                       f"(encoders calibrate on sentences, decoders on token windows); drop it")
-    # the research question needs both entropy definitions beside the measured sensitivity
-    analysis = analyze(ckpt, entropy, progress=progress, also=("histogram", "softmax") if method == "sensitivity" else ())
-    # sizes count a raw weight in the dtype the benchmark will run it in here: an encoder's float32 on the CPU
-    # costs 32 bits, not 16
-    rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins, default_raw_bits(ckpt.kind, backend))
-    has_target = target_bits is not None or max_weight_gb is not None
-    if method == "entropy" and not has_target and granularity == "block":
-        plan = rule_plan
-    else:
-        plan = allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb,
-                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences)
-    path = out_dir / plan_filename(plan)
-    if path.exists() and not force:
-        try:
-            return path, load_plan(path), True
-        except EWQError:
-            pass  # an unreadable old file is replaced below
-    write_json_atomic(path, plan)
-    return path, plan, False
-
-
-def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb, settings,
-                   granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences=None) -> dict:
-    """A plan that fits a size target, chosen per block or per matrix by entropy order, position or measured KL."""
-    from . import allocate
-    from .backends import get_backend
-
-    blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
-    group_size, raw_bits = settings.group_size, raw_bits_of(rule_plan)
-    if target_bits is not None or max_weight_gb is not None:
-        target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
-    else:
-        target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
-                  "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
-    # a target the executor cannot reach is refused before anything is measured
-    usable = get_backend(settings.backend).PRECISIONS if method == "sensitivity" else ("8-bit", "4-bit")
-    budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size,
-                                   usable, settings.backend, raw_bits)
-    items = allocate.plan_items(blocks, granularity)
-    sizes = allocate.item_sizes(items, group_size, raw_bits)
-    method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
-    if group_size != DEFAULT_GROUP_SIZE:
-        method_info["group_size"] = group_size
-    extra, checks, cached = None, None, None
-    if method == "entropy":
-        if granularity == "block":
-            scores = analysis.block_entropies
-        else:
-            names = [f"{ckpt.block_prefix}.{it['block']}.{it['matrix']}.weight" for it in items]
-            scores = [analysis.matrix_entropies[n][entropy] for n in names]
-        order = sorted(range(len(items)), key=lambda i: (scores[i], i))
-        precisions = allocate.ordered_allocation(order, sizes, budget)
-        method_info.update(entropy=entropy, bins=bins if entropy == "histogram" else None,
-                           allocator="ordered: lowest entropy lowered first, all to 8-bit, then to 4-bit")
-    elif method == "position":
-        rank = {b: r for r, b in enumerate(allocate.position_order(len(blocks)))}
-        order = sorted(range(len(items)), key=lambda i: (rank[items[i]["block"]], i))
-        precisions = allocate.ordered_allocation(order, sizes, budget)
-        method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
-    else:
-        from . import sensitivity
-
-        calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
-                                              calib_text, 256, settings, granularity, device,
-                                              calib_sentences or sensitivity.CALIB_SENTENCES)
-        metric = calibration.metric
-        rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
-        costs = [{"raw": 0.0, "8-bit": r.get("8-bit", math.inf), "4-bit": r.get("4-bit", math.inf)} for r in rows]
-        precisions = allocate.optimal_allocation(costs, sizes, budget)
-        method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
-                           allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
-        if settings.backend == "bitsandbytes":
-            method_info["quant_type"] = settings.quant_type
-        randoms = [allocate.random_allocation(sizes, budget, seed) for seed in range(sensitivity.RANDOM_PLANS)]
-        measured = sensitivity.measure_plans(calibration, items, [precisions] + randoms, progress)
-        predicted = sum(c[p] for c, p in zip(costs, precisions))
-        if not math.isfinite(predicted):
-            raise EWQError(f"the {settings.backend} backend has no 4-bit, and this size target needs some; "
-                           f"choose a target of at least 8.1 bits or another --backend")
-        checks = {f"predicted_{metric}": predicted, f"measured_{metric}": measured[0],
-                  f"random_plans_{metric}": measured[1:], f"random_mean_{metric}": sum(measured[1:]) / len(randoms),
-                  "windows": "calibration",
-                  "note": f"predicted = sum of single-item {metric}; random = same size, random order"}
-        extra = rows
-    plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
-                      analysis.block_entropies, None, analysis.seconds)
-    allocate.write_precisions(plan["blocks"], items, precisions)
-    if extra is not None:
-        by_block = {}
-        for it, r in zip(items, extra):
-            by_block.setdefault(it["block"], []).append((it["matrix"], r))
-        for b in plan["blocks"]:
-            measured_rows = by_block[b["index"]]
-            if granularity == "block":
-                r = measured_rows[0][1]
-                b.update({f"{metric}_8bit": _round(r.get("8-bit")), f"{metric}_4bit": _round(r.get("4-bit"))})
-            else:  # a block's sensitivity summarised as the sum over its matrices; per matrix in `matrix_<metric>`
-                b.update({f"{metric}_8bit": _round(sum(r.get("8-bit", 0) for _, r in measured_rows)),
-                          f"{metric}_4bit": _round(sum(r.get("4-bit", 0) for _, r in measured_rows)),
-                          f"matrix_{metric}": {m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows}})
-            b["entropies"] = {kind: round(v[b["index"]], 9) for kind, v in analysis.by_kind.items()}
-    plan["counts"] = counts(plan["blocks"])
-    plan["matrix_counts"] = matrix_counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], other, group_size, raw_bits)
-    if checks:
-        plan["checks"] = {k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
-                          for k, v in checks.items()}
-    if cached is not None:
-        plan["run"]["sensitivity_cached"] = cached  # under "run": not part of the plan's identity
-    return plan
-
-
-def _round(v):
-    return None if v is None else round(v, 9)

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import RESULT_SCHEMA_VERSION
 from .common import ArgumentParser, EWQError, run_cli, unique_path, write_text_atomic
-from .plan import METRIC_LABELS, sensitivity_metric
+from .plan import METRIC_LABELS, load_plan, sensitivity_metric
 from .quality import output_agreement
+from .result import RESULT_SCHEMA_VERSION
 
 COLORS = {"raw": "#4C72B0", "8-bit": "#DD8452", "4-bit": "#C44E52"}
 
@@ -162,8 +162,6 @@ def plan_of(result, need_entropy_stats: bool = True):
     if not path or not Path(path).is_file():
         return None
     try:
-        from .plan import load_plan
-
         plan = load_plan(path)
     except EWQError:
         return None

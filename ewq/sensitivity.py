@@ -24,10 +24,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .apply import block_list, load_model, matrix_shape, quantizable_layers, quantize_layer
+from . import embed
+from .apply import (
+    block_list,
+    load_model,
+    matrix_shape,
+    quantizable_layers,
+    quantize_layer,
+)
 from .backends import QuantSettings, get_backend
 from .common import EWQError, write_json_atomic
 from .quality import compute_reference, evaluate, load_corpus, make_windows
+from .source import load_tokenizer
 
 CALIB_TOKENS = 512
 CALIB_SENTENCES = 128
@@ -104,8 +112,6 @@ class Calibration:
 
     def __init__(self, source, ckpt, fingerprint, calib_tokens, calib_text, window, settings, granularity, device,
                  calib_sentences: int = CALIB_SENTENCES):
-        from .source import load_tokenizer
-
         # fp32 on the CPU: the ranking needs accuracy, and fp32 prefill is several times faster there than bf16.
         # torchao's CUDA int4 runs in bf16 only.
         self.dtype = torch.float32 if device == "cpu" else (
@@ -116,8 +122,6 @@ class Calibration:
         corpus = load_corpus(calib_text)
         self.tokenizer = load_tokenizer(source.path)
         if self.kind == "encoder":
-            from . import embed
-
             self.sentences = embed.corpus_sentences(corpus, calib_sentences, from_end=True)
             self.embedder = embed.Embedder.of(source.path, ckpt.config, self.tokenizer)
             sample = {"sentences": len(self.sentences), "sentences_sha256": embed.sentences_digest(self.sentences),
@@ -147,9 +151,7 @@ class Calibration:
     def score(self) -> float:
         """The damage the model's current state does (0 for the original)."""
         if self.kind == "encoder":
-            from .embed import cosine
-
-            return (1 - cosine(self.reference, self._embed())).mean().item()
+            return (1 - embed.cosine(self.reference, self._embed())).mean().item()
         return evaluate(self.model, self.reference, self.device, progress=False)["kl_mean"]
 
 

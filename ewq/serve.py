@@ -93,7 +93,7 @@ class Service:
         return out
 
     def generate(self, prompt, max_new_tokens) -> dict:
-        from .bench import encode_prompt, generate_exact
+        from .generate import encode_prompt, generate_exact
 
         if self.kind != "decoder":
             raise EWQError(f"{self.info['name']} is an encoder; it does not generate text (use POST /embed)")

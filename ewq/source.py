@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .analysis import fingerprint
+from .checkpoint import open_checkpoint
 from .common import EWQError, write_json_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,9 +96,6 @@ def fetch_from_hub(repo_id: str, models_dir: Path) -> Path:
 def write_base_metadata(path: Path, base_id: str, source: str) -> None:
     """Models the tool fetched or converted say that they are not quantized (pre-trained != quantized).
     Only written inside models/, never into a directory the user owns."""
-    from .analysis import fingerprint
-    from .checkpoint import open_checkpoint
-
     meta = path / "metadata.json"
     if not meta.exists():
         write_json_atomic(meta, {

@@ -11,7 +11,8 @@ from ewq import status
 from ewq.apply import QuantSettings, apply_plan, load_model
 from ewq.artifact import load_quantized, save_quantized
 from ewq.common import EWQError, run_cli
-from ewq.plan import load_plan, make_plan, plan_hash
+from ewq.plan import load_plan, plan_hash
+from ewq.planning import make_plan
 from ewq.source import ModelSource
 
 MIX = ["raw", "8-bit", "4-bit", "8-bit"]

@@ -11,7 +11,7 @@ import benchmark
 import benchmark_original
 from ewq.apply import QuantSettings, apply_plan, block_list, load_model, weight_bytes_by_precision
 from ewq.common import run_cli
-from ewq.plan import make_plan
+from ewq.planning import make_plan
 
 from conftest import layer_error_probe
 

@@ -16,7 +16,8 @@ from ewq.analysis import analyze
 from ewq.checkpoint import open_checkpoint
 from ewq.common import EWQError, run_cli
 from ewq.entropy import block_entropy, histogram_entropy, poc_histogram_entropy, softmax_entropy
-from ewq.plan import entropy_rule, load_plan, make_plan
+from ewq.plan import load_plan
+from ewq.planning import entropy_rule, make_plan
 
 import main_cache_model
 

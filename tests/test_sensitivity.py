@@ -12,7 +12,8 @@ from ewq import report
 from ewq.allocate import block_sizes, budget_bytes, optimal_allocation, ordered_allocation, position_order
 from ewq.apply import QuantSettings
 from ewq.common import EWQError, run_cli
-from ewq.plan import PRECISIONS, make_plan
+from ewq.plan import PRECISIONS
+from ewq.planning import make_plan
 from ewq.sensitivity import Calibration, sweep
 
 

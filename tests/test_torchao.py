@@ -9,7 +9,8 @@ from torch import nn
 import benchmark
 from ewq.apply import QuantSettings, apply_plan, block_list, load_model, weight_bytes_by_precision
 from ewq.common import run_cli
-from ewq.plan import load_plan, make_plan
+from ewq.plan import load_plan
+from ewq.planning import make_plan
 
 from conftest import layer_error_probe
 

@@ -1,20 +1,17 @@
-"""Stage 5: the benchmark suite, timed like for like, with exact memory figures.
+"""Stage 5 for decoders: the generation suite, timed like for like, and quality on text windows.
 
-Both scripts run this one module; they differ only in whether a plan is applied.
+The runner (runner.py) calls this module for a decoder; encoders have their own (embed.py), with the same
+small interface: add_arguments, check_arguments, quality_inputs, make_reference, measure, format_result.
 Timing: one warm-up generation first; greedy decoding; exactly --max-new-tokens new tokens every time
 (min_new_tokens = max_new_tokens, so EOS cannot stop a run early); --repeats runs per prompt with
 median, min and max; prefill (time to the first new token) is split from decode tokens/s; the device
-is synchronised around every timed region.
-Memory: weight bytes counted from the tensors; peak allocated during generation (CUDA:
-max_memory_allocated after reset_peak_memory_stats; CPU: the process's peak RSS, VmHWM, reset before
-the suite); on CUDA also what the driver reports for this process (NVML).
+is synchronised around every timed region. Memory: peak allocated during generation (probes.py).
+Quality (--quality): perplexity, KL(original || this) and top-1 agreement on fixed windows of real text
+against the original's reference log-probs (quality.py), computed once from the float model and cached.
 """
 
-import ctypes
-import gc
 import json
 import os
-import platform
 import statistics
 import time
 from importlib import resources
@@ -23,11 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .common import EWQError, unique_path, write_json_atomic
+from . import quality
+from .common import EWQError
+from .probes import peak_memory_gb, read_bandwidth_gb_s, reset_peak_memory, synchronize
 
-RESULT_SCHEMA_VERSION = 1
+KIND = "decoder"
 CPU_DEFAULT_NEW_TOKENS, CUDA_DEFAULT_NEW_TOKENS = 32, 128
+CPU_EVAL_TOKENS, CUDA_EVAL_TOKENS = 4096, 16384
 WARMUP_TOKENS = 8
 
 
@@ -56,11 +55,6 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
 
 
 # ---- timing ----
-
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 class _FirstTokenClock:
     """A generate() streamer that notes when the first new token exists (generate passes the prompt first)."""
@@ -95,67 +89,6 @@ def generate_exact(model, input_ids: torch.Tensor, new_tokens: int, device: str,
     if not clock:
         return None, None, ids
     return streamer.first - start, end - streamer.first, ids
-
-
-# ---- memory ----
-
-def reset_peak_memory(device: str):
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # give freed heap (e.g. the float weights replaced by quantized ones) back to the OS first
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def driver_process_gb(device: str):
-    """GPU memory the driver attributes to this process (what nvidia-smi shows), or None on the CPU."""
-    if not device.startswith("cuda"):
-        return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory:
-                return proc.usedGpuMemory / 1e9
-    except Exception:
-        pass
-    free, total = torch.cuda.mem_get_info()  # fallback: everything in use on the device
-    return (total - free) / 1e9
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 # ---- compiled decoding ----
@@ -249,73 +182,8 @@ def speed_summary(tests: list, weight_bytes: int, device_bandwidth_gb_s: float |
     }
 
 
-# ---- the roofline: how fast this device can read memory ----
-
-def cache_dir() -> Path:
-    """Per-machine facts (the device's bandwidth): $EWQ_CACHE, else ~/.cache/ewq."""
-    return Path(os.environ.get("EWQ_CACHE") or Path.home() / ".cache" / "ewq")
-
-
-def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
-    """The device's memory read bandwidth: torch.sum over a buffer far larger than any cache (1 GiB on the CPU,
-    4 GiB on a GPU), median of 5 after a warm-up. Measured once per device and thread count, then cached."""
-    import hashlib
-
-    name = device_name(device)
-    path = cache_dir() / f"bandwidth_{hashlib.sha256(name.encode()).hexdigest()[:12]}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if cached["device_name"] == name and cached["threads"] == torch.get_num_threads():
-            return cached["read_bandwidth_gb_s"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if progress:
-        print(f"measuring the memory read bandwidth of {name} (once; cached in {path.parent})", flush=True)
-    nbytes = (4 if device.startswith("cuda") else 1) << 30
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    times = []
-    for _ in range(6):
-        synchronize(device)
-        start = time.perf_counter()
-        buf.sum()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    del buf
-    gb_s = nbytes / statistics.median(times[1:]) / 1e9
-    write_json_atomic(path, {"device_name": name, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": gb_s,
-                             "method": f"torch.sum over {nbytes >> 30} GiB of float32, median of 5",
-                             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    return gb_s
-
-
-def environment(device: str, dtype: torch.dtype, settings, compiled: bool = False) -> dict:
-    import importlib.metadata
-
-    import transformers
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    from .backends import get_backend
-
-    return {
-        "device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"), "python": platform.python_version(),
-        "ewq": __version__, "backend": settings.backend, "quant_type": settings.quant_type,
-        "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
-        "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,
-    }
-
-
-def format_table(result: dict) -> str:
-    if result.get("encoder"):
-        from .embed import format_result
-
-        return format_result(result)
+def format_result(result: dict) -> str:
+    """The per-prompt table and the summary lines a decoder's benchmark prints."""
     lines = [f"{'task':<22} {'lang':<4} {'prefill s':>9} {'decode tok/s':>12} {'peak GB':>8}"]
     for t in result["tests"]:
         lines.append(f"{t['task']:<22} {t['lang']:<4} {t['prefill_s']:>9.3f} {t['decode_tok_s']:>12.2f} "
@@ -335,7 +203,104 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_result(result: dict, out_dir, name_hash: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = unique_path(out_dir, f"{result['kind']}_benchmark_{name_hash}_{stamp}", ".json")
-    return write_json_atomic(path, result)
+# ---- the decoder's part of a benchmark run (runner.py calls these) ----
+
+MISSING_REFERENCE = "no cached reference of the base model for these windows; run `python benchmark_original.py " \
+                    "--quality --model {base}` with the same --eval-* settings first"
+
+
+def add_arguments(p) -> None:
+    """The flags only decoders take; an encoder refuses them (runner.check_kind_flags)."""
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (transformers' compiled generate); the "
+                        "compile and warm-up time is reported apart from decode tok/s (about 2 minutes on a 2-core CPU). "
+                        "Backends that do not compile (bitsandbytes, torch-dynamic) are refused with the reason")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"exactly this many new tokens per prompt, EOS ignored (default {CUDA_DEFAULT_NEW_TOKENS} on cuda, "
+                        f"{CPU_DEFAULT_NEW_TOKENS} on cpu)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of: {', '.join(task_names())} (default all)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help=f"tokens scored by --quality (default {CPU_EVAL_TOKENS} on cpu, {CUDA_EVAL_TOKENS} on cuda)")
+    p.add_argument("--eval-window", type=int, default=quality.WINDOW,
+                   help=f"tokens per non-overlapping window (default {quality.WINDOW})")
+    p.add_argument("--kl-top-k", type=int, default=quality.TOP_K,
+                   help=f"the original's top-k log-probs kept for KL; the rest is pooled into one bucket "
+                        f"(default {quality.TOP_K})")
+
+
+def suite_of(args) -> list:
+    """The prompts --tasks asks for (all by default); unknown task names are refused."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return load_suite(tasks)
+
+
+def check_arguments(args) -> None:
+    """Values of the decoder flags, checked before any weight is read."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 2:
+        raise EWQError(f"--max-new-tokens must be at least 2 (a first token and one decoded), got {args.max_new_tokens}")
+    suite_of(args)
+
+
+def quality_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str, dtype, device: str):
+    """With --quality: corpus, windows and (if cached) the original's reference, checked before any model is loaded."""
+    if not args.quality:
+        return None
+    if args.kl_top_k < 1:
+        raise EWQError(f"--kl-top-k must be at least 1, got {args.kl_top_k}")
+    n_tokens = args.eval_tokens or (CPU_EVAL_TOKENS if device == "cpu" else CUDA_EVAL_TOKENS)
+    if n_tokens < 1:
+        raise EWQError(f"--eval-tokens must be positive, got {n_tokens}")
+    corpus = quality.load_corpus(args.eval_text)
+    windows = quality.make_windows(tokenizer, corpus, n_tokens, args.eval_window)
+    key = quality.reference_key(fingerprint, corpus, windows, dtype, device, args.kl_top_k)
+    path = quality.cache_path(Path(args.out_dir) / ".reference", key)
+    reference = quality.load_reference(path, key)
+    return {"corpus": corpus, "windows": windows, "key": key, "path": path, "reference": reference,
+            "cached": reference is not None}
+
+
+def make_reference(model, q: dict, device: str, progress: bool) -> dict:
+    """The original's top-k log-probs on the windows, from the float model, saved to the reference cache."""
+    if device != "cpu":
+        model.to(device)
+    reference = quality.compute_reference(model, q["windows"], device, q["key"]["top_k"], progress)
+    if device != "cpu":
+        model.to("cpu")  # quantization happens on the CPU, as for every run
+    quality.save_reference(q["path"], q["key"], reference)
+    return reference
+
+
+def measure_quality(ctx: dict, progress: bool) -> dict:
+    q = ctx["quality"]
+    start = time.perf_counter()
+    scores = quality.evaluate(ctx["model"], q["reference"], ctx["device"], progress)
+    return {**scores, "corpus": q["corpus"].name, "corpus_sha256": q["corpus"].sha256, "window": q["key"]["window"],
+            "windows": q["key"]["windows"], "kl_top_k": q["key"]["top_k"], "reference_cache": str(q["path"]),
+            "reference_cached": q["cached"], "eval_s": time.perf_counter() - start}
+
+
+def measure(args, ctx: dict, weight_bytes: int) -> dict:
+    """The generation suite (speed, memory) and, with --quality, KL and perplexity on text windows."""
+    device = ctx["device"]
+    suite = suite_of(args)
+    cpu = device == "cpu"
+    new_tokens = args.max_new_tokens or (CPU_DEFAULT_NEW_TOKENS if cpu else CUDA_DEFAULT_NEW_TOKENS)
+    if cpu and args.max_new_tokens is None:
+        print(f"note: on the CPU the suite decodes {new_tokens} tokens per prompt by default (--max-new-tokens to change)")
+    try:
+        tests, warmup_s = run_suite(ctx["model"], ctx["tokenizer"], suite, new_tokens, args.repeats, device,
+                                    progress=not args.no_progress, compile=args.compile)
+    except torch.cuda.OutOfMemoryError:
+        raise EWQError(f"out of GPU memory during generation ({torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
+                       f"allocated at peak); lower --max-new-tokens or choose a smaller plan") from None
+    measured_quality = measure_quality(ctx, not args.no_progress) if args.quality else None
+    settings = {"max_new_tokens": new_tokens, "repeats": args.repeats, "tasks": sorted({t["task"] for t in suite}),
+                "prompts": len(suite), "warmup_tokens": new_tokens if args.compile else min(WARMUP_TOKENS, new_tokens),
+                "greedy": True, "compile": args.compile,
+                "cache": "static (one size for the suite)" if args.compile else "dynamic"}
+    speed = speed_summary(tests, weight_bytes, read_bandwidth_gb_s(device, progress=not args.no_progress))
+    if args.compile:
+        speed["compiled_matches_eager"] = all(t["same_tokens_as_eager"] for t in tests)
+    return {"tests": tests, "warmup_s": warmup_s, "quality": measured_quality, "settings": settings,
+            "peak_gb": max(t["peak_memory_gb"] for t in tests), "peak_during": "suite", "speed": speed}

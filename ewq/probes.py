@@ -1,0 +1,146 @@
+"""Measurement probes both model kinds use: device sync, peak memory, the device's name and instruction set,
+its memory read bandwidth (the roofline), and the environment block of every result.
+
+Memory: on CUDA max_memory_allocated after reset_peak_memory_stats, and what the driver reports for this
+process (NVML); on the CPU the process's peak RSS (VmHWM), reset before each measured region.
+"""
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .backends import get_backend
+from .common import write_json_atomic
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+
+def reset_peak_memory(device: str):
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # give freed heap (e.g. the float weights replaced by quantized ones) back to the OS first
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def driver_process_gb(device: str):
+    """GPU memory the driver attributes to this process (what nvidia-smi shows), or None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return proc.usedGpuMemory / 1e9
+    except Exception:
+        pass
+    free, total = torch.cuda.mem_get_info()  # fallback: everything in use on the device
+    return (total - free) / 1e9
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+# ---- the roofline: how fast this device can read memory ----
+
+def cache_dir() -> Path:
+    """Per-machine facts (the device's bandwidth): $EWQ_CACHE, else ~/.cache/ewq."""
+    return Path(os.environ.get("EWQ_CACHE") or Path.home() / ".cache" / "ewq")
+
+
+def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
+    """The device's memory read bandwidth: torch.sum over a buffer far larger than any cache (1 GiB on the CPU,
+    4 GiB on a GPU), median of 5 after a warm-up. Measured once per device and thread count, then cached."""
+    import hashlib
+
+    name = device_name(device)
+    path = cache_dir() / f"bandwidth_{hashlib.sha256(name.encode()).hexdigest()[:12]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached["device_name"] == name and cached["threads"] == torch.get_num_threads():
+            return cached["read_bandwidth_gb_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if progress:
+        print(f"measuring the memory read bandwidth of {name} (once; cached in {path.parent})", flush=True)
+    nbytes = (4 if device.startswith("cuda") else 1) << 30
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(6):
+        synchronize(device)
+        start = time.perf_counter()
+        buf.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    del buf
+    gb_s = nbytes / statistics.median(times[1:]) / 1e9
+    write_json_atomic(path, {"device_name": name, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": gb_s,
+                             "method": f"torch.sum over {nbytes >> 30} GiB of float32, median of 5",
+                             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return gb_s
+
+
+def environment(device: str, dtype: torch.dtype, settings, compiled: bool = False) -> dict:
+    import importlib.metadata
+
+    import transformers
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"), "python": platform.python_version(),
+        "ewq": __version__, "backend": settings.backend, "quant_type": settings.quant_type,
+        "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
+        "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,
+    }
