@@ -11,6 +11,7 @@ from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.plan import format_summary
 from ewq.planning import METHODS, make_plan
+from ewq.sensitivity import SWEEPS
 from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
 
 
@@ -64,7 +65,14 @@ def parse_args(argv):
                         "allocates (sensitivity, position, or entropy, which then lowers the lowest-entropy matrices first)")
     p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
                    help="the executor --method sensitivity measures with; use the one that will run the plan "
-                        "(bitsandbytes: LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only)")
+                        "(bitsandbytes: LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only; "
+                        "llama.cpp: its own formats Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0 with their exact rounding, "
+                        "embeddings and output head planned too: the plan names ggml types, for python -m ewq.export gguf)")
+    p.add_argument("--sweep", choices=SWEEPS, default="fast",
+                   help="decoders, --method sensitivity: fast (default): every item's KL estimated to second order from "
+                        "one forward and a few backward passes (Fisher information of the output, sampled); exact: one "
+                        "full forward per item and format (slow: minutes per hundred items). Whole-plan checks are "
+                        "always measured exactly")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
                    help="torchao int4: weights per scale/zero-point group (default 64; 32/64/128 on the CPU). Sizes in "
                         "the plan count 4 bytes per group. Careful: the embedded SmolLM2 went through GGUF Q4_1 (groups "
@@ -98,7 +106,7 @@ def main(argv=None):
                                    force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
                                    progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
                                    granularity=args.granularity, calib_sentences=args.calib_sentences,
-                                   int8_activations=args.int8_activations)
+                                   int8_activations=args.int8_activations, sweep=args.sweep)
     print(format_summary(plan))
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")

@@ -22,33 +22,46 @@ import random
 from collections import Counter
 
 from .common import EWQError
-from .plan import DEFAULT_GROUP_SIZE, PRECISIONS, estimated_bytes
+import numpy as np
+
+from .plan import DEFAULT_GROUP_SIZE, TORCH_PRECISIONS, estimated_bytes, fits
 
 GRANULARITIES = ("block", "matrix")
+TORCH_MENU = TORCH_PRECISIONS[1:]  # what the torch executors can lower a matrix to, largest first
 
 
-def plan_items(blocks, granularity: str = "block") -> list:
-    """What a size-targeted plan gives a precision to: whole blocks, or every matrix of every block."""
+def plan_items(blocks, granularity: str = "block", other: dict | None = None) -> list:
+    """What a size-targeted plan gives a precision to: whole blocks, or every matrix of every block; plus the
+    embeddings/head in `other` ({name: [out, in]}: llama.cpp plans quantize them too; `block` None)."""
     if granularity == "block":
-        return [{"block": b.get("index", i), "matrix": None, "params": b["params"], "rows": b["rows"]} for i, b in enumerate(blocks)]
-    return [{"block": b["index"], "matrix": name, "params": o * i, "rows": o}
-            for b in blocks for name, (o, i) in b["shapes"].items()]
+        items = [{"block": b.get("index", i), "matrix": None, "params": b["params"], "rows": b["rows"],
+                  "shapes": list((b.get("shapes") or {}).values())} for i, b in enumerate(blocks)]
+    else:
+        items = [{"block": b["index"], "matrix": name, "params": o * i, "rows": o, "shapes": [[o, i]]}
+                 for b in blocks for name, (o, i) in b["shapes"].items()]
+    return items + [{"block": None, "matrix": name, "params": o * i, "rows": o, "shapes": [[o, i]]}
+                    for name, (o, i) in (other or {}).items()]
 
 
-def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> list:
-    return [{p: estimated_bytes(it["params"], it["rows"], p, group_size, raw_bits) for p in PRECISIONS} for it in items]
+def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16, menu=TORCH_MENU) -> list:
+    """Bytes of each item per precision it can take: raw and every menu precision all its matrices fit."""
+    return [{p: estimated_bytes(it["params"], it["rows"], p, group_size, raw_bits)
+             for p in ("raw",) + tuple(menu) if all(fits(p, shape) for shape in it.get("shapes", []))} for it in items]
 
 
 def block_sizes(blocks, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> list:
     return item_sizes(plan_items(blocks), group_size, raw_bits)
 
 
-def write_precisions(blocks, items, precisions) -> None:
-    """Put the chosen precisions into the plan's blocks. Per matrix: the block's `precision` is the one most
-    of its matrices have (ties: the higher precision), and the others are listed in `matrices`."""
+def write_precisions(blocks, items, precisions, other: dict | None = None) -> None:
+    """Put the chosen precisions into the plan's blocks (and its `other` section's `matrices`). Per matrix: the
+    block's `precision` is the one most of its matrices have (ties: the larger format), the others are listed in
+    `matrices`."""
     by_block = {}
     for it, p in zip(items, precisions):
         by_block.setdefault(it["block"], []).append((it["matrix"], p))
+    if None in by_block:
+        other["matrices"] = dict(by_block[None])
     for b in blocks:
         chosen = by_block[b["index"]]
         if chosen[0][0] is None:
@@ -56,7 +69,8 @@ def write_precisions(blocks, items, precisions) -> None:
             b.pop("matrices", None)
             continue
         tally = Counter(p for _, p in chosen)
-        b["precision"] = max(PRECISIONS, key=lambda p: (tally[p], -PRECISIONS.index(p)))
+        size = {p: estimated_bytes(1 << 20, 1, p) for p in tally}  # larger format first on ties
+        b["precision"] = max(tally, key=lambda p: (tally[p], size[p]))
         overrides = {m: p for m, p in chosen if p != b["precision"]}
         if overrides:
             b["matrices"] = overrides
@@ -64,23 +78,27 @@ def write_precisions(blocks, items, precisions) -> None:
             b.pop("matrices", None)
 
 
-def random_allocation(sizes, budget: float, seed: int) -> list:
+def random_allocation(sizes, budget: float, seed: int, levels=TORCH_MENU) -> list:
     """A random plan that fits: lower items in a random order, as ordered_allocation does."""
     order = list(range(len(sizes)))
     random.Random(seed).shuffle(order)
-    return ordered_allocation(order, sizes, budget)
+    return ordered_allocation(order, sizes, budget, levels)
 
 
 def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None,
-                 group_size: int = DEFAULT_GROUP_SIZE, usable=("8-bit", "4-bit"), backend: str = "",
-                 raw_bits: int = 16) -> float:
-    """Bytes the blocks may take. Refuses a target that even the smallest plan the `usable` precisions allow
-    cannot meet (every block 4-bit; every block 8-bit for an executor without 4-bit)."""
+                 group_size: int = DEFAULT_GROUP_SIZE, usable=TORCH_MENU, backend: str = "",
+                 raw_bits: int = 16, items=None) -> float:
+    """Bytes the planned items (default: the blocks) may take. `target_bits` counts the blocks' weights;
+    `max_weight_gb` the whole model, with what the plan does not cover at `raw_bits`. Refuses a target that even
+    the smallest plan the `usable` precisions allow cannot meet."""
     if (target_bits is None) == (max_weight_gb is None):
         raise EWQError("give exactly one size target: --target-bits or --max-weight-gb")
-    params = sum(b["params"] for b in blocks)
-    lowest = "4-bit" if "4-bit" in usable else "8-bit"
-    smallest = sum(s[lowest] for s in block_sizes(blocks, group_size))
+    items = items if items is not None else plan_items(blocks)
+    params = sum(it["params"] for it in items)  # the blocks' weights (and the embeddings/head a plan covers)
+    sizes = item_sizes(items, group_size, raw_bits, usable)
+    smallest = sum(min(s[p] for p in s if p != "raw") if len(s) > 1 else s["raw"] for s in sizes)
+    lowest = usable[-1] if len(usable) == 1 or "4-bit" not in usable else "4-bit"
+    planned_other = sum(it["params"] for it in items if it["block"] is None)
     if target_bits is not None:
         if not target_bits > 0:
             raise EWQError(f"--target-bits must be positive, got {target_bits}")
@@ -88,48 +106,62 @@ def budget_bytes(blocks, other_params: int, target_bits=None, max_weight_gb=None
     else:
         if not max_weight_gb > 0:
             raise EWQError(f"--max-weight-gb must be positive, got {max_weight_gb}")
-        budget = max_weight_gb * 1e9 - raw_bits / 8 * other_params
+        budget = max_weight_gb * 1e9 - raw_bits / 8 * (other_params - planned_other)
     if budget < smallest:
-        why = f" (the {backend} backend has no 4-bit)" if lowest == "8-bit" else ""
-        raise EWQError(f"the size target cannot be met: the smallest reachable plan (every block {lowest}{why}, scales "
+        why = f" (the {backend} backend has no 4-bit)" if lowest == "8-bit" and "4-bit" not in usable else ""
+        kind = f"every block {lowest}{why}" if set(usable) <= set(TORCH_MENU) else "every matrix in its smallest format"
+        raise EWQError(f"the size target cannot be met: the smallest reachable plan ({kind}, scales "
                        f"included) has {8 * smallest / params:.3f} bits per weight, "
-                       f"{(smallest + raw_bits / 8 * other_params) / 1e9:.3f} GB for the whole model; ask for at least that")
+                       f"{(smallest + raw_bits / 8 * (other_params - planned_other)) / 1e9:.3f} GB for the whole "
+                       f"model; ask for at least that")
     return budget
 
 
 def optimal_allocation(costs, sizes, budget: float) -> list:
-    """Exact minimum of sum(costs[i][p_i]) with sum(sizes[i][p_i]) <= budget. costs/sizes: per block {precision: x}."""
+    """Exact minimum of sum(costs[i][p_i]) with sum(sizes[i][p_i]) <= budget. costs/sizes: per item
+    {precision: x}, over the precisions that item can take. A dynamic programme over the items that keeps only
+    Pareto-optimal (bytes, cost) partial plans, vectorised with numpy (a menu of six formats over 200 matrices
+    keeps tens of thousands of states)."""
     n = len(sizes)
-    min_rest = [0.0] * (n + 1)
+    min_rest = np.zeros(n + 1)
     for i in range(n - 1, -1, -1):
         min_rest[i] = min_rest[i + 1] + min(sizes[i].values())
-    states = [(0.0, 0.0, None)]  # (bytes so far, cost so far, (precision, earlier choices) linked backwards)
+    nbytes, cost = np.zeros(1), np.zeros(1)
+    steps = []  # per item: (index of the earlier partial plan, precision) of every kept state
     for i in range(n):
-        grown = [(b + sizes[i][p], c + costs[i][p], (p, ch)) for b, c, ch in states for p in PRECISIONS
-                 if b + sizes[i][p] + min_rest[i + 1] <= budget]
-        grown.sort(key=lambda s: (s[0], s[1]))
-        states, best = [], float("inf")
-        for s in grown:  # keep the Pareto frontier: more bytes must buy strictly lower cost
-            if s[1] < best:
-                states.append(s)
-                best = s[1]
-    if not states:
-        raise EWQError("no plan fits the size target")
-    chosen, link = [], min(states, key=lambda s: s[1])[2]
-    while link is not None:
-        chosen.append(link[0])
-        link = link[1]
+        options = list(sizes[i])
+        grown_bytes = (nbytes[:, None] + np.array([sizes[i][p] for p in options])[None, :]).ravel()
+        grown_cost = (cost[:, None] + np.array([costs[i][p] for p in options], dtype=float)[None, :]).ravel()
+        parent = np.repeat(np.arange(len(nbytes)), len(options))
+        option = np.tile(np.arange(len(options)), len(nbytes))
+        fits = grown_bytes + min_rest[i + 1] <= budget
+        order = np.lexsort((grown_cost[fits], grown_bytes[fits]))  # by bytes, then cost (stable)
+        grown_bytes, grown_cost = grown_bytes[fits][order], grown_cost[fits][order]
+        parent, option = parent[fits][order], option[fits][order]
+        best_before = np.minimum.accumulate(np.concatenate(([np.inf], grown_cost[:-1])))
+        keep = grown_cost < best_before  # the Pareto frontier: more bytes must buy strictly lower cost
+        nbytes, cost = grown_bytes[keep], grown_cost[keep]
+        steps.append((parent[keep], [options[k] for k in option[keep]]))
+        if not len(nbytes):
+            raise EWQError("no plan fits the size target")
+    chosen, state = [], int(np.argmin(cost))
+    for parents, precisions in reversed(steps):
+        chosen.append(precisions[state])
+        state = int(parents[state])
     return chosen[::-1]
 
 
-def ordered_allocation(order, sizes, budget: float) -> list:
-    """Lower blocks in `order`, first to 8-bit, then to 4-bit, until the total fits the budget."""
+def ordered_allocation(order, sizes, budget: float, levels=TORCH_MENU) -> list:
+    """Lower items in `order`, first all to the first level (8-bit), then to the next (4-bit), ..., until the
+    total fits the budget. An item skips a level it cannot take or that would not make it smaller."""
     precisions = ["raw"] * len(sizes)
     total = sum(s["raw"] for s in sizes)
-    for level in ("8-bit", "4-bit"):
+    for level in levels:
         for i in order:
             if total <= budget:
                 return precisions
+            if level not in sizes[i] or sizes[i][level] >= sizes[i][precisions[i]]:
+                continue
             total += sizes[i][level] - sizes[i][precisions[i]]
             precisions[i] = level
     if total > budget:

@@ -23,21 +23,42 @@ from . import __version__
 from .common import EWQError, peak_rss_gb
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("raw", "8-bit", "4-bit")
+# the torch executors' menu (bitsandbytes, torchao, torch-dynamic) ...
+TORCH_PRECISIONS = ("raw", "8-bit", "4-bit")
+# ... and llama.cpp's own formats (ggml types), which a plan for the llama.cpp executor names directly
+GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "Q3_K", "Q2_K")
+PRECISIONS = TORCH_PRECISIONS + GGML_TYPES
 BUILTIN_PLANS = {"raw": "raw", "uniform-8bit": "8-bit", "uniform-4bit": "4-bit"}
 
 
 DEFAULT_GROUP_SIZE = 64
 
 
+def ggml_block(precision: str) -> tuple:
+    """(weights per block, bytes per block) of a ggml type, from the gguf package's table (exact)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[precision]]
+
+
+def fits(precision: str, shape) -> bool:
+    """Whether a matrix [out, in] can take the precision: a ggml type needs rows whole blocks long (llama-quantize
+    would silently write another type: Q6_K as Q8_0, Q4_K as Q5_0, ...; a plan never pretends)."""
+    return precision not in GGML_TYPES or shape[1] % ggml_block(precision)[0] == 0
+
+
 def estimated_bytes(params: int, rows: int, precision: str, group_size: int = DEFAULT_GROUP_SIZE,
                     raw_bits: int = 16) -> float:
+    """Bytes of a matrix in a precision; exact for ggml types (whole blocks), scales included for the others."""
     if precision == "raw":
         return raw_bits / 8 * params
     if precision == "8-bit":
         return params + 4.0 * rows
     if precision == "4-bit":
         return params / 2 + 4.0 * math.ceil(params / group_size)
+    if precision in GGML_TYPES:
+        weights, nbytes = ggml_block(precision)
+        return params / weights * nbytes
     raise EWQError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
 
 
@@ -47,9 +68,15 @@ def layer_precision(block: dict, matrix: str) -> str:
 
 
 def precisions_used(plan: dict) -> set:
-    """Every precision the plan gives a block or a matrix (raw included)."""
+    """Every precision the plan gives a block, a matrix or a planned embedding/head (raw included)."""
     used = {layer_precision(b, name) for b in plan["blocks"] for name in (b.get("matrices") or {})}
-    return used | {b["precision"] for b in plan["blocks"]}
+    return used | {b["precision"] for b in plan["blocks"]} | set(other_matrices(plan).values())
+
+
+def other_matrices(plan: dict) -> dict:
+    """Precisions of the tensors outside the blocks that the plan quantizes ({"model.embed_tokens.weight": "Q8_0"}):
+    only llama.cpp plans have them; the torch executors keep embeddings and lm_head in the run dtype."""
+    return (plan.get("other") or {}).get("matrices") or {}
 
 
 def block_bytes(block: dict, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> float:
@@ -74,33 +101,55 @@ def raw_bits_of(plan: dict) -> int:
     return (plan.get("method") or {}).get("raw_bits") or 16
 
 
-def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> dict:
-    """Estimated bytes; raw weights, embeddings and norms at `raw_bits`."""
+def size_summary(blocks, other_params: int, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16,
+                 other: dict | None = None) -> dict:
+    """Estimated bytes; raw weights, embeddings and norms at `raw_bits`, except the embeddings/head a llama.cpp plan
+    quantizes (`other`: the plan's "other" section with `matrices` and `shapes`)."""
     params = sum(b["params"] for b in blocks)
     before = sum(estimated_bytes(b["params"], b["rows"], "raw", raw_bits=raw_bits) for b in blocks)
     after = sum(block_bytes(b, group_size, raw_bits) for b in blocks)
-    other = raw_bits / 8 * other_params
-    return {
+    planned = {n: (p, (other or {})["shapes"][n]) for n, p in ((other or {}).get("matrices") or {}).items()}
+    other_before = raw_bits / 8 * other_params
+    other = other_before + sum(estimated_bytes(o * i, o, p, group_size, raw_bits) - raw_bits / 8 * o * i
+                               for p, (o, i) in planned.values())
+    summary = {
         "block_params": params,
         "other_params": other_params,
         "raw_bits": raw_bits,
         "blocks_bytes_before": int(before),
         "blocks_bytes_after": int(after),
-        "model_bytes_before": int(before + other),
+        "model_bytes_before": int(before + other_before),
         "model_bytes_after": int(after + other),
         "avg_bits_per_weight": round(8 * after / params, 4),
     }
+    if planned:  # only in llama.cpp plans: their file size is the figure to compare
+        summary["other_bytes_after"] = int(other)
+    return summary
+
+
+def tally(precisions) -> dict:
+    """Count per precision: raw, 8-bit and 4-bit always (the torch menu's fields), ggml types when used."""
+    out = {p: 0 for p in TORCH_PRECISIONS}
+    for p in precisions:
+        out[p] = out.get(p, 0) + 1
+    return out
 
 
 def counts(blocks) -> dict:
-    return {p: sum(b["precision"] == p for b in blocks) for p in PRECISIONS}
+    return tally(b["precision"] for b in blocks)
 
 
 def matrix_counts(blocks) -> dict | None:
     """Matrices per precision, for plans that know their matrices (None for older plans)."""
     if not all(b.get("shapes") for b in blocks):
         return None
-    return {p: sum(layer_precision(b, m) == p for b in blocks for m in b["shapes"]) for p in PRECISIONS}
+    return tally(layer_precision(b, m) for b in blocks for m in b["shapes"])
+
+
+def format_counts(c: dict) -> str:
+    """'raw 3  8-bit 2  4-bit 1' (torch menu) or 'raw 0  Q8_0 121  Q6_K 15 ...' (llama.cpp menu)."""
+    ggml = [p for p in c if p in GGML_TYPES and c[p]]
+    return "  ".join(f"{p} {c.get(p, 0)}" for p in ["raw"] + (ggml or ["8-bit", "4-bit"]))
 
 
 def model_section(source, ckpt, fingerprint: str) -> dict:
@@ -192,7 +241,8 @@ def load_plan(path) -> dict:
     plan["blocks"].sort(key=lambda b: b["index"])
     plan["counts"] = counts(plan["blocks"])
     plan["matrix_counts"] = matrix_counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"], group_size_of(plan), raw_bits_of(plan))
+    plan["size"] = size_summary(plan["blocks"], plan["other"]["params"], group_size_of(plan), raw_bits_of(plan),
+                                plan["other"])
     return plan
 
 
@@ -223,28 +273,70 @@ def validate_plan(plan: dict, path="plan") -> None:
         validate_matrices(b, path)
     if len(seen) != n:
         raise EWQError(f"{path} lists {len(seen)} blocks but the model has {n}; every block needs a precision")
+    validate_other(plan["other"], path)
+    check_one_menu(plan, path)
 
 
 def validate_matrices(b: dict, path) -> None:
     shapes, matrices = b.get("shapes"), b.get("matrices")
+    where = f"block {b['index']}"
+    check_shapes(shapes, where, path)
+    if matrices is not None:
+        if not isinstance(matrices, dict):
+            raise EWQError(f"{path}: {where} 'matrices' must be an object like "
+                           f'{{"self_attn.q_proj": "4-bit"}}, got {type(matrices).__name__}')
+        if not shapes:
+            raise EWQError(f"{path}: {where} has per-matrix entries but no 'shapes'; regenerate the plan "
+                           f"with main_cache_model.py (plans of this version list every matrix)")
+    for name, shape in (shapes or {}).items():
+        precision = (matrices or {}).get(name, b["precision"])
+        check_entry(name, shape, precision, where, path)
+    for name in matrices or {}:
+        if name not in shapes:
+            raise EWQError(f"{path}: {where} names matrix '{name}', which the model does not have; "
+                           f"its matrices are {', '.join(shapes)}")
+
+
+def check_shapes(shapes, where: str, path) -> None:
     if shapes is not None and not (isinstance(shapes, dict) and all(
             isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) for v in shapes.values())):
-        raise EWQError(f"{path}: block {b['index']} 'shapes' must map matrix names to [out, in]; regenerate the plan")
+        raise EWQError(f"{path}: {where} 'shapes' must map matrix names to [out, in]; regenerate the plan")
+
+
+def check_entry(name: str, shape, precision, where: str, path) -> None:
+    """One matrix's precision: known, and one its shape can take (ggml types need whole blocks per row)."""
+    if precision not in PRECISIONS:
+        raise EWQError(f"{path}: {where} matrix '{name}' has unknown precision {precision!r}; "
+                       f"use one of {', '.join(PRECISIONS)}")
+    if not fits(precision, shape):
+        raise EWQError(f"{path}: {where} matrix '{name}' ({shape[0]}x{shape[1]}) cannot take {precision}: its rows are "
+                       f"not whole blocks of {ggml_block(precision)[0]} (llama.cpp would write another type); "
+                       f"choose Q8_0, Q5_0 or Q4_0 (blocks of 32) for it")
+
+
+def validate_other(other: dict, path) -> None:
+    """The embeddings/head a llama.cpp plan quantizes: `other.matrices` names tensors listed in `other.shapes`."""
+    matrices = other.get("matrices")
     if matrices is None:
         return
-    if not isinstance(matrices, dict):
-        raise EWQError(f"{path}: block {b['index']} 'matrices' must be an object like "
-                       f'{{"self_attn.q_proj": "4-bit"}}, got {type(matrices).__name__}')
-    if not shapes:
-        raise EWQError(f"{path}: block {b['index']} has per-matrix entries but no 'shapes'; regenerate the plan "
-                       f"with main_cache_model.py (plans of this version list every matrix)")
+    shapes = other.get("shapes")
+    check_shapes(shapes, "other", path)
+    if not isinstance(matrices, dict) or not shapes:
+        raise EWQError(f"{path}: 'other.matrices' must map tensor names listed in 'other.shapes' to precisions; "
+                       f"regenerate the plan")
     for name, precision in matrices.items():
         if name not in shapes:
-            raise EWQError(f"{path}: block {b['index']} names matrix '{name}', which the model does not have; "
-                           f"its matrices are {', '.join(shapes)}")
-        if precision not in PRECISIONS:
-            raise EWQError(f"{path}: block {b['index']} matrix '{name}' has unknown precision {precision!r}; "
-                           f"use one of {', '.join(PRECISIONS)}")
+            raise EWQError(f"{path}: 'other.matrices' names '{name}', which the plan's model does not have; "
+                           f"it has {', '.join(shapes)}")
+        check_entry(name, shapes[name], precision, "other", path)
+
+
+def check_one_menu(plan: dict, path) -> None:
+    """A plan names the torch executors' precisions (8-bit/4-bit) or llama.cpp's types, never both."""
+    used = precisions_used(plan)
+    if used & {"8-bit", "4-bit"} and used & set(GGML_TYPES):
+        raise EWQError(f"{path} mixes 8-bit/4-bit with llama.cpp types ({', '.join(sorted(used & set(GGML_TYPES)))}); "
+                       f"a plan is for the torch executors or for llama.cpp: use one menu")
 
 
 def check_plan_matches(plan: dict, fingerprint: str, block_count: int, path="plan", kind: str | None = None) -> None:
@@ -267,9 +359,10 @@ def format_summary(plan: dict) -> str:
         f"model      {plan['model']['id']} ({plan['model']['architecture']}, {plan['model']['block_count']} blocks, "
         f"fingerprint {plan['model']['fingerprint'][:12]})",
         f"method     {json.dumps({k: v for k, v in plan['method'].items() if k not in ('rule', 'calibration', 'allocator')})}",
-        f"blocks     raw {c['raw']}  8-bit {c['8-bit']}  4-bit {c['4-bit']}",
-    ] + ([f"matrices   raw {mc['raw']}  8-bit {mc['8-bit']}  4-bit {mc['4-bit']}"]
+        f"blocks     {format_counts(c)}",
+    ] + ([f"matrices   {format_counts(mc)}"]
          if (mc := plan.get("matrix_counts")) and any(b.get("matrices") for b in plan["blocks"]) else []) + [
+        f"outside    {name} {p}" for name, p in other_matrices(plan).items()] + [
         f"weights    blocks {s['blocks_bytes_before'] / gb:.3f} GB -> {s['blocks_bytes_after'] / gb:.3f} GB, "
         f"whole model {s['model_bytes_before'] / gb:.3f} GB -> {s['model_bytes_after'] / gb:.3f} GB (estimated)",
         f"avg bits   {s['avg_bits_per_weight']:.2f} bits per block weight (a raw weight counted at "

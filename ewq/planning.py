@@ -22,6 +22,7 @@ from .device import pick_device, pick_dtype
 from .plan import (
     DEFAULT_GROUP_SIZE,
     build_plan,
+    estimated_bytes,
     counts,
     load_plan,
     matrix_counts,
@@ -67,7 +68,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
-              device: str = "cpu", calib_sentences=None, int8_activations: bool = False):
+              device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast"):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
@@ -84,6 +85,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
         raise EWQError(f"--group-size applies to --backend torchao only ({backend} 4-bit uses groups of 64)")
     if int8_activations and backend != "torchao":
         raise EWQError("--int8-activations applies to --backend torchao only")
+    if sweep not in sensitivity.SWEEPS:
+        raise EWQError(f"unknown sweep '{sweep}'; choose one of {', '.join(sensitivity.SWEEPS)}")
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size,
                              int8_activations=int8_activations)
     if method == "sensitivity":
@@ -102,11 +105,12 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     # costs 32 bits, not 16
     rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins, default_raw_bits(ckpt.kind, backend))
     has_target = target_bits is not None or max_weight_gb is not None
-    if method == "entropy" and not has_target and granularity == "block":
+    if method == "entropy" and not has_target and granularity == "block" and backend != "llama.cpp":
         plan = rule_plan
     else:
         plan = allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb,
-                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences)
+                              settings, granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences,
+                              sweep)
     path = out_dir / plan_filename(plan)
     if path.exists() and not force:
         try:
@@ -117,8 +121,25 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     return path, plan, False
 
 
+def menu_of(backend: str, method: str) -> tuple:
+    """What items may be lowered to, largest first: llama.cpp's formats for a llama.cpp plan, whatever the method;
+    otherwise the executor's own (it measures them) for sensitivity plans, 8-bit then 4-bit for the ordered ones."""
+    if backend == "llama.cpp" or method == "sensitivity":
+        menu = get_backend(backend).PRECISIONS
+        return tuple(sorted(menu, key=lambda p: -estimated_bytes(1 << 20, 1, p)))
+    return allocate.TORCH_MENU
+
+
+def planned_other_shapes(ckpt, backend: str) -> dict:
+    """The embeddings and output head ({name: [rows, cols]}) a llama.cpp plan quantizes too (llama.cpp does)."""
+    if backend != "llama.cpp":
+        return {}
+    return {t.name: [t.shape[0], t.numel // t.shape[0]] for t in ckpt.other if len(t.shape) == 2}
+
+
 def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb, settings,
-                   granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences=None) -> dict:
+                   granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences=None,
+                   sweep: str = "fast") -> dict:
     """A plan that fits a size target, chosen per block or per matrix by entropy order, position or measured KL."""
     blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
     group_size, raw_bits = settings.group_size, raw_bits_of(rule_plan)
@@ -127,44 +148,53 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     else:
         target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
                   "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
+    menu = menu_of(settings.backend, method)
+    other_shapes = planned_other_shapes(ckpt, settings.backend)
+    items = allocate.plan_items(blocks, granularity, other_shapes)
     # a target the executor cannot reach is refused before anything is measured
-    usable = get_backend(settings.backend).PRECISIONS if method == "sensitivity" else ("8-bit", "4-bit")
     budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size,
-                                   usable, settings.backend, raw_bits)
-    items = allocate.plan_items(blocks, granularity)
-    sizes = allocate.item_sizes(items, group_size, raw_bits)
+                                   menu, settings.backend, raw_bits, items)
+    sizes = allocate.item_sizes(items, group_size, raw_bits, menu)
     method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
     if group_size != DEFAULT_GROUP_SIZE:
         method_info["group_size"] = group_size
     extra, checks, cached = None, None, None
+    if settings.backend == "llama.cpp":
+        method_info.update(backend=settings.backend, formats=settings.key())
+    levels = " then ".join(menu)
     if method == "entropy":
         if granularity == "block":
-            scores = analysis.block_entropies
+            scores = list(analysis.block_entropies)
         else:
-            names = [f"{ckpt.block_prefix}.{it['block']}.{it['matrix']}.weight" for it in items]
+            names = [f"{ckpt.block_prefix}.{it['block']}.{it['matrix']}.weight" for it in items if it["block"] is not None]
             scores = [analysis.matrix_entropies[n][entropy] for n in names]
+        scores += [math.inf] * len(other_shapes)  # the embeddings and head are lowered last
         order = sorted(range(len(items)), key=lambda i: (scores[i], i))
-        precisions = allocate.ordered_allocation(order, sizes, budget)
+        precisions = allocate.ordered_allocation(order, sizes, budget, menu)
         method_info.update(entropy=entropy, bins=bins if entropy == "histogram" else None,
-                           allocator="ordered: lowest entropy lowered first, all to 8-bit, then to 4-bit")
+                           allocator=f"ordered: lowest entropy lowered first, all to {levels}")
     elif method == "position":
         rank = {b: r for r, b in enumerate(allocate.position_order(len(blocks)))}
+        rank[None] = len(blocks)  # the embeddings and head are lowered last
         order = sorted(range(len(items)), key=lambda i: (rank[items[i]["block"]], i))
-        precisions = allocate.ordered_allocation(order, sizes, budget)
+        precisions = allocate.ordered_allocation(order, sizes, budget, menu)
         method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
     else:
         calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
                                               calib_text, 256, settings, granularity, device,
-                                              calib_sentences or sensitivity.CALIB_SENTENCES)
+                                              calib_sentences or sensitivity.CALIB_SENTENCES, sweep, menu)
         metric = calibration.metric
         rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
-        costs = [{"raw": 0.0, "8-bit": r.get("8-bit", math.inf), "4-bit": r.get("4-bit", math.inf)} for r in rows]
+        costs = [{p: 0.0 if p == "raw" else r.get(p, math.inf) for p in s} for r, s in zip(rows, sizes)]
         precisions = allocate.optimal_allocation(costs, sizes, budget)
+        how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
         method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
                            allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
+        if calibration.sweep_kind == "fast":
+            method_info["sweep"] = f"fast: single-item {metric} {how}"
         if settings.backend == "bitsandbytes":
             method_info["quant_type"] = settings.quant_type
-        randoms = [allocate.random_allocation(sizes, budget, seed) for seed in range(sensitivity.RANDOM_PLANS)]
+        randoms = [allocate.random_allocation(sizes, budget, seed, menu) for seed in range(sensitivity.RANDOM_PLANS)]
         measured = sensitivity.measure_plans(calibration, items, [precisions] + randoms, progress)
         predicted = sum(c[p] for c, p in zip(costs, precisions))
         if not math.isfinite(predicted):
@@ -177,24 +207,30 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
         extra = rows
     plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
                       analysis.block_entropies, None, analysis.seconds)
-    allocate.write_precisions(plan["blocks"], items, precisions)
+    if other_shapes:
+        plan["other"].update(shapes=other_shapes, note="norms and biases are never quantized; a llama.cpp plan "
+                                                       "quantizes the embeddings and output head too, as llama.cpp does")
+    allocate.write_precisions(plan["blocks"], items, precisions, plan["other"])
     if extra is not None:
         by_block = {}
         for it, r in zip(items, extra):
             by_block.setdefault(it["block"], []).append((it["matrix"], r))
+        field = {p: f"{metric}_{p.replace('-', '')}" for p in menu}  # kl_8bit, kl_4bit; kl_Q8_0, kl_Q6_K, ...
         for b in plan["blocks"]:
             measured_rows = by_block[b["index"]]
             if granularity == "block":
                 r = measured_rows[0][1]
-                b.update({f"{metric}_8bit": _round(r.get("8-bit")), f"{metric}_4bit": _round(r.get("4-bit"))})
+                b.update({field[p]: _round(r.get(p)) for p in menu})
             else:  # a block's sensitivity summarised as the sum over its matrices; per matrix in `matrix_<metric>`
-                b.update({f"{metric}_8bit": _round(sum(r.get("8-bit", 0) for _, r in measured_rows)),
-                          f"{metric}_4bit": _round(sum(r.get("4-bit", 0) for _, r in measured_rows)),
-                          f"matrix_{metric}": {m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows}})
+                b.update({field[p]: _round(sum(r[p] for _, r in measured_rows)) if all(p in r for _, r in measured_rows)
+                          else None for p in menu})
+                b[f"matrix_{metric}"] = {m: {p: _round(v) for p, v in r.items()} for m, r in measured_rows}
             b["entropies"] = {kind: round(v[b["index"]], 9) for kind, v in analysis.by_kind.items()}
+        if None in by_block:
+            plan["other"][f"matrix_{metric}"] = {m: {p: _round(v) for p, v in r.items()} for m, r in by_block[None]}
     plan["counts"] = counts(plan["blocks"])
     plan["matrix_counts"] = matrix_counts(plan["blocks"])
-    plan["size"] = size_summary(plan["blocks"], other, group_size, raw_bits)
+    plan["size"] = size_summary(plan["blocks"], other, group_size, raw_bits, plan["other"])
     if checks:
         plan["checks"] = {k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
                           for k, v in checks.items()}

@@ -9,17 +9,16 @@ import torch
 
 import benchmark
 from ewq import report
-from ewq.allocate import block_sizes, budget_bytes, optimal_allocation, ordered_allocation, position_order
+from ewq.allocate import block_sizes, budget_bytes, item_sizes, optimal_allocation, ordered_allocation, position_order
 from ewq.apply import QuantSettings
 from ewq.common import EWQError, run_cli
-from ewq.plan import PRECISIONS
 from ewq.planning import make_plan
 from ewq.sensitivity import Calibration, sweep
 
 
 def brute_force(costs, sizes, budget):
     best = None
-    for choice in itertools.product(PRECISIONS, repeat=len(sizes)):
+    for choice in itertools.product(*[list(s) for s in sizes]):
         if sum(s[p] for s, p in zip(sizes, choice)) <= budget:
             cost = sum(c[p] for c, p in zip(costs, choice))
             if best is None or cost < best[0] - 1e-12:
@@ -43,6 +42,27 @@ def test_optimal_allocation_matches_brute_force(seed):
         want_cost, _ = brute_force(costs, sizes, budget)
         assert sum(s[p] for s, p in zip(sizes, got)) <= budget  # the target is met
         assert sum(c[p] for c, p in zip(costs, got)) == pytest.approx(want_cost, abs=1e-12)  # and optimally
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_optimal_allocation_over_llama_cpp_formats_matches_brute_force(seed):
+    """Six formats, and matrices whose rows do not fit every one (rows of 576 take no k-quant): the allocator
+    offers each matrix only what it can take, and still finds the optimum."""
+    rng = random.Random(seed)
+    menu = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0")
+    items = [{"block": i, "matrix": "m", "params": o * c, "rows": o, "shapes": [[o, c]]}
+             for i, (o, c) in enumerate(rng.choice([(64, 576), (64, 256), (128, 512)]) for _ in range(rng.randint(3, 5)))]
+    sizes = item_sizes(items, menu=menu)
+    assert all("Q6_K" not in s for s, it in zip(sizes, items) if it["shapes"][0][1] == 576)
+    bits = {"raw": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K": 4.5, "Q4_0": 4.5}
+    costs = [{p: 0.0 if p == "raw" else rng.uniform(0, 0.01) * (17 - bits[p]) for p in s} for s in sizes]
+    params = sum(it["params"] for it in items)
+    for target_bits in (4.6, 5.2, 6.0, 7.5, 12.0):
+        budget = target_bits / 8 * params
+        got = optimal_allocation(costs, sizes, budget)
+        want_cost, _ = brute_force(costs, sizes, budget)
+        assert sum(s[p] for s, p in zip(sizes, got)) <= budget
+        assert sum(c[p] for c, p in zip(costs, got)) == pytest.approx(want_cost, abs=1e-12)
 
 
 def test_ordered_allocation_lowers_the_lowest_first_and_meets_the_target():

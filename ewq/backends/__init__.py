@@ -31,7 +31,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
-BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic"}
+BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic", "llama.cpp": "ggml"}
 BACKENDS = tuple(BACKEND_MODULES)
 QUANT_TYPES = ("nf4", "fp4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -55,6 +55,8 @@ class QuantSettings:
             extra = {"int8_activations": True} if self.int8_activations else {}  # absent when off: older keys stay valid
             return {"backend": self.backend, "group_size": self.group_size, **extra,
                     **get_backend(self.backend).formats(self)}
+        if self.backend == "llama.cpp":
+            return {"backend": self.backend, **get_backend(self.backend).formats(self)}
         return {"backend": self.backend}
 
 

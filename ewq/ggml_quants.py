@@ -1,0 +1,731 @@
+"""Emulation of llama.cpp's ggml weight quantizers in torch, so a sweep can measure what `llama-quantize`
+would do to each matrix without building or running llama.cpp.
+
+What is emulated is the path `llama-quantize` takes WITHOUT an importance matrix: `ggml_quantize_chunk(type, ...,
+imatrix=NULL)`, which for every type here ends in ggml-quants.c's `quantize_row_<type>_ref`:
+
+    Q8_0, Q4_0, Q4_1, Q5_0, Q5_1  round-to-grid from the block's max (or min/max)
+    Q6_K                          make_qx_quants(16, 32, rmse_type=1, qw=NULL) per 16-weight sub-block
+    Q5_K / Q4_K                   make_qkx2_quants(32, 31|15, weights=av_x+|x|) per 32-weight sub-block
+    Q3_K                          make_q3_quants(16, 4, do_rmse=true) per 16-weight sub-block
+    Q2_K                          make_qkx2_quants(16, 3, weights=|x|, use_mad=true) per 16-weight sub-block
+
+(with an imatrix the k-quants switch to make_qkx3_quants / make_qp_quants in quantize_row_*_impl; not emulated.)
+
+Exactness: the C is plain float32 arithmetic (ggml-base is built without -march, so x86-64 SSE without FMA
+contraction) with sequential sums, and this module repeats it operation for operation: the same association of
+products, sums accumulated element by element in the same order (`_seqsum`; torch.sum reorders), IEEE division
+(never `python_scalar / tensor`, which torch computes as tensor.reciprocal() * scalar), a correctly rounded sqrt
+(torch.sqrt on float32 CPU tensors is off by one ulp for ~20% of inputs), the same first-index tie-breaking for
+max |x|, `nearest_int`'s round-half-to-even, `roundf`'s round-half-away-from-zero, fp16 rounding of the stored
+scales, and even ggml's signs of zero. On x86-64 the result is bit-identical to ggml, output values and packed
+bytes (bench/check_ggml_quants.py: every type, Gaussian and all tested SmolLM2 tensors, the 49152x576 embedding
+included). Known limits: a ggml built for aarch64 may contract `a*b+c` into FMAs, which can move a k-quant scale
+choice in rare blocks; and blocks made only of float32-subnormal values (|x| < ~1e-38, where 1/d overflows and
+ggml relies on undefined float->int conversions) are not reproduced.
+
+Everything is vectorised over all blocks of a matrix (processed in chunks to bound memory); the only Python loops
+are over the 16/32 elements of a sub-block (the sequential sums) and over the handful of candidate scales.
+
+Public API:
+    TYPES, TypeInfo                    block size, bytes per block, bits per weight (from gguf.GGML_QUANT_SIZES)
+    EMULATED_TYPES                     the quantized types quantize_dequantize emulates
+    can_quantize(shape, type_name)     whether a [rows, cols] matrix can take the type
+    check_shape(shape, type_name)      the same, raising EWQError with llama-quantize's fallback in the message
+    llama_quantize_fallback(type_name, n_cols)   the type llama-quantize really writes for that row length
+    quantize_dequantize(weight, type_name, *, threads=1) -> float32 tensor, the weight after one round trip
+    quantize_to_bytes(weight, type_name, *, threads=1)   -> numpy uint8 [rows, row_bytes], ggml's packed blocks
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from ewq.common import EWQError
+
+QK_K = 256
+# ggml-quants.c: a group whose max |x| is below this is written as all zeros
+GROUP_MAX_EPS = 1e-15
+# Weights per chunk. The k-quant searches run ~100-700 small tensor ops per chunk, so chunks must be large
+# enough to amortise Python overhead; Q6_K's [16 elements, 19 candidates, sub-blocks] tensors want to stay
+# cache-sized (measured on 1 thread: 2^16 is ~2x faster than 2^18 for Q6_K, 2^18 ~2x faster than 2^16 for Q4_K).
+_CHUNK_WEIGHTS = 1 << 18
+_CHUNK_WEIGHTS_BY_TYPE = {"Q6_K": 1 << 16}
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    block_size: int        # weights per block (the row length must be a multiple of it)
+    bytes_per_block: int
+    bits_per_weight: float  # exact: 8 * bytes_per_block / block_size
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K")
+
+
+def _type_info(name: str) -> TypeInfo:
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+    return TypeInfo(block, nbytes, 8 * nbytes / block)
+
+
+TYPES: dict[str, TypeInfo] = {name: _type_info(name) for name in FLOAT_TYPES + EMULATED_TYPES}
+
+# llama-quant.cpp tensor_type_fallback(): what a too-short / misaligned row gets instead of the requested type.
+# A fallback that still does not divide the row length becomes F16.
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _canonical(type_name: str) -> str:
+    name = str(type_name).upper()
+    if name not in TYPES:
+        raise EWQError(f"unknown ggml type {type_name!r}; supported: {', '.join(TYPES)}")
+    return name
+
+
+def can_quantize(shape, type_name: str) -> bool:
+    """True when every row (the last dimension, ggml's ne[0]) splits into whole blocks of the type."""
+    info = TYPES[_canonical(type_name)]
+    return len(shape) >= 1 and shape[-1] > 0 and shape[-1] % info.block_size == 0
+
+
+def llama_quantize_fallback(type_name: str, n_cols: int) -> str:
+    """The type llama-quantize actually writes for rows of n_cols weights (src/llama-quant.cpp
+    tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 if the row length
+    is not even a multiple of 32. It warns ("N of M tensor(s) required fallback quantization") and goes on.
+    Applies to the mixture's own choices and to --tensor-type overrides. Not to --token-embedding-type /
+    --output-tensor-type: those are used as given, and a type the rows cannot take aborts the run ("quantized
+    data validation failed"). The output tensor (and a tied token_embd) whose rows do not fit the mixture's block
+    gets Q8_0 instead of Q6_K. SmolLM2's hidden size 576 is not a multiple of 256, so its Q4_K_M is mostly Q5_0."""
+    name = _canonical(type_name)
+    block = TYPES[name].block_size
+    if n_cols % block == 0:
+        return name
+    fallback = _FALLBACK.get(name, name)  # a 32-block type has nothing smaller to fall back to
+    return fallback if n_cols % TYPES[fallback].block_size == 0 else "F16"
+
+
+def check_shape(shape, type_name: str) -> None:
+    """Refuse a shape the type cannot take, naming what llama-quantize would write instead."""
+    name = _canonical(type_name)
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise EWQError(f"ggml quantization emulation takes a 2-D [rows, cols] weight, got shape {shape}")
+    if not can_quantize(shape, name):
+        block = TYPES[name].block_size
+        raise EWQError(
+            f"{name} needs rows whose length is a multiple of {block}; shape {shape} has rows of {shape[-1]} "
+            f"(llama-quantize would fall back to {llama_quantize_fallback(name, shape[-1])})")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _f32(value) -> torch.Tensor:
+    """A 0-dim float32 constant: the C literal `value f`, and a tensor so every division is a true division."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+_ONE = _f32(1.0)
+_EPS = _f32(GROUP_MAX_EPS)
+_MAGIC = _f32(12582912.0)  # 1.5 * 2^23
+
+
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int(): add 1.5*2^23 and read the low mantissa bits. Round half to even for |f| < 2^22;
+    reproduced bit for bit (also its garbage for larger |f|) since a few callers divide by tiny numbers."""
+    bits = (f + _MAGIC).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _round_small(f: torch.Tensor) -> torch.Tensor:
+    """nearest_int() where |f| is bounded by construction (the scale searches): torch.round is half-to-even
+    too, and stays float, which saves the int conversions in the hot loops."""
+    return torch.round(f)
+
+
+def _levels(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(f))) as float32 ints. The + 0.0 turns the -0.0 that torch.round gives for
+    small negatives into the integer 0 C has; a -0.0 level would make 0 * L come out as -0.0."""
+    return _round_small(f).clamp_(lo, hi).add_(0.0)
+
+
+def _roundf(f: torch.Tensor) -> torch.Tensor:
+    """C roundf(): half away from zero (Q8_0). x - trunc(x) is exact, so this has no double-rounding trap."""
+    t = torch.trunc(f)
+    return t + torch.sign(f) * ((f - t).abs() >= 0.5).to(f.dtype)
+
+
+def _fp16(f: torch.Tensor) -> torch.Tensor:
+    """Round to the fp16 value ggml stores (GGML_FP32_TO_FP16 rounds to nearest even, keeps subnormals)."""
+    return f.to(torch.float16)
+
+
+def _sqrtf(f: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt, as C sqrtf. torch.sqrt on float32 CPU tensors is NOT: its vectorised
+    kernel is off by one ulp for ~20% of inputs, enough to move a Q4_K/Q5_K scale. The float64 sqrt of a float32,
+    rounded to float32, is correctly rounded (53 >= 2*24 + 2 bits)."""
+    return torch.sqrt(f.double()).float()
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 one element at a time in float32, like the C loops `s += ...` starting from 0.
+    (torch.sum reduces in another order, which can change the last bit, enough to flip the
+    `cur_error < best_error` comparisons of the scale searches.)"""
+    acc = torch.zeros_like(t[0])
+    for i in range(t.shape[0]):
+        acc = acc + t[i]
+    return acc
+
+
+def _first_absmax(x: torch.Tensor, dim: int):
+    """(signed value, |value|) of the first element with the largest |x| along dim, ggml's
+    `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`."""
+    ax = x.abs()
+    idx = ax.argmax(dim, keepdim=True)  # first index of the maximum
+    return x.gather(dim, idx).squeeze(dim), ax.gather(dim, idx).squeeze(dim)
+
+
+def _max_from_zero(t: torch.Tensor) -> torch.Tensor:
+    """ggml's `float m = 0; if (v > m) m = v;` over dim 1: +0.0 unless something is positive (clamp_min(0)
+    would keep a -0.0, which ends up as a -0.0 fp16 scale and -0.0 outputs)."""
+    m = t.amax(1)
+    return _where0(m > 0, m)
+
+
+def _where0(cond, value):
+    return torch.where(cond, value, torch.zeros((), dtype=value.dtype))
+
+
+def _to_u8(i: torch.Tensor) -> torch.Tensor:
+    """C's conversion of an int to uint8_t (wraps)."""
+    return i & 0xFF
+
+
+# ------------------------------------------------------------------------------------ 32-weight legacy types
+# Each _quant_* takes blocks [nb, block] float32 and returns the stored fields (fp16 scales as float16 tensors,
+# quant levels L as small non-negative ints held in float32 or int); _dequant_* repeats ggml's dequantize_row_*.
+
+def _quant_q8_0(xb):
+    amax = xb.abs().amax(1)
+    d = amax / _f32(127.0)
+    inv = _where0(d != 0, _ONE / d)
+    q = _roundf(xb * inv[:, None]).to(torch.int32)  # int8 in [-127, 127]; an int, so -0.0 becomes 0
+    return {"d": _fp16(d), "q": q}
+
+
+def _dequant_q8_0(f):
+    return f["q"].float() * f["d"].float()[:, None]
+
+
+def _quant_q4_0(xb):
+    mx, _ = _first_absmax(xb, 1)
+    d = mx / _f32(-8.0)
+    inv = _where0(d != 0, _ONE / d)
+    # (int8_t)(x*id + 8.5f) truncates toward zero; the argument is positive, then MIN(15, .)
+    L = torch.trunc(xb * inv[:, None] + _f32(8.5)).clamp_max(15)
+    return {"d": _fp16(d), "L": L}
+
+
+def _dequant_q4_0(f):
+    return (f["L"] - 8) * f["d"].float()[:, None]
+
+
+def _quant_q5_0(xb):
+    mx, _ = _first_absmax(xb, 1)
+    d = mx / _f32(-16.0)
+    inv = _where0(d != 0, _ONE / d)
+    L = torch.trunc(xb * inv[:, None] + _f32(16.5)).clamp_max(31)
+    return {"d": _fp16(d), "L": L}
+
+
+def _dequant_q5_0(f):
+    return (f["L"] - 16) * f["d"].float()[:, None]
+
+
+def _quant_q4_1(xb):
+    mn = xb.amin(1)
+    mx = xb.amax(1)
+    d = (mx - mn) / _f32(15.0)
+    inv = _where0(d != 0, _ONE / d)
+    L = torch.trunc((xb - mn[:, None]) * inv[:, None] + _f32(0.5)).clamp_max(15)
+    return {"d": _fp16(d), "m": _fp16(mn), "L": L}
+
+
+def _dequant_q4_1(f):
+    return f["L"] * f["d"].float()[:, None] + f["m"].float()[:, None]
+
+
+def _quant_q5_1(xb):
+    mn = xb.amin(1)
+    mx = xb.amax(1)
+    d = (mx - mn) / _f32(31.0)
+    inv = _where0(d != 0, _ONE / d)
+    # ggml has no MIN(31, .) here ((uint8_t)(x + 0.5f)); (max-min)*id stays below 31.5 so it never matters.
+    # gguf-py clips to 31 instead; same result.
+    L = torch.trunc((xb - mn[:, None]) * inv[:, None] + _f32(0.5))
+    return {"d": _fp16(d), "m": _fp16(mn), "L": L}
+
+
+def _dequant_q5_1(f):
+    return f["L"] * f["d"].float()[:, None] + f["m"].float()[:, None]
+
+
+# ---------------------------------------------------------------------------------------- k-quant searches
+# Sub-block tensors are element-major, [n, B] (n = 16 or 32 weights, B sub-blocks), so the sequential sums over
+# the n elements walk contiguous rows.
+
+def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """ggml make_qkx2_quants: asymmetric (scale, min) fit of levels 0..nmax. Starts from the min/max grid, then
+    tries nstep+1 grids iscale = (rmin + rdelta*is + nmax)/(max - min), each followed by a weighted
+    least-squares (scale, min), keeping a fit whose weighted error (squared, or absolute if use_mad) is strictly
+    lower. The steps are sequential on purpose: ggml's `min` is updated when a fit is kept, and the later grids
+    use the new min (both in max - min and in x - min), so the search depends on its path.
+    Returns (scale [B], the_min = -min [B], L [n, B] float)."""
+    n = x.shape[0]
+    mn = x.amin(0)
+    mx = x.amax(0)
+    sum_w = w[0].clone()
+    sum_x = w[0] * x[0]
+    for i in range(1, n):
+        sum_w = sum_w + w[i]
+        sum_x = sum_x + w[i] * x[i]
+    mn = _where0(~(mn > 0), mn)  # if (min > 0) min = 0;
+    flat = mx == mn
+    iscale = _f32(float(nmax)) / (mx - mn)
+    scale = _ONE / iscale
+    L = _levels(iscale * (x - mn), 0, nmax)
+    diff = scale * L + mn - x
+    best = _seqsum(w * (diff.abs() if use_mad else diff * diff))
+    # the levels kept so far are round(l_iscale * (x - l_min)): track those two [B] vectors and rebuild the
+    # levels once at the end, rather than selecting an [n, B] tensor at every step
+    l_iscale, l_min = iscale, mn
+
+    terms = torch.empty((n, 3) + x.shape[1:], dtype=x.dtype)  # w*l, w*l*l, w*l*x side by side: one sum loop
+    for s in range(nstep + 1):
+        # (rmin + rdelta*is + nmax) evaluated in float32, left to right, as in C
+        fac = _f32(np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(s)) + np.float32(nmax))
+        iscale = fac / (mx - mn)
+        Laux = _levels(iscale * (x - mn), 0, nmax)
+        wl = torch.mul(w, Laux, out=terms[:, 0])
+        torch.mul(wl, Laux, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sum_l, sum_l2, sum_xl = _seqsum(terms)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0  # a positive min is not allowed: refit the scale alone
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_min = _where0(~pos, this_min)
+        diff = this_scale * Laux + this_min - x
+        cur = _seqsum(w * (diff.abs() if use_mad else diff * diff))
+        take = (D > 0) & (cur < best)
+        best = torch.where(take, cur, best)
+        scale = torch.where(take, this_scale, scale)
+        l_iscale = torch.where(take, iscale, l_iscale)
+        l_min = torch.where(take, mn, l_min)
+        mn = torch.where(take, this_min, mn)  # later grids start from the new min
+    L = _levels(l_iscale * (x - l_min), 0, nmax)
+    # max == min: all levels 0, scale 0, the_min = -min
+    L = _where0(~flat[None], L)
+    scale = _where0(~flat, scale)
+    return scale, -mn, L
+
+
+def _make_qx_quants_rmse1(x, nmax: int):
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): symmetric levels -nmax..nmax-1 weighted by x^2.
+    Tries iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9 (not 0), keeping a candidate when
+    sumlx^2/suml2 grows. Returns (scale [B], L [n, B] float in 0..2*nmax-1)."""
+    mx, amax = _first_absmax(x, 0)
+    zero = amax < _EPS
+    w = x * x
+    wx = w * x
+    steps = [0] + [s for s in range(-9, 10) if s != 0]
+    facs = [np.float32(nmax)] + [np.float32(nmax) + np.float32(0.1) * np.float32(s) for s in steps[1:]]
+    iscales = torch.tensor(-np.array(facs, dtype=np.float32))[:, None] / mx[None, :]  # [S, B]
+    lv = _round_small(iscales[None] * x[:, None]).clamp_(-nmax, nmax - 1)  # [n, S, B]
+    sumlx = _seqsum(wx[:, None] * lv)
+    suml2 = _seqsum((w[:, None] * lv) * lv)
+    scale = _where0(suml2[0] != 0, sumlx[0] / suml2[0])
+    best = scale * sumlx[0]
+    choice = torch.zeros_like(mx, dtype=torch.long)
+    for s in range(1, len(steps)):
+        take = (suml2[s] > 0) & (sumlx[s] * sumlx[s] > best * suml2[s])
+        scale = torch.where(take, sumlx[s] / suml2[s], scale)
+        best = torch.where(take, scale * sumlx[s], best)
+        choice = torch.where(take, s, choice)
+    n = x.shape[0]
+    L = lv.gather(1, choice[None, None, :].expand(n, 1, -1)).squeeze(1) + nmax
+    return _where0(~zero, scale), _where0(~zero[None], L)
+
+
+def _make_q3_quants_rmse(x, nmax: int):
+    """ggml make_q3_quants(n, nmax, x, L, do_rmse=true): levels -nmax..nmax-1 from -nmax/max, then up to 5 passes
+    of coordinate descent on each level, weighted by x^2. A pass without a change leaves the state as it was,
+    so running all 5 passes for every sub-block equals ggml's early break. Returns (scale [B], L [n, B] float)."""
+    n = x.shape[0]
+    mx, amax = _first_absmax(x, 0)
+    zero = amax < _EPS
+    iscale = _f32(float(-nmax)) / mx
+    L = _round_small(iscale[None] * x).clamp(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = _seqsum(wx * L)
+    suml2 = _seqsum((w * L) * L)
+    L = list(L)
+    for _ in range(5):
+        for i in range(n):
+            slx = sumlx - wx[i] * L[i]
+            sl2 = suml2 - (w[i] * L[i]) * L[i]
+            # x*sl2/slx can be huge when slx is tiny: keep nearest_int's exact bit behaviour there
+            new_l = _nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1).float()
+            slx2 = slx + wx[i] * new_l
+            sl22 = sl2 + (w[i] * new_l) * new_l
+            take = ((slx > 0) & (new_l != L[i]) & (sl22 > 0)
+                    & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+            L[i] = torch.where(take, new_l, L[i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    L = torch.stack(L) + nmax
+    scale = _where0(suml2 > 0, sumlx / suml2)
+    return _where0(~zero, scale), _where0(~zero[None], L)
+
+
+# ------------------------------------------------------------------------------------------- k-quant types
+
+def _subblocks(xb, n):
+    """[nb, 256] -> element-major [n, nb*256/n]."""
+    return xb.reshape(-1, n).T.contiguous()
+
+
+def _quant_qk_min(xb, nmax, rmin, rdelta, nstep):
+    """Q4_K / Q5_K (quantize_row_q{4,5}_K_ref): 8 sub-blocks of 32, make_qkx2_quants weighted by
+    av_x + |x| with av_x = sqrt(mean x^2 of the sub-block); scales and mins requantized to 6 bits against the
+    super-block's fp16 d = max_scale/63 and dmin = max_min/63; then every weight is requantized with the final
+    (d*sc, dmin*m)."""
+    nb = xb.shape[0]
+    xs = _subblocks(xb, 32)
+    sum_x2 = _seqsum(xs * xs)
+    av_x = _sqrtf(sum_x2 / _f32(32.0))
+    w = av_x[None] + xs.abs()
+    scale, the_min, Ls = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad=False)
+    scales = scale.view(nb, 8)
+    mins = the_min.view(nb, 8)
+    Ls = Ls.T.reshape(nb, 8, 32)
+    max_scale = _max_from_zero(scales)
+    max_min = _max_from_zero(mins)
+    inv_scale = _where0(max_scale > 0, _f32(63.0) / max_scale)
+    inv_min = _where0(max_min > 0, _f32(63.0) / max_min)
+    ls = _to_u8(_nearest_int(inv_scale[:, None] * scales)).clamp_max(63)
+    lm = _to_u8(_nearest_int(inv_min[:, None] * mins)).clamp_max(63)
+    d = _fp16(max_scale / _f32(63.0))
+    dmin = _fp16(max_min / _f32(63.0))
+    dd = d.float()[:, None] * ls.float()
+    dm = dmin.float()[:, None] * lm.float()
+    xr = xb.view(nb, 8, 32)
+    Lq = _nearest_int((xr + dm[..., None]) / dd[..., None]).clamp(0, nmax).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls)  # `if (!d) continue;` keeps the search's levels
+    return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "L": L.reshape(nb, QK_K)}
+
+
+def _dequant_qk_min(f):
+    nb = f["d"].shape[0]
+    dd = f["d"].float()[:, None] * f["ls"].float()
+    dm = f["dmin"].float()[:, None] * f["lm"].float()
+    return (dd[..., None] * f["L"].view(nb, 8, 32) - dm[..., None]).reshape(nb, QK_K)
+
+
+def _quant_q4_k(xb):
+    # make_qkx2_quants(32, 15, ..., rmin=-1.0, rdelta=0.1, nstep=20, use_mad=false)
+    return _quant_qk_min(xb, 15, -1.0, 0.1, 20)
+
+
+def _quant_q5_k(xb):
+    # make_qkx2_quants(32, 31, ..., rmin=-0.5, rdelta=0.1, nstep=15, use_mad=false)
+    return _quant_qk_min(xb, 31, -0.5, 0.1, 15)
+
+
+def _quant_q6_k(xb):
+    """quantize_row_q6_K_ref: 16 sub-blocks of 16, make_qx_quants(16, 32, rmse_type=1); the signed scale with the
+    largest |scale| sets iscale = -128/max_scale, d = fp16(1/iscale), 8-bit scales MIN(127, nearest_int(.));
+    weights requantized to -32..31 with d*sc. A super-block with max |scale| < GROUP_MAX_EPS is all zeros."""
+    nb = xb.shape[0]
+    xs = _subblocks(xb, 16)
+    scale, Ls = _make_qx_quants_rmse1(xs, 32)
+    scales = scale.view(nb, 16)
+    Ls = Ls.T.reshape(nb, 16, 16)
+    max_scale, max_abs = _first_absmax(scales, 1)
+    zero = max_abs < _EPS
+    iscale = _f32(-128.0) / max_scale
+    d = _fp16(_where0(~zero, _ONE / iscale))
+    sc = _nearest_int(iscale[:, None] * scales).clamp_max(127)
+    sc = ((sc + 128) & 0xFF) - 128  # stored as int8_t
+    sc = _where0(~zero[:, None], sc)
+    dd = d.float()[:, None] * sc.float()
+    Lq = (_nearest_int(xb.view(nb, 16, 16) / dd[..., None]).clamp(-32, 31) + 32).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls)
+    L = _where0(~zero[:, None, None], L)  # memset(&y[i], 0, ...)
+    return {"d": d, "sc": sc, "L": L.reshape(nb, QK_K)}
+
+
+def _dequant_q6_k(f):
+    nb = f["d"].shape[0]
+    dd = f["d"].float()[:, None] * f["sc"].float()
+    return (dd[..., None] * (f["L"].view(nb, 16, 16) - 32)).reshape(nb, QK_K)
+
+
+def _quant_q3_k(xb):
+    """quantize_row_q3_K_ref: 16 sub-blocks of 16, make_q3_quants(16, 4, do_rmse=true); 6-bit signed scales
+    against iscale = -32/max_scale (max_scale = the scale with the largest |scale|), d = fp16(1/iscale);
+    weights requantized to -4..3 with d*sc."""
+    nb = xb.shape[0]
+    xs = _subblocks(xb, 16)
+    scale, Ls = _make_q3_quants_rmse(xs, 4)
+    scales = scale.view(nb, 16)
+    Ls = Ls.T.reshape(nb, 16, 16)
+    max_scale, _ = _first_absmax(scales, 1)
+    nz = max_scale != 0
+    iscale = _f32(-32.0) / max_scale
+    l6 = ((_nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+    l6 = _where0(nz[:, None], l6.clamp(-32, 31) + 32)  # memset(scales, 0) when max_scale == 0
+    d = _fp16(_where0(nz, _ONE / iscale))
+    sc = l6 - 32
+    dd = d.float()[:, None] * sc.float()
+    Lq = (_nearest_int(xb.view(nb, 16, 16) / dd[..., None]).clamp(-4, 3) + 4).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls)
+    return {"d": d, "l6": l6, "L": L.reshape(nb, QK_K)}
+
+
+def _dequant_q3_k(f):
+    nb = f["d"].shape[0]
+    dd = f["d"].float()[:, None] * (f["l6"] - 32).float()
+    return (dd[..., None] * (f["L"].view(nb, 16, 16) - 4)).reshape(nb, QK_K)
+
+
+def _quant_q2_k(xb):
+    """quantize_row_q2_K_ref: 16 sub-blocks of 16, make_qkx2_quants(16, 3, weights=|x|, rmin=-0.5,
+    rdelta=0.1, nstep=15, use_mad=true); 4-bit scales and mins against fp16 d = max_scale/15,
+    dmin = max_min/15; weights requantized to 0..3."""
+    nb = xb.shape[0]
+    xs = _subblocks(xb, 16)
+    scale, the_min, Ls = _make_qkx2_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales = scale.view(nb, 16)
+    mins = the_min.view(nb, 16)
+    Ls = Ls.T.reshape(nb, 16, 16)
+    max_scale = _max_from_zero(scales)
+    max_min = _max_from_zero(mins)
+    has_s = max_scale > 0
+    has_m = max_min > 0
+    ls = _where0(has_s[:, None], _nearest_int((_f32(15.0) / max_scale)[:, None] * scales))
+    lm = _where0(has_m[:, None], _nearest_int((_f32(15.0) / max_min)[:, None] * mins))
+    byte = _to_u8(ls) | _to_u8(lm << 4)
+    d = _fp16(_where0(has_s, max_scale / _f32(15.0)))
+    dmin = _fp16(_where0(has_m, max_min / _f32(15.0)))
+    dd = d.float()[:, None] * (byte & 0xF).float()
+    dm = dmin.float()[:, None] * (byte >> 4).float()
+    Lq = _nearest_int((xb.view(nb, 16, 16) + dm[..., None]) / dd[..., None]).clamp(0, 3).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls)
+    return {"d": d, "dmin": dmin, "sc": byte, "L": L.reshape(nb, QK_K)}
+
+
+def _dequant_q2_k(f):
+    nb = f["d"].shape[0]
+    dd = f["d"].float()[:, None] * (f["sc"] & 0xF).float()
+    dm = f["dmin"].float()[:, None] * (f["sc"] >> 4).float()
+    return (dd[..., None] * f["L"].view(nb, 16, 16) - dm[..., None]).reshape(nb, QK_K)
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+def _u8(t) -> np.ndarray:
+    return np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t).astype(np.uint8)
+
+
+def _fp16_bytes(h: torch.Tensor) -> np.ndarray:
+    return h.numpy().astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _packed_levels(f) -> np.ndarray:
+    return f["L"].numpy().astype(np.int32)
+
+
+def _pack_nibbles(L):
+    """qs[j] = L[j] | L[j+16] << 4 (the 32-weight types)."""
+    return _u8((L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4))
+
+
+def _pack_qh32(L):
+    """uint32 qh (little endian): bit k = bit 4 of L[k]."""
+    bits = ((L >> 4) & 1).astype(np.uint8).reshape(-1, 4, 8)
+    return _u8((bits << np.arange(8, dtype=np.uint8)).sum(-1))
+
+
+def _pack_q8_0(f):
+    return np.concatenate([_fp16_bytes(f["d"]), f["q"].numpy().astype(np.int8).view(np.uint8)], axis=1)
+
+
+def _pack_q4_0(f):
+    return np.concatenate([_fp16_bytes(f["d"]), _pack_nibbles(_packed_levels(f))], axis=1)
+
+
+def _pack_q4_1(f):
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["m"]), _pack_nibbles(_packed_levels(f))], axis=1)
+
+
+def _pack_q5_0(f):
+    L = _packed_levels(f)
+    return np.concatenate([_fp16_bytes(f["d"]), _pack_qh32(L), _pack_nibbles(L)], axis=1)
+
+
+def _pack_q5_1(f):
+    L = _packed_levels(f)
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["m"]), _pack_qh32(L), _pack_nibbles(L)], axis=1)
+
+
+def _pack_k_scales(ls, lm):
+    """The 12-byte 6-bit scale/min layout of Q4_K/Q5_K (get_scale_min_k4's inverse)."""
+    ls = ls.numpy().astype(np.int32)
+    lm = lm.numpy().astype(np.int32)
+    out = np.zeros((ls.shape[0], 12), dtype=np.int32)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return _u8(out)
+
+
+def _pack_q4_k(f):
+    L = _packed_levels(f).reshape(-1, 4, 2, 32)  # 64-weight chunks: low nibble first 32, high nibble next 32
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _pack_k_scales(f["ls"], f["lm"]),
+                           _u8(qs)], axis=1)
+
+
+def _pack_q5_k(f):
+    L = _packed_levels(f).reshape(-1, 4, 2, 32)
+    qs = ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    hi = (L >> 4) & 1  # [nb, chunk, half, 32]: bit 2*chunk + half of qh[l]
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, :, :, None]
+    qh = (hi << shifts).sum(axis=(1, 2))
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _pack_k_scales(f["ls"], f["lm"]),
+                           _u8(qh), _u8(qs)], axis=1)
+
+
+def _pack_q6_k(f):
+    L = _packed_levels(f).reshape(-1, 2, 4, 32)  # two 128-weight halves of four 32-weight rows
+    lo = L & 0xF
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)  # [nb,2,64]
+    hi = L >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [nb, 2, 32]
+    sc = f["sc"].numpy().astype(np.int8).view(np.uint8)
+    return np.concatenate([_u8(ql.reshape(-1, 128)), _u8(qh.reshape(-1, 64)), sc, _fp16_bytes(f["d"])], axis=1)
+
+
+def _pack_2bit(L):
+    """qs[32*c + l] = L[128c + l] | L[128c+l+32] << 2 | L[128c+l+64] << 4 | L[128c+l+96] << 6."""
+    L = L.reshape(-1, 2, 4, 32)
+    return _u8((L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64))
+
+
+def _pack_q3_k(f):
+    L = _packed_levels(f)
+    high = (L > 3).astype(np.int32).reshape(-1, 8, 32)  # bit b of hmask[m] <- weight 32*b + m
+    hmask = (high << np.arange(8)[None, :, None]).sum(1)
+    l6 = f["l6"].numpy().astype(np.int32)
+    scales = np.zeros((l6.shape[0], 12), dtype=np.int32)
+    scales[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
+    hi = (l6 >> 4).reshape(-1, 4, 4)  # j = 4*group + k -> byte 8 + k, bits 2*group
+    scales[:, 8:12] = (hi << (2 * np.arange(4))[None, :, None]).sum(1)
+    return np.concatenate([_u8(hmask), _pack_2bit(L & 3), _u8(scales), _fp16_bytes(f["d"])], axis=1)
+
+
+def _pack_q2_k(f):
+    return np.concatenate([_u8(f["sc"].numpy()), _pack_2bit(_packed_levels(f)), _fp16_bytes(f["d"]),
+                           _fp16_bytes(f["dmin"])], axis=1)
+
+
+_IMPL = {
+    "Q8_0": (_quant_q8_0, _dequant_q8_0, _pack_q8_0),
+    "Q4_0": (_quant_q4_0, _dequant_q4_0, _pack_q4_0),
+    "Q4_1": (_quant_q4_1, _dequant_q4_1, _pack_q4_1),
+    "Q5_0": (_quant_q5_0, _dequant_q5_0, _pack_q5_0),
+    "Q5_1": (_quant_q5_1, _dequant_q5_1, _pack_q5_1),
+    "Q6_K": (_quant_q6_k, _dequant_q6_k, _pack_q6_k),
+    "Q5_K": (_quant_q5_k, _dequant_qk_min, _pack_q5_k),
+    "Q4_K": (_quant_q4_k, _dequant_qk_min, _pack_q4_k),
+    "Q3_K": (_quant_q3_k, _dequant_q3_k, _pack_q3_k),
+    "Q2_K": (_quant_q2_k, _dequant_q2_k, _pack_q2_k),
+}
+
+
+# ------------------------------------------------------------------------------------------------- public
+
+def _prepare(weight, type_name):
+    name = _canonical(type_name)
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight)
+    check_shape(weight.shape, name)
+    # llama-quantize converts F16/BF16 sources to F32 first (exact), then quantizes the F32 rows
+    return name, weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _chunks(x, name):
+    """Yield [nb, block] views of consecutive blocks, a chunk of weights at a time."""
+    block = TYPES[name].block_size
+    blocks = x.reshape(-1, block)
+    step = max(1, _CHUNK_WEIGHTS_BY_TYPE.get(name, _CHUNK_WEIGHTS) // block)
+    for start in range(0, blocks.shape[0], step):
+        yield blocks[start:start + step]
+
+
+@contextmanager
+def _torch_threads(n):
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantize_dequantize(weight: torch.Tensor, type_name: str, *, threads: int | None = 1) -> torch.Tensor:
+    """The weight [rows, cols] after one round trip through the ggml type, as llama-quantize (no imatrix) writes
+    it and ggml's dequantize_row_* reads it back. float32, same shape, on the CPU. F32/F16/BF16 are plain
+    round-to-nearest-even casts.
+
+    threads: torch intra-op threads during the call (restored afterwards; None leaves the setting alone). The
+    k-quant searches are thousands of small tensor ops; on a busy machine each op with 2+ threads waits for a
+    free core, measured 10-100x slower than 1 thread on the shared 2-core box."""
+    name, x = _prepare(weight, type_name)
+    if name == "F32":
+        return x.clone()
+    if name in ("F16", "BF16"):
+        return x.to(torch.float16 if name == "F16" else torch.bfloat16).to(torch.float32)
+    quant, dequant, _ = _IMPL[name]
+    with torch.no_grad(), _torch_threads(threads):
+        out = torch.cat([dequant(quant(xb)).reshape(-1) for xb in _chunks(x, name)])
+    return out.view(x.shape)
+
+
+def quantize_to_bytes(weight: torch.Tensor, type_name: str, *, threads: int | None = 1) -> np.ndarray:
+    """ggml's packed blocks for the weight: uint8 [rows, cols/block*bytes_per_block], byte for byte what
+    ggml_quantize_chunk writes (no imatrix); the layout gguf.quants.quantize returns and a GGUF writer stores
+    (gguf.quants.dequantize reads it back). threads: as in quantize_dequantize."""
+    name, x = _prepare(weight, type_name)
+    rows = x.shape[0]
+    if name == "F32":
+        return x.numpy().astype("<f4").view(np.uint8).reshape(rows, -1)
+    if name == "F16":
+        return x.to(torch.float16).numpy().astype("<f2").view(np.uint8).reshape(rows, -1)
+    if name == "BF16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").view(np.uint8).reshape(rows, -1)
+    quant, _, pack = _IMPL[name]
+    with torch.no_grad(), _torch_threads(threads):
+        packed = np.concatenate([pack(quant(xb)) for xb in _chunks(x, name)])
+    return packed.reshape(rows, -1)

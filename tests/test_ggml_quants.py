@@ -1,0 +1,251 @@
+"""ewq.ggml_quants against gguf-py, against golden ggml output, and against the formats' error bounds.
+
+No llama.cpp needed: the golden hashes below are of the blocks ggml's own ggml_quantize_chunk (llama.cpp vendored
+in llama-cpp-python 0.3.36, x86-64) wrote for the deterministic matrices built here; bench/check_ggml_quants.py
+re-derives that comparison against a built llama.cpp.
+"""
+
+import hashlib
+import itertools
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from ewq import ggml_quants as G
+from ewq.common import EWQError
+
+GGUF_QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16")
+K_QUANTS = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+
+# sha256[:16] of ggml_quantize_chunk(type, det_matrix(64, 4096, coarse), imatrix=NULL). 1024 super-blocks: big
+# enough that a one-ulp slip (torch.sqrt instead of a correctly rounded sqrtf, torch.sum instead of ggml's
+# sequential sums) changes some Q4_K/Q5_K scale and so the hash.
+GOLDEN = {
+    False: {"Q8_0": "27922422a3790327", "Q6_K": "944ba89ba80d0a31", "Q5_K": "5fe3f266f1939086",
+            "Q4_K": "47ceea10901bcef4", "Q4_0": "dbb71cd61c3bc89d", "Q5_0": "6e823f74347b4edd",
+            "Q4_1": "88257073b5ba15a4", "Q5_1": "e5bebd32aac2583e", "Q3_K": "cc8e1de805b8b888",
+            "Q2_K": "92e39830ab150c2e"},
+    True: {"Q8_0": "48ec5ea7bae2ea8a", "Q6_K": "d66327187a7c008f", "Q5_K": "95f2fbcce35a4167",
+           "Q4_K": "dc4ce3af29eb0fa1", "Q4_0": "f70f9ea609f5bb75", "Q5_0": "1076b6340072ceed",
+           "Q4_1": "a637d41a6411a90e", "Q5_1": "f9cafe2e42d127c6", "Q3_K": "f7c21118666769a7",
+           "Q2_K": "66b9db4cc04d0fba"},
+}
+
+
+def det_matrix(rows, cols, coarse=False):
+    """Deterministic, platform-independent float32 weights: an integer hash -> sum of 4 uniforms (roughly
+    Gaussian), exact multiples of 2^-22, rows scaled by powers of two, a few outliers. `coarse` rounds to a
+    coarser grid so many values land exactly on rounding ties."""
+    i = np.arange(rows * cols, dtype=np.uint64)
+    acc = np.zeros(rows * cols, dtype=np.int64)
+    for k in range(4):
+        h = i * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0xD1B54A32D192ED03 * (k + 1) & 0xFFFFFFFFFFFFFFFF)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(29)
+        acc += (h >> np.uint64(48)).astype(np.int64) - 32768
+    if coarse:
+        acc = (acc // 512) * 512
+    acc[::97] *= 6
+    x = acc.astype(np.float32) * np.float32(2.0 ** -22)
+    x = x.reshape(rows, cols) * (np.float32(2.0) ** (np.arange(rows) % 5 - 2)).astype(np.float32)[:, None]
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def gauss(rows, cols, seed=0, scale=0.02):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def bits(t):
+    return np.asarray(t, dtype=np.float32).view(np.uint32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the searches are many small ops: one thread is faster, and steadier on a shared machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------- type table
+
+def test_type_table_bits_per_weight():
+    expected = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0,
+                "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
+    assert {k: v.bits_per_weight for k, v in G.TYPES.items()} == expected
+    assert G.TYPES["Q6_K"] == G.TypeInfo(256, 210, 6.5625)
+    assert G.TYPES["Q8_0"] == G.TypeInfo(32, 34, 8.5)
+
+
+def test_shape_rules_and_llama_quantize_fallback():
+    assert G.can_quantize((576, 1536), "Q4_K")
+    assert not G.can_quantize((1536, 576), "Q4_K")  # 576 = 2.25 * 256
+    assert G.can_quantize((1536, 576), "q8_0")
+    assert G.llama_quantize_fallback("Q4_K", 576) == "Q5_0"
+    assert G.llama_quantize_fallback("Q5_K", 576) == "Q5_1"
+    assert G.llama_quantize_fallback("Q6_K", 576) == "Q8_0"
+    assert G.llama_quantize_fallback("Q3_K", 576) == "Q4_0"
+    assert G.llama_quantize_fallback("Q2_K", 576) == "Q4_0"
+    assert G.llama_quantize_fallback("Q4_K", 4096) == "Q4_K"
+    assert G.llama_quantize_fallback("Q4_K", 100) == "F16"
+    assert G.llama_quantize_fallback("Q8_0", 100) == "F16"
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q2_K"])
+def test_refuses_rows_the_type_cannot_take(name):
+    w = gauss(8, 576)
+    with pytest.raises(EWQError, match=r"multiple of 256.*fall back to Q"):
+        G.quantize_dequantize(w, name)
+    with pytest.raises(EWQError, match="multiple of 256"):
+        G.quantize_to_bytes(w, name)
+
+
+def test_refuses_bad_input():
+    with pytest.raises(EWQError, match="multiple of 32"):
+        G.quantize_dequantize(gauss(4, 48), "Q8_0")
+    with pytest.raises(EWQError, match="2-D"):
+        G.quantize_dequantize(torch.zeros(256), "Q4_K")
+    with pytest.raises(EWQError, match="2-D"):
+        G.quantize_dequantize(torch.zeros(2, 2, 256), "Q4_K")
+    with pytest.raises(EWQError, match="unknown ggml type"):
+        G.quantize_dequantize(gauss(4, 256), "Q4_K_M")
+
+
+# ------------------------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("name", G.EMULATED_TYPES)
+def test_bytes_match_ggml_golden(name, coarse):
+    packed = G.quantize_to_bytes(det_matrix(64, 4096, coarse), name)
+    info = G.TYPES[name]
+    assert packed.dtype == np.uint8 and packed.shape == (64, 4096 // info.block_size * info.bytes_per_block)
+    assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN[coarse][name]
+
+
+def _special_rows(cols):
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.zeros(cols), torch.full((cols,), 0.37), torch.full((cols,), -1.5),
+            torch.randn(cols, generator=g) * 1e-6, torch.randn(cols, generator=g) * 3e3,
+            torch.randint(-8, 8, (cols,), generator=g).float(),
+            (torch.randn(cols, generator=g) * 0.02).half().float(),
+            torch.rand(cols, generator=g), -torch.rand(cols, generator=g) - 1]
+    r = torch.zeros(cols)
+    r[5] = 1.0
+    rows.append(r)
+    r = torch.randn(cols, generator=g)
+    r[r.abs() < 1.5] = 0
+    rows.append(r)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", GGUF_QUANTIZABLE)
+@pytest.mark.parametrize("shape", [(1, 32), (7, 96), (64, 512), (33, 1024)])
+def test_equals_gguf_round_trip(name, shape):
+    w = gauss(*shape, seed=shape[0])
+    if shape == (33, 1024):
+        w[:11] = _special_rows(1024)
+    qtype = gguf.GGMLQuantizationType[name]
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype).astype(np.float32)
+    mine = G.quantize_dequantize(w, name)
+    assert mine.dtype == torch.float32 and mine.shape == w.shape
+    np.testing.assert_array_equal(bits(mine), bits(ref))
+    packed = G.quantize_to_bytes(w, name)
+    np.testing.assert_array_equal(packed, gguf.quants.quantize(w.numpy(), qtype).view(np.uint8).reshape(packed.shape))
+
+
+@pytest.mark.parametrize("name", G.EMULATED_TYPES)
+def test_bytes_read_back_by_gguf_equal_round_trip(name):
+    w = torch.cat([gauss(21, 512, seed=1), _special_rows(512)])
+    packed = G.quantize_to_bytes(w, name)
+    back = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name]).astype(np.float32)
+    np.testing.assert_array_equal(bits(back), bits(G.quantize_dequantize(w, name)))
+
+
+def test_accepts_fp16_and_returns_float32_on_cpu():
+    w = gauss(4, 256).half()
+    out = G.quantize_dequantize(w, "Q4_K")
+    assert out.dtype == torch.float32 and out.shape == (4, 256)
+    assert torch.equal(out, G.quantize_dequantize(w.float(), "Q4_K"))
+
+
+# ------------------------------------------------------------------------------------------ error bounds
+
+def test_relative_rms_error_ordering_and_size():
+    w = gauss(64, 1024, seed=2)
+    rel = {n: ((w - G.quantize_dequantize(w, n)).norm() / w.norm()).item() for n in G.EMULATED_TYPES}
+    chain = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+    assert all(rel[a] < rel[b] for a, b in itertools.pairwise(chain)), rel
+    assert rel["Q5_K"] < rel["Q5_1"] < rel["Q5_0"] < rel["Q4_K"] < rel["Q4_1"] < rel["Q4_0"] < rel["Q3_K"], rel
+    # Gaussian data, ~2.2 sigma block max: the step / sqrt(12) rule of thumb, with margin both ways
+    expected = {"Q8_0": 0.0053, "Q6_K": 0.0177, "Q5_K": 0.036, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_K": 0.072,
+                "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.15, "Q2_K": 0.30}
+    for n, e in expected.items():
+        assert 0.8 * e < rel[n] < 1.2 * e, (n, rel[n])
+
+
+def _blocks(w, size):
+    return w.reshape(-1, size).double()
+
+
+def _fp16_err(v):
+    """Bound on |v - fp16(v)|: half an fp16 ulp, relative 2^-11 for normals, absolute 2^-25 for subnormals."""
+    return torch.clamp(v.abs() * 2.0 ** -11, min=2.0 ** -25) * (1 + 1e-6)
+
+
+def test_q8_0_error_within_half_step():
+    w = torch.cat([gauss(40, 512, seed=4), _special_rows(512)])
+    x, y = _blocks(w, 32), _blocks(G.quantize_dequantize(w, "Q8_0"), 32)
+    d = x.abs().amax(1, keepdim=True) / 127
+    # half a step, plus 127 times the fp16 rounding of the stored scale
+    assert ((x - y).abs() <= d * 0.5 * (1 + 1e-6) + 127 * _fp16_err(d) + 1e-30).all()
+
+
+@pytest.mark.parametrize("name,nmax", [("Q4_0", 8), ("Q5_0", 16)])
+def test_symmetric_legacy_error_within_half_step(name, nmax):
+    w = torch.cat([gauss(40, 512, seed=5), _special_rows(512)])
+    x, y = _blocks(w, 32), _blocks(G.quantize_dequantize(w, name), 32)
+    idx = x.abs().argmax(1, keepdim=True)
+    d = (x.gather(1, idx) / -nmax).abs()
+    err = (x - y).abs()
+    slack = nmax * _fp16_err(d) + 1e-6 * d + 1e-30
+    # levels -nmax..nmax-1: only a value of the opposite sign to the block max near +nmax*d is clamped a step
+    clamped = (x / d * torch.sign(-x.gather(1, idx))) > nmax - 0.5 - 1e-6
+    assert (err[~clamped] <= (0.5 * d + slack).expand_as(err)[~clamped]).all()
+    assert (err <= d + slack).all()
+
+
+@pytest.mark.parametrize("name,nmax", [("Q4_1", 15), ("Q5_1", 31)])
+def test_asymmetric_legacy_error_within_half_step(name, nmax):
+    w = torch.cat([gauss(40, 512, seed=6), _special_rows(512)])
+    x, y = _blocks(w, 32), _blocks(G.quantize_dequantize(w, name), 32)
+    mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    d = (mx - mn) / nmax
+    slack = _fp16_err(mn) + nmax * _fp16_err(d) + 1e-6 * d + 1e-30
+    assert ((x - y).abs() <= 0.5 * d + slack).all()
+
+
+@pytest.mark.parametrize("name,sub,levels", [("Q4_K", 32, 16), ("Q5_K", 32, 32), ("Q3_K", 16, 8),
+                                             ("Q2_K", 16, 4)])
+def test_k_quant_sub_blocks_use_their_grid(name, sub, levels):
+    w = gauss(16, 512, seed=7)
+    y = G.quantize_dequantize(w, name).reshape(-1, sub)
+    distinct = torch.tensor([row.unique().numel() for row in y])
+    assert (distinct <= levels).all()
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_0"])
+def test_symmetric_types_are_idempotent(name):
+    # the block max lands on the extreme level, so quantizing the output again gives the same scale and levels
+    w = gauss(16, 512, seed=8)
+    once = G.quantize_dequantize(w, name)
+    np.testing.assert_array_equal(bits(G.quantize_dequantize(once, name)), bits(once))
+
+
+@pytest.mark.parametrize("name", G.EMULATED_TYPES)
+def test_zero_matrix_stays_zero(name):
+    out = G.quantize_dequantize(torch.zeros(2, 256), name)
+    assert (out == 0).all()
