@@ -170,7 +170,7 @@ def test_matrix_sensitivity_is_per_backend_resumable_and_checked(tiny_factory, t
         return real_sweep(*args, **{**kw, "save": save_then_stop})
 
     kw = dict(method="sensitivity", granularity="matrix", backend="torchao", target_bits=6.0, out_dir=tmp_path,
-              progress=False, calib_tokens=200)
+              progress=False, calib_tokens=200, sweep="exact")
     monkeypatch.setattr(sensitivity, "sweep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_plan(model_dir, **kw)
