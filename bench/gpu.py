@@ -327,7 +327,7 @@ def main():
     summary["plan"] = plan and {k: json.loads(Path(plan).read_text())[k] for k in ("counts", "size")}
     common = ["--model", str(ckpt), "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
               "--repeats", str(args.repeats), "--tasks", args.tasks, "--out-dir", str(results),
-              "--no-progress", "--dtype", dtype_name] + (["--compile"] if the_set["compile"] else [])
+              "--no-progress", "--dtype", dtype_name] + (["--compile"] if the_set["compile"] else ["--eager"])
     lines = steps.script("original", ["benchmark_original.py"] + common)
     if lines:
         files["original"] = lines[-1]

@@ -211,10 +211,14 @@ MISSING_REFERENCE = "no cached reference of the base model for these windows; ru
 
 def add_arguments(p) -> None:
     """The flags only decoders take; an encoder refuses them (runner.check_kind_flags)."""
-    p.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile of the decode step (transformers' compiled generate); the "
-                        "compile and warm-up time is reported apart from decode tok/s (about 2 minutes on a 2-core CPU). "
-                        "Backends that do not compile (bitsandbytes, torch-dynamic) are refused with the reason")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                      help="static KV cache + torch.compile of the decode step (transformers' compiled generate); the "
+                           "compile and warm-up time is reported apart from decode tok/s (seconds to minutes on a "
+                           "2-core CPU). Backends that do not compile (bitsandbytes, torch-dynamic) are refused with "
+                           "the reason. Default: the mode the executor probe chose on this machine (see --backend)")
+    mode.add_argument("--eager", dest="compile", action="store_const", const=False,
+                      help="run eagerly, as transformers does by default (the published proof of concept's way)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"exactly this many new tokens per prompt, EOS ignored (default {CUDA_DEFAULT_NEW_TOKENS} on cuda, "
                         f"{CPU_DEFAULT_NEW_TOKENS} on cpu)")

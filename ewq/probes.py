@@ -125,6 +125,39 @@ def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
     return gb_s
 
 
+# CPU flags the executors' kernels depend on (torch's own dispatch level is recorded beside them)
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+def instruction_set(device: str) -> dict:
+    """What the kernels of this device can use: on the CPU the flags above (from /proc/cpuinfo) and the level torch
+    dispatches at (torch.backends.cpu.get_cpu_capability: DEFAULT / AVX2 / AVX512); on CUDA the compute capability.
+    The same plan's speed-up differs between an AVX2 and an AVX-512 machine, so every speed figure carries this."""
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability()
+        return {"cuda_compute_capability": f"{major}.{minor}"}
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def format_instruction_set(isa: dict | None) -> str:
+    """'AVX512: avx2 avx512f avx512_vnni avx512_bf16' or 'sm 9.0' for the report and the scripts' lines."""
+    if not isa:
+        return "instruction set not recorded"
+    if "cuda_compute_capability" in isa:
+        return f"compute capability {isa['cuda_compute_capability']}"
+    return f"torch {isa.get('torch_cpu_capability')} kernels; " + (" ".join(isa.get("flags") or []) or "no AVX2")
+
+
 def environment(device: str, dtype: torch.dtype, settings, compiled: bool = False) -> dict:
     import importlib.metadata
 
@@ -143,4 +176,5 @@ def environment(device: str, dtype: torch.dtype, settings, compiled: bool = Fals
         "ewq": __version__, "backend": settings.backend, "quant_type": settings.quant_type,
         "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
         "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,
+        "instruction_set": instruction_set(device),
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import embed, generate, probes
+from . import embed, executor, generate, probes
 from .analysis import fingerprint as weights_fingerprint
 from .apply import (
     Applied,
@@ -113,7 +113,7 @@ def build_parser(kind: str) -> ArgumentParser:
     for model_kind, suite in SUITES.items():
         group = p.add_argument_group(f"{model_kind}s only")
         suite.add_arguments(group)
-        p.kind_flags[model_kind] = [(a.option_strings[0], a.dest, a.default) for a in group._group_actions]
+        p.kind_flags[model_kind] = [(a.option_strings[0], a.dest, a.default, a.const) for a in group._group_actions]
     return p
 
 
@@ -168,13 +168,61 @@ def prepare(args, kind: str):
     check_kind_flags(args, ckpt.kind)
     tokenizer = load_tokenizer(source.path)  # refuses a checkpoint without one before any weight is read
     meta = read_metadata(source.path)
-    if meta and meta.get("is_quantized"):
+    saved = bool(meta and meta.get("is_quantized"))
+    executor_choice = resolve_executor(args, kind, source, ckpt, meta if saved else None, device)
+    if args.compile:
+        generate.check_compiler(device)
+    if saved:
         ctx = prepare_saved(args, kind, source, ckpt, meta, tokenizer, device)
     else:
         ctx = prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device)
     if device != "cpu":
         ctx["model"].to(device)
-    return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer)
+    return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer, executor=executor_choice)
+
+
+def resolve_executor(args, kind: str, source, ckpt, meta, device: str) -> dict:
+    """Settle the executor and the mode before any weight is read: the user's flags, a saved model's metadata, or,
+    with no executor flag, the probe of this machine (executor.py). The original is timed in the mode of the
+    executor the probe picks, so a quantized variant and its original always run the same way. Sets args.backend
+    (quantized runs) and args.compile; returns how they were decided, for the result file."""
+    backend_given = kind == "ewq" and args.backend is not None
+    if kind == "ewq" and meta:  # a saved model: its executor is in its metadata; the probe picks its mode
+        backend = SAVED_BACKENDS.get(meta.get("method"))
+        if backend is None or args.compile is not None or not get_backend(backend).COMPILES:
+            args.compile = bool(args.compile)
+            return {"chosen_by": "flags" if args.compile else "default (eager)", "backend": backend,
+                    "compile": args.compile}
+        choice = executor.choose(executor.Layout.of_plan(load_plan(source.path / "plan.json")), device,
+                                 lambda b: getattr(torch, meta["dtype"]), not args.no_progress, backend=backend)
+        args.compile = choice.compile
+        print(f"mode: {'compiled' if choice.compile else 'eager'} (the faster for this saved {backend} model on this "
+              f"machine: {choice.why})")
+        return {"chosen_by": "probe", "backend": backend, "compile": choice.compile, "why": choice.why}
+    if backend_given or (kind == "original" and args.compile is not None):
+        args.compile = bool(args.compile)  # executor flags given: nothing is probed, eager unless --compile
+        return {"chosen_by": "flags", "backend": args.backend if kind == "ewq" else None, "compile": args.compile}
+    if kind == "original" and ckpt.kind == "encoder":
+        args.compile = False
+        return {"chosen_by": "encoders run eager", "backend": None, "compile": False}
+    implied = None  # an option only one executor has narrows the probe to that executor
+    if kind == "ewq" and (args.group_size is not None or args.int8_activations):
+        implied = "torchao"
+    elif kind == "ewq" and (args.quant_type != QuantSettings.quant_type or args.double_quant
+                            or args.int8_threshold != QuantSettings.threshold):
+        implied = "bitsandbytes"
+    choice = executor.choose(executor.Layout.of_checkpoint(ckpt), device,
+                             lambda b: pick_dtype(args.dtype, device, b, ckpt.kind), not args.no_progress,
+                             backend=implied, compile=args.compile)
+    args.compile = choice.compile
+    if kind == "ewq":
+        args.backend = choice.backend
+        print(f"executor: {choice.label} (chosen by measurement on this machine: {choice.why})")
+    else:
+        args.backend_for_dtype = choice.backend
+        print(f"mode: {'compiled' if choice.compile else 'eager'}, the mode of this machine's fastest executor "
+              f"({choice.label}): the original is timed as the quantized variants are ({choice.why})")
+    return {"chosen_by": "probe", "backend": choice.backend, "compile": choice.compile, "why": choice.why}
 
 
 def check_compiles(args, backend_name: str, saved: bool = False) -> None:
@@ -196,7 +244,8 @@ def check_kind_flags(args, model_kind: str) -> None:
     for other, flags in args.kind_flags.items():
         if other == model_kind:
             continue
-        given = flags_given((flag, getattr(args, dest), default) for flag, dest, default in flags)
+        given = flags_given((flag, getattr(args, dest), default) for flag, dest, default, const in flags
+                            if const is None or getattr(args, dest) == const)  # --compile / --eager share a dest
         if given:
             raise EWQError(f"{args.model} is {'an' if model_kind == 'encoder' else 'a'} {model_kind}; {', '.join(given)} "
                            f"{'does' if len(given) == 1 else 'do'} not apply to it (they measure {MEASURES[other]}); "
@@ -205,7 +254,7 @@ def check_kind_flags(args, model_kind: str) -> None:
 
 def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict:
     """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
-    backend_name = (args.backend if kind == "ewq" else None) or QuantSettings.backend
+    backend_name = (args.backend if kind == "ewq" else getattr(args, "backend_for_dtype", None)) or QuantSettings.backend
     if kind == "ewq":
         if args.int8_activations and backend_name != "torchao":
             raise EWQError("--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and "
@@ -306,8 +355,6 @@ def run(kind: str, argv=None) -> Path:
         suite.check_arguments(args)
     out_dir = check_writable_dir(args.out_dir)
 
-    if args.compile:
-        generate.check_compiler(pick_device(args.device))
     ctx = prepare(args, kind)
     device, plan = ctx["device"], ctx["plan"]
     by_precision = weight_bytes_by_precision(ctx["model"], plan)
@@ -331,7 +378,8 @@ def run(kind: str, argv=None) -> Path:
             "matrix_counts": plan.get("matrix_counts"), "checks": plan.get("checks"),
             "precisions": [b["precision"] for b in sorted(plan["blocks"], key=lambda b: b["index"])],
             "matrices": {str(b["index"]): b["matrices"] for b in plan["blocks"] if b.get("matrices")} or None},
-        "environment": probes.environment(device, ctx["dtype"], ctx["settings"], args.compile),
+        "environment": {**probes.environment(device, ctx["dtype"], ctx["settings"], args.compile),
+                        "executor_choice": ctx["executor"]},
         "settings": measured["settings"],
         "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
                  "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"],

@@ -252,7 +252,8 @@ def capture_fisher(model, windows: torch.Tensor, layers: dict, samples: int = FI
             return output
         return hook
 
-    for name, module in {**layers, "_root": embedding}.items():
+    hooked = dict(layers) if any(m is embedding for m in layers.values()) else {**layers, "_root": embedding}
+    for name, module in hooked.items():
         handles.append(module.register_forward_hook(forward_hook(name)))
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:

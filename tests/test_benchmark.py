@@ -104,10 +104,11 @@ def test_both_scripts_share_one_schema_and_exact_token_counts(tiny_factory, tmp_
     model_dir = tiny_factory("llama")
     plan_path, _ = plan_with(model_dir, tmp_path / "plans", MIX)
     out = tmp_path / "results"
-    code, stdout, _ = run_script(benchmark, ["--model", str(model_dir), "--plan", str(plan_path), "--out-dir", str(out)] + FAST, capsys)
+    code, stdout, _ = run_script(benchmark, ["--model", str(model_dir), "--plan", str(plan_path), "--backend", "bitsandbytes",
+                                             "--out-dir", str(out)] + FAST, capsys)
     assert code == 0
     ewq = json.loads(open(stdout.strip().splitlines()[-1]).read())
-    code, stdout, _ = run_script(benchmark_original, ["--model", str(model_dir), "--out-dir", str(out)] + FAST, capsys)
+    code, stdout, _ = run_script(benchmark_original, ["--model", str(model_dir), "--out-dir", str(out), "--eager"] + FAST, capsys)
     assert code == 0
     orig_path = stdout.strip().splitlines()[-1]
     orig = json.loads(open(orig_path).read())
@@ -125,7 +126,7 @@ def test_both_scripts_share_one_schema_and_exact_token_counts(tiny_factory, tmp_
     assert ewq["plan"]["counts"] == {"raw": 1, "8-bit": 2, "4-bit": 1}
     assert ewq["memory"]["weight_bytes"] < orig["memory"]["weight_bytes"]
     # a second run never overwrites the first
-    code, stdout, _ = run_script(benchmark_original, ["--model", str(model_dir), "--out-dir", str(out)] + FAST, capsys)
+    code, stdout, _ = run_script(benchmark_original, ["--model", str(model_dir), "--out-dir", str(out), "--eager"] + FAST, capsys)
     assert stdout.strip().splitlines()[-1] != orig_path and len(list(out.glob("*.json"))) == 3
 
 
@@ -189,7 +190,9 @@ def other_model_plan(model_dir, tmp_path, factory):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys, monkeypatch, case, message):
     model_dir = tiny_factory("llama")
-    argv = ["--model", str(model_dir), "--out-dir", str(tmp_path / "results"), "--plans-dir", str(tmp_path / "none")] + FAST
+    # the executor is named (a later --backend wins): these cases are about the input, not about the probe
+    argv = ["--model", str(model_dir), "--out-dir", str(tmp_path / "results"), "--plans-dir", str(tmp_path / "none"),
+            "--backend", "bitsandbytes"] + FAST
     if case == "other-model":
         argv += other_model_plan(model_dir, tmp_path, tiny_factory)
     elif case == "bad-precision":
@@ -209,9 +212,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys
     elif case == "torchao-group-size":
         argv += ["--plan", "uniform-4bit", "--backend", "torchao", "--group-size", "256"]
     elif case == "group-size-bnb":
-        argv += ["--plan", "uniform-4bit", "--group-size", "128"]
+        argv += ["--plan", "uniform-4bit", "--backend", "bitsandbytes", "--group-size", "128"]
     elif case == "compile-bnb":
-        argv += ["--plan", "uniform-8bit", "--compile"]
+        argv += ["--plan", "uniform-8bit", "--backend", "bitsandbytes", "--compile"]
     elif case == "save-torchao-int4-cpu":
         argv += ["--plan", "uniform-4bit", "--backend", "torchao", "--save"]
     elif case == "no-tokenizer":

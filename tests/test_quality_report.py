@@ -83,8 +83,9 @@ def tiny_results(tiny_factory, tmp_path_factory):
     model = tiny_factory("llama")
     out = tmp_path_factory.mktemp("results")
     paths = {}
-    for name, module, extra in (("original", benchmark_original, []), ("uniform-8bit", benchmark, ["--plan", "uniform-8bit"]),
-                                ("uniform-4bit", benchmark, ["--plan", "uniform-4bit"])):
+    for name, module, extra in (("original", benchmark_original, ["--eager"]),
+                                ("uniform-8bit", benchmark, ["--plan", "uniform-8bit", "--backend", "bitsandbytes"]),
+                                ("uniform-4bit", benchmark, ["--plan", "uniform-4bit", "--backend", "bitsandbytes"])):
         assert run_cli(module.main, ["--model", str(model), "--out-dir", str(out)] + QUALITY + extra) == 0
         paths[name] = max(out.glob("*_benchmark_*.json"), key=lambda p: p.stat().st_mtime)
     return model, out, {k: json.loads(v.read_text()) for k, v in paths.items()}
@@ -102,7 +103,8 @@ def test_original_kl_is_zero_and_quantized_kl_orders_by_bits(tiny_results):
 
 def test_cache_hit_gives_the_same_numbers_as_recomputation(tiny_results, tmp_path, capsys):
     model, out, r = tiny_results
-    code, path, _ = run(benchmark, ["--model", str(model), "--out-dir", str(tmp_path), "--plan", "uniform-8bit"] + QUALITY, capsys)
+    code, path, _ = run(benchmark, ["--model", str(model), "--out-dir", str(tmp_path), "--plan", "uniform-8bit",
+                                    "--backend", "bitsandbytes"] + QUALITY, capsys)
     fresh = json.loads(open(path).read())["quality"]
     cached = r["uniform-8bit"]["quality"]
     assert not fresh["reference_cached"] and cached["reference_cached"]
@@ -142,7 +144,7 @@ def test_report_over_two_models_has_one_section_each_and_skips_damaged_files(tin
                                                                              capsys):
     _, out, _ = tiny_results
     other = tiny_factory("llama", seed=3)
-    assert run_cli(benchmark_original.main, ["--model", str(other), "--out-dir", str(tmp_path)] + QUALITY[:7]) == 0
+    assert run_cli(benchmark_original.main, ["--model", str(other), "--out-dir", str(tmp_path), "--eager"] + QUALITY[:7]) == 0
     (tmp_path / "ewq_benchmark_damaged_20260101-000000.json").write_text('{"schema_version": 1, "kind": "ewq", "vari')
     code, path, err = run(report, [str(out), str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
     stdout = open(path).read()
@@ -165,7 +167,8 @@ def test_report_over_two_models_has_one_section_each_and_skips_damaged_files(tin
 ])
 def test_quality_bad_input(tiny_results, tmp_path, capsys, case, message):
     model, out, r = tiny_results
-    argv = ["--model", str(model), "--out-dir", str(tmp_path / "res")] + QUALITY + ["--plan", "uniform-8bit"]
+    argv = ["--model", str(model), "--out-dir", str(tmp_path / "res")] + QUALITY + ["--plan", "uniform-8bit", "--backend",
+                                                                                   "bitsandbytes"]
     if case == "missing-corpus":
         argv += ["--eval-text", str(tmp_path / "nope.txt")]
     elif case == "empty-corpus":

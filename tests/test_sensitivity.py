@@ -136,7 +136,7 @@ def test_report_answers_the_research_question(tiny_factory, tmp_path, capsys):
     ent = make_plan(model_dir, method="entropy", target_bits=8.0, out_dir=plans, progress=False)[0]
     out = tmp_path / "results"
     fast = ["--model", model_dir, "--out-dir", str(out), "--tasks", "math", "--max-new-tokens", "3", "--repeats", "1",
-            "--no-progress", "--quality", "--eval-tokens", "200", "--eval-window", "64"]
+            "--no-progress", "--quality", "--eval-tokens", "200", "--eval-window", "64", "--backend", "bitsandbytes"]
     for plan in (sens, ent, "uniform-8bit"):
         assert run_cli(benchmark.main, fast + ["--plan", str(plan)]) == 0
     capsys.readouterr()
