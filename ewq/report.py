@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .common import ArgumentParser, EWQError, run_cli, unique_path, write_text_atomic
 from .plan import METRIC_LABELS, load_plan, sensitivity_metric
+from .probes import format_instruction_set
 from .quality import output_agreement
 from .result import RESULT_SCHEMA_VERSION
 
@@ -65,14 +66,35 @@ def newest_per_variant(results) -> list:
 
 
 def sections(results, allow_mixed: bool) -> list:
-    """Results that compare like for like: one section per (model weights, device), in order of first appearance.
-    With allow_mixed, everything in one table."""
+    """Results that compare like for like: one section per (model weights, device and its instruction set), in
+    order of first appearance (two machines of the same name may differ in AVX-512). With allow_mixed, one table."""
     if allow_mixed:
         return [results]
     groups = {}
     for r in results:
-        groups.setdefault((r["model"]["fingerprint"], r["environment"]["device_name"]), []).append(r)
+        isa = json.dumps(r["environment"].get("instruction_set"), sort_keys=True)
+        groups.setdefault((r["model"]["fingerprint"], r["environment"]["device_name"], isa), []).append(r)
     return list(groups.values())
+
+
+def mode_of(result) -> str:
+    """How a result ran: 'llama.cpp', 'compiled' or 'eager'. A variant is compared with the original run the
+    same way: a compiled variant against the compiled original, never against the eager one."""
+    env = result["environment"]
+    if env.get("backend") == "llama.cpp":
+        return "llama.cpp"
+    return "compiled" if env.get("compiled") else "eager"
+
+
+def executor_label(result) -> str:
+    env = result["environment"]
+    if result["kind"] == "original":
+        return f"original, {mode_of(result)}"
+    return env.get("backend", "?") + ("" if mode_of(result) == "llama.cpp" else f", {mode_of(result)}")
+
+
+def originals_by_mode(results) -> dict:
+    return {mode_of(r): r for r in results if r["kind"] == "original"}
 
 
 def suite_agreement(result, original) -> dict | None:
@@ -91,15 +113,22 @@ def pct(value, base):
 
 
 def rows(results) -> list:
-    original = next((r for r in results if r["kind"] == "original"), None)
+    """One table row per result; changes (Δ) are against the original run in the same mode."""
+    originals = originals_by_mode(results)
     out = []
-    order = sorted(results, key=lambda r: (r["kind"] != "original", -r["memory"]["weight_bytes"]))
+    order = sorted(results, key=lambda r: (r["kind"] != "original", mode_of(r), -r["memory"]["weight_bytes"]))
     for r in order:
         m, s, q = r["memory"], r["speed"], r.get("quality") or {}
+        original = originals.get(mode_of(r))
         o = original or {}
         suite = suite_agreement(r, original)
+        smaller = o and m["weight_gb"] < o["memory"]["weight_gb"]
+        faster = o and s["decode_tok_s_median"] > o["speed"]["decode_tok_s_median"]
         out.append({
-            "variant": r["variant"],
+            "variant": r["variant"], "executor": executor_label(r), "kind": r["kind"],
+            "smaller_and_faster": "✓" if r["kind"] != "original" and smaller and faster else "",
+            "speedup": s["decode_tok_s_median"] / o["speed"]["decode_tok_s_median"] if o else None,
+            "weight_ratio": m["weight_gb"] / o["memory"]["weight_gb"] if o else None,
             "precisions": precision_counts(r.get("plan")),
             "weight_gb": m["weight_gb"],
             "weight_change_pct": pct(m["weight_gb"], o.get("memory", {}).get("weight_gb")),
@@ -136,7 +165,8 @@ def fmt(v, spec):
 
 # (header, row key, format): one row per result, as `rows` and `encoder_rows` build them
 DECODER_COLUMNS = (
-    ("variant", "variant", None), ("raw/8/4 (blocks; m: matrices)", "precisions", None),
+    ("variant", "variant", None), ("executor", "executor", None), ("smaller & faster", "smaller_and_faster", None),
+    ("raw/8/4 (blocks; m: matrices)", "precisions", None),
     ("weight GB", "weight_gb", ".3f"), ("Δ weight", "weight_change_pct", "+.1f%"), ("peak GB", "peak_gb", ".3f"),
     ("Δ peak", "peak_change_pct", "+.1f%"), ("decode tok/s", "decode_tok_s", ".2f"),
     ("Δ decode", "decode_change_pct", "+.1f%"), ("BW %", "bandwidth_pct", ".0f"), ("prefill s", "prefill_s", ".3f"),
@@ -148,6 +178,48 @@ ENCODER_COLUMNS = (
     ("sent/s batch 1", "b1", ".1f"), ("sent/s batch 32", "b32", ".1f"), ("× original (batch 32)", "b32_speedup", ".2f×"),
     ("latency p50 ms", "p50_ms", ".1f"), ("latency p95 ms", "p95_ms", ".1f"), ("bits/weight", "bits_per_weight", ".2f"),
     ("cosine mean", "cosine_mean", ".4f"), ("cosine min", "cosine_min", ".4f"), ("top-10", "top10", ".3f"))
+
+
+ADVICE_COLUMNS = (
+    ("bits/weight", "size", ".1f"), ("use", "variant", None), ("executor", "executor", None),
+    ("weight GB", "weight_gb", ".3f"), ("× original's weights", "weight_ratio", ".2f×"),
+    ("decode tok/s", "decode_tok_s", ".2f"), ("× original (same mode)", "speedup", ".2f×"), ("KL", "kl_mean", ".4f"),
+    ("top-1", "top1_agreement", ".3f"), ("smaller & faster", "smaller_and_faster", None))
+
+
+def recommendations(table) -> list:
+    """Per size (block bits per weight, to the nearest 0.5), the measured variant with the lowest KL; on a tie
+    the faster one. Largest size first."""
+    best = {}
+    for t in table:
+        if t["kind"] == "original" or t["kl_mean"] is None:
+            continue
+        size = round(t["bits_per_weight"] * 2) / 2
+        rank = (t["kl_mean"], -(t["speedup"] or 0))
+        if size not in best or rank < (best[size]["kl_mean"], -(best[size]["speedup"] or 0)):
+            best[size] = {**t, "size": size}
+    return [best[k] for k in sorted(best, reverse=True)]
+
+
+def advice(table, isa: str) -> list:
+    """Plain words: which variant to use and what it costs, or why none is faster here."""
+    winners = [t for t in table if t["smaller_and_faster"] and t["kl_mean"] is not None]
+    if winners:
+        t = min(winners, key=lambda t: (t["kl_mean"], t["weight_gb"]))
+        return [f"Use {t['variant']} ({t['executor']}): {t['weight_ratio']:.2f}× the original's weight bytes and "
+                f"{t['speedup']:.2f}× its decode speed, both run the same way on this machine ({isa}), at a measured "
+                f"cost of KL {t['kl_mean']:.4f} per token and top-1 agreement {t['top1_agreement']:.3f} with the "
+                f"original."]
+    quantized = [t for t in table if t["kind"] != "original" and t["speedup"] is not None]
+    if not quantized:
+        return ["No quantized variant has an original run the same way among these results: run "
+                "benchmark_original.py in the same mode (--compile or --eager) to compare speed."]
+    fastest = max(quantized, key=lambda t: t["speedup"])
+    return [f"No quantized variant here is both smaller and faster than the original run the same way on this "
+            f"machine ({isa}): the fastest, {fastest['variant']} ({fastest['executor']}), decodes at "
+            f"{fastest['speedup']:.2f}× the original. Quantized weights are read faster only where the executor's "
+            f"kernels unpack them at memory speed: on a CPU that needs AVX-512 (VNNI, BF16) for torchao's int8/int4 "
+            f"and compiled decoding; eager bitsandbytes dequantizes on every call. The sizes and KL above still hold."]
 
 
 def markdown_table(table, columns=DECODER_COLUMNS) -> str:
@@ -193,15 +265,21 @@ def plot_entropy(plan, path: Path, plt) -> None:
 
 
 def plot_size_vs_kl(table, path: Path, plt) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Weight bytes against KL, each point labelled with its decode speed and its speed-up over the original run
+    the same way: the picture a user reads faster than the table."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for t in table:
         if t["kl_mean"] is None:
             continue
-        ax.scatter(t["weight_gb"], t["kl_mean"], s=30)
-        ax.annotate(t["variant"], (t["weight_gb"], t["kl_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        fast = t["smaller_and_faster"]
+        ax.scatter(t["weight_gb"], t["kl_mean"], s=40, marker="*" if fast else "o", color="#2a9d8f" if fast else "#555")
+        speed = f"{t['decode_tok_s']:.1f} tok/s" + (f" ({t['speedup']:.2f}× {t['executor'].split(', ')[-1]})"
+                                                     if t["speedup"] is not None else "")
+        ax.annotate(f"{t['variant']}\n{speed}", (t["weight_gb"], t["kl_mean"]), fontsize=6.5, xytext=(4, 3),
+                    textcoords="offset points")
     ax.set_xlabel("weight GB")
     ax.set_ylabel("mean KL(original ‖ variant) per token")
-    ax.set_title("size vs quality (lower left is better)")
+    ax.set_title("size vs quality, decode speed beside each point (★ smaller and faster than the original)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -368,11 +446,19 @@ def report_section(results, stem: Path, plt, heading: bool) -> tuple:
         notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
     if not any(r.get("quality") for r in results):
         notes.append("no quality figures: run the benchmarks with --quality")
-    text = [""] + ([f"## {first['model']['id']} on {env['device_name']}", ""] if heading else []) + [
-        f"Device: {env['device_name']} ({env['device']}, {env['dtype']}); torch {env['torch']}, transformers "
+    isa = format_instruction_set(env.get("instruction_set"))
+    text = [""] + ([f"## {first['model']['id']} on {env['device_name']}", ""] if heading else [])
+    best = recommendations(table)
+    if best:
+        text += ["### What should I use?", "", "Per size, the measured variant closest to the original (lowest KL); "
+                 "speed against the original run the same way (eager, compiled, or llama.cpp), on "
+                 f"{env['device_name']} ({isa}).", "", markdown_table(best, ADVICE_COLUMNS), ""] + advice(table, isa) + [
+                 "", "### All variants", ""]
+    text += [
+        f"Device: {env['device_name']} ({env['device']}, {env['dtype']}; {isa}); torch {env['torch']}, transformers "
         f"{env['transformers']}, bitsandbytes {env.get('bitsandbytes')}, torchao {env.get('torchao', '–')}. Suite: "
         f"{settings['prompts']} prompts ({', '.join(settings['tasks'])}), {settings['max_new_tokens']} new tokens, "
-        f"{settings['repeats']} repeats, greedy.",
+        f"{settings['repeats']} repeats, greedy. Δ columns compare with the original run the same way.",
         "", markdown_table(table), ""]
     q = next((r["quality"] for r in results if r.get("quality")), None)
     if q:

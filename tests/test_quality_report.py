@@ -217,3 +217,51 @@ def test_windows_are_disjoint_between_evaluation_and_calibration(tiny_factory):
     cal = make_windows(tok, corpus, 1000, 64, from_end=True)
     assert ev.shape == cal.shape == (16, 64)
     assert not set(map(tuple, ev.tolist())) & set(map(tuple, cal.tolist()))
+
+
+def constructed_result(variant, kind, compiled, tok_s, weight_gb, kl=None, backend="torchao", bits=16.0):
+    """A result file's fields the report reads, without running anything."""
+    return {"schema_version": 1, "kind": kind, "variant": variant, "created": "2026-11-30T00:00:00Z", "_file": variant,
+            "model": {"id": "m", "fingerprint": "f" * 32},
+            "environment": {"device": "cpu", "device_name": "CPU X", "dtype": "bfloat16", "torch": "2.13",
+                            "transformers": "5.23", "backend": backend, "compiled": compiled,
+                            "instruction_set": {"torch_cpu_capability": "AVX2", "flags": ["avx2", "fma"]}},
+            "settings": {"prompts": 2, "tasks": ["math"], "max_new_tokens": 8, "repeats": 1},
+            "memory": {"weight_gb": weight_gb, "weight_bytes": int(weight_gb * 1e9), "peak_allocated_gb": weight_gb + 0.3,
+                       "block_avg_bits_per_weight": bits},
+            "speed": {"decode_tok_s_median": tok_s, "prefill_s_median": 0.1, "bandwidth_fraction": 0.5},
+            "quality": None if kl is None else {"kl_mean": kl, "top1_agreement": 1 - 2 * kl, "perplexity": 26.0,
+                                                "eval_tokens": 1024, "corpus": "c", "windows": 4, "window": 256,
+                                                "kl_top_k": 256},
+            "tests": [], "plan": None}
+
+
+def test_smaller_and_faster_is_judged_against_the_original_run_the_same_way(tmp_path):
+    results = [
+        constructed_result("original", "original", False, 20.0, 0.27, 0.0),
+        constructed_result("original+compile", "original", True, 25.0, 0.27, 0.0),
+        constructed_result("uniform-8bit", "ewq", False, 10.0, 0.15, 0.004, backend="bitsandbytes", bits=8.0),
+        # faster than the eager original but slower than the compiled one: not a win
+        constructed_result("uniform-4bit@torchao+compile", "ewq", True, 22.0, 0.11, 0.2, bits=4.5),
+        constructed_result("sensitivity-6b@torchao+compile", "ewq", True, 40.0, 0.136, 0.047, bits=6.0),
+    ]
+    text, _, _ = report.build_report(results, tmp_path)
+    table = {r["variant"]: r for r in report.rows(results)}
+    assert table["sensitivity-6b@torchao+compile"]["smaller_and_faster"] == "✓"
+    assert table["sensitivity-6b@torchao+compile"]["speedup"] == pytest.approx(40 / 25)
+    assert table["uniform-4bit@torchao+compile"]["smaller_and_faster"] == ""
+    assert table["uniform-8bit"]["smaller_and_faster"] == "" and table["uniform-8bit"]["speedup"] == pytest.approx(0.5)
+    # "what should I use?" comes first, one row per size, then plain words with the cost
+    assert text.index("What should I use?") < text.index("All variants")
+    assert "Use sensitivity-6b@torchao+compile (torchao, compiled): 0.50× the original's weight bytes and 1.60× its " \
+           "decode speed" in text and "KL 0.0470" in text and "torch AVX2 kernels; avx2 fma" in text
+    assert [r["variant"] for r in report.recommendations(report.rows(results))] == [
+        "uniform-8bit", "sensitivity-6b@torchao+compile", "uniform-4bit@torchao+compile"]
+
+
+def test_no_faster_variant_says_so_and_why(tmp_path):
+    results = [constructed_result("original", "original", False, 20.0, 0.27, 0.0),
+               constructed_result("uniform-8bit", "ewq", False, 10.0, 0.15, 0.004, backend="bitsandbytes", bits=8.0)]
+    text, _, _ = report.build_report(results, tmp_path)
+    assert "No quantized variant here is both smaller and faster than the original run the same way" in text
+    assert "AVX-512" in text
