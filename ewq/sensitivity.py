@@ -43,8 +43,9 @@ from .apply import (
     quantizable_layers,
     quantize_layer,
 )
-from .backends import QuantSettings, get_backend
+from .backends import QuantSettings, float_weight, get_backend
 from .common import EWQError, write_json_atomic
+from .device import pick_dtype
 from .plan import fits
 from .quality import compute_reference, evaluate, load_corpus, make_windows
 from .source import load_tokenizer
@@ -53,7 +54,8 @@ CALIB_TOKENS = 512
 CALIB_SENTENCES = 128
 RANDOM_PLANS = 3
 SWEEPS = ("fast", "exact")
-FISHER_SAMPLES = 4  # sampled tokens per position for the Fisher estimate (each one backward pass)
+FISHER_SAMPLES = 2  # sampled tokens per position for the Fisher estimate (each one backward pass; 2 and 4 rank
+#                    SmolLM2's 210 matrices alike: Spearman 0.99)
 # what "damage" means, by model kind; plans name their sensitivity fields after it (kl_4bit, cosine_loss_4bit)
 METRICS = {"decoder": "kl", "encoder": "cosine_loss"}
 
@@ -69,8 +71,25 @@ def item_layers(blocks, item) -> list:
     return [(block, n, m) for n, m in layers]
 
 
+class CastIO(torch.nn.Module):
+    """A quantized layer built in the dtype it runs in at benchmark time (bf16 on the CPU: torchao's int4 kernel is
+    ~100x slower in fp32) inside the fp32 calibration model: inputs cast in, outputs cast back."""
+
+    def __init__(self, layer, dtype):
+        super().__init__()
+        self.layer, self.dtype = layer, dtype
+
+    def forward(self, x):
+        return self.layer(x.to(self.dtype)).to(x.dtype)
+
+
+def quantized_layer(layer, precision: str, settings: QuantSettings, layer_dtype, dtype, device: str):
+    q = quantize_layer(layer, precision, settings, layer_dtype, device)
+    return q if layer_dtype == dtype else CastIO(q, layer_dtype)
+
+
 @contextmanager
-def quantized(model, blocks, assignments, settings: QuantSettings, dtype, device: str):
+def quantized(model, blocks, assignments, settings: QuantSettings, dtype, device: str, layer_dtype=None, cache=None):
     """Temporarily replace layers: assignments is [(item, precision)]; every float layer is restored after.
     An item outside the blocks (the embeddings or head of a llama.cpp plan) has its weight's values replaced by
     their round trip through the format (tied weights change in both places, as in the file)."""
@@ -88,7 +107,12 @@ def quantized(model, blocks, assignments, settings: QuantSettings, dtype, device
             for block, name, layer in item_layers(blocks, item):
                 if backend.unsupported(matrix_shape(layer), precision, settings):
                     continue  # kept raw, as apply_plan does
-                block.set_submodule(name, quantize_layer(layer, precision, settings, dtype, device))
+                if cache is not None:  # a Calibration: its layers, built once
+                    q = cache.quantized_layer((item["block"], name), layer, precision)
+                    q = q if cache.layer_dtype == dtype else CastIO(q, cache.layer_dtype)
+                else:
+                    q = quantized_layer(layer, precision, settings, layer_dtype or dtype, dtype, device)
+                block.set_submodule(name, q)
                 swapped.append((block, name, layer))
         yield
     finally:
@@ -110,7 +134,7 @@ def sweep(calibration: "Calibration", items=None, done=None, save=None, progress
                      disable=not progress, leave=False):
         row = {}
         for precision in c.menu_of(item):
-            with quantized(c.model, c.blocks, [(item, precision)], c.settings, c.dtype, c.device):
+            with quantized(c.model, c.blocks, [(item, precision)], c.settings, c.dtype, c.device, c.layer_dtype, c):
                 row[precision] = c.score()
         rows.append(row)
         if save:
@@ -119,13 +143,14 @@ def sweep(calibration: "Calibration", items=None, done=None, save=None, progress
 
 
 def calibration_key(fingerprint: str, corpus, sample: dict, settings: QuantSettings, dtype, device: str,
-                    granularity: str = "block", sweep_kind: str = "exact") -> dict:
+                    granularity: str = "block", sweep_kind: str = "exact", layer_dtype=None) -> dict:
     """What the measured numbers depend on; `sample` says which text: {"windows", "window"} or {"sentences"}.
-    The exact sweep's key has no `sweep` field, so caches written before the fast sweep existed stay valid."""
+    Fields absent at their old values (exact sweep, layers in the model's dtype) keep older caches valid."""
     fast = {"sweep": "fast", "fisher_samples": FISHER_SAMPLES} if sweep_kind == "fast" else {}
+    layers = {"layer_dtype": str(layer_dtype).replace("torch.", "")} if layer_dtype not in (None, dtype) else {}
     return {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256, **sample,
             "position": "end of corpus", "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0],
-            "granularity": granularity, **settings.key(), **fast}
+            "granularity": granularity, **settings.key(), **fast, **layers}
 
 
 class Calibration:
@@ -158,9 +183,21 @@ class Calibration:
             raise EWQError(f"unknown sweep '{sweep_kind}'; choose one of {', '.join(SWEEPS)}")
         self.sweep_kind = sweep_kind if self.kind == "decoder" else "exact"  # encoders: small, measured exactly
         self.menu = tuple(menu or get_backend(settings.backend).PRECISIONS)
+        # quantized layers are built in the dtype the benchmark runs them in (the numbers then are the executor's)
+        backend = get_backend(settings.backend)
+        self.layer_dtype = getattr(backend, "LAYER_DTYPE", None) or pick_dtype(None, device, settings.backend, self.kind)
         self.key = calibration_key(fingerprint, corpus, sample, settings, self.dtype, device, granularity,
-                                   self.sweep_kind)
+                                   self.sweep_kind, self.layer_dtype)
         self.model = self.reference = None
+        self._quantized = {}
+
+    def quantized_layer(self, key, layer, precision: str):
+        """The layer quantized to `precision` in the run dtype, built once per sweep: the whole-plan checks reuse
+        the sweep's layers instead of quantizing every matrix again (HQQ int4 takes ~0.1-0.5 s a matrix)."""
+        if (key, precision) not in self._quantized:
+            self._quantized[key, precision] = quantize_layer(layer, precision, self.settings, self.layer_dtype,
+                                                             self.device)
+        return self._quantized[key, precision]
 
     def menu_of(self, item) -> list:
         """The precisions an item is measured at: the menu's, where every matrix of the item can take them."""
@@ -223,7 +260,7 @@ def measure_plans(calibration: Calibration, items, plans, progress: bool = True)
     out = []
     for precisions in tqdm(plans, desc="whole-plan checks", disable=not progress, leave=False):
         with quantized(calibration.model, calibration.blocks, list(zip(items, precisions)), calibration.settings,
-                       calibration.dtype, calibration.device):
+                       calibration.dtype, calibration.device, calibration.layer_dtype, calibration):
             out.append(calibration.score())
     return out
 
@@ -260,10 +297,11 @@ def capture_fisher(model, windows: torch.Tensor, layers: dict, samples: int = FI
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     try:
-        for window in tqdm(windows.split(1), desc="fisher capture", disable=not progress, leave=False):
+        # windows are independent sequences: a batch of them gives each its own gradients
+        for window in tqdm(windows.split(4), desc="fisher capture", disable=not progress, leave=False):
             outputs.clear()
             with torch.enable_grad():
-                logp = torch.log_softmax(model(window).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+                logp = torch.log_softmax(model(window).logits[:, :-1].float(), dim=-1).flatten(0, 1)  # [W*T, V]
                 probs = logp.detach().exp()
                 for s in range(samples):
                     y = torch.multinomial(probs, 1, generator=generator)
@@ -301,7 +339,7 @@ def fast_sweep(calibration: "Calibration", items, progress: bool = True) -> list
             names[(item["block"], name)], layers[key] = key, layer
     if any(it["block"] is None for it in items):
         layers["_embeddings"] = c.model.get_input_embeddings()
-    captured = capture_fisher(c.model, c.windows, layers, progress=progress)
+    captured = capture_fisher(c.model, c.windows, layers, samples=FISHER_SAMPLES, progress=progress)
     tokens = c.windows.shape[0] * (c.windows.shape[1] - 1)
     rows = []
     with torch.no_grad():
@@ -316,9 +354,12 @@ def fast_sweep(calibration: "Calibration", items, progress: bool = True) -> list
                     if backend.unsupported(matrix_shape(layer), precision, c.settings):
                         continue
                     cap = captured[names[(item["block"], name)]]
-                    q = quantize_layer(layer, precision, c.settings, c.dtype, c.device)
-                    x = cap["x"]
-                    delta = q(x).float() - layer(x).float()
+                    q = c.quantized_layer((item["block"], name), layer, precision)
+                    x, weight = cap["x"], backend.dequantize(q)
+                    if weight is not None:  # weight-only: the output's change is x @ (W_q - W)^T, exactly, in fp32
+                        delta = x.float() @ (weight - float_weight(layer)[0].float()).T
+                    else:  # the layer quantizes its activations too: run it
+                        delta = CastIO(q, c.layer_dtype)(x).float() - layer(x).float()
                     total += fisher_kl(delta, cap["g"], tokens)
                 row[precision] = total
             rows.append(row)

@@ -9,6 +9,8 @@ Every backend module provides
     unsupported(shape, precision, settings)   why its kernel cannot take a matrix of shape [out, in], or None
     quantize_layer(layer, precision, settings, dtype, device) -> a new module; the float layer is left untouched
     state_bytes(module)        bytes a quantized layer keeps outside its registered parameters
+    dequantize(module)         the float weight a quantized layer computes with, or None if it also quantizes its
+                               activations (the fast sensitivity sweep uses it)
     formats(settings)          what "8-bit" and "4-bit" mean with these settings, for result JSONs
 `apply` uses only this interface; `get_backend(name)` imports the module on first use, so a user of
 bitsandbytes never pays for importing torchao and the reverse.

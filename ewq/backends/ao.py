@@ -97,3 +97,20 @@ def formats(settings) -> dict:
     return {"8-bit": "int8 weights per row and int8 activations per token (Int8DynamicActivationInt8WeightConfig)"
             if settings.int8_activations else "int8 weight-only, per row (Int8WeightOnlyConfig)",
             "4-bit": f"int4 weight-only, HQQ scale and zero point per group of {settings.group_size} (tinygemm layout)"}
+
+
+def dequantize(module):
+    """The float weight [out, in] a quantized layer computes with, for the fast sensitivity sweep (None where the
+    layer also quantizes its activations: then the sweep runs the layer itself). int8: torchao's own dequantize;
+    CPU int4 (Int4OpaqueTensor has no dequantize): the layer applied to the identity, in the layer's dtype (bf16:
+    the kernel's fast path; its fp32 path is ~100x slower), which returns the dequantized weight exactly up to the
+    output's rounding."""
+    weight = module.weight
+    if type(weight).__name__ == "Int8Tensor" and getattr(weight, "act_quant_kwargs", None) is None:
+        return weight.dequantize().float()
+    if type(weight).__name__ == "Int4OpaqueTensor":
+        eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            out = torch.nn.functional.linear(eye, weight)
+        return out.T.float()
+    return None

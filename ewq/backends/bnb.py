@@ -86,3 +86,13 @@ def state_bytes(module) -> int:
 def formats(settings) -> dict:
     return {"8-bit": f"LLM.int8 (Linear8bitLt, outlier threshold {settings.threshold:g})",
             "4-bit": f"{settings.quant_type} g64 (Linear4bit{', double quant' if settings.double_quant else ''})"}
+
+
+def dequantize(module):
+    """The float weight of a 4-bit layer (nf4/fp4 are weight-only: bitsandbytes' own dequantize_4bit); None for
+    LLM.int8, which also quantizes its activations (the fast sweep then runs the layer)."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return None

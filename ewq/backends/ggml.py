@@ -61,6 +61,13 @@ def state_bytes(module) -> int:
     return 0
 
 
+def dequantize(module):
+    return module.weight.float()  # the layer holds the format's round trip already
+
+
+LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to bf16 would add its own error
+
+
 def formats(settings) -> dict:
     return {"menu": list(PRECISIONS), "8-bit": "Q8_0", "4-bit": "Q4_0",
             "emulation": "ewq.ggml_quants: ggml's reference quantizers (no importance matrix), bit-exact on x86-64"}
