@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .analysis import fingerprint as weights_fingerprint
-from .backends.ggml import ggml_type
+from .backends.llamacpp import ggml_type
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -42,23 +42,28 @@ def tensor_types(plan: dict, ckpt) -> dict:
     return types
 
 
-def export_plan_gguf(plan_path, model: str, out, models_dir=DEFAULT_MODELS_DIR, llama_quantize: bool = False,
-                     progress: bool = True) -> dict:
-    """Write the plan's GGUF; refuses, before writing anything, a plan made for other weights."""
+def write_gguf(plan: dict, source, ckpt, out, llama_quantize: bool = False, progress: bool = True) -> dict:
+    """Write the plan's GGUF for a checkpoint the plan was already matched to (fingerprint checked by the caller)."""
     from .ggml_quants import quantize_to_bytes
     from .gguf_export import export_gguf
 
-    plan = load_plan(plan_path)
-    source = resolve_model(model, models_dir)
-    ckpt = open_checkpoint(source.path)
     if ckpt.kind != "decoder":
-        raise EWQError(f"{model} is an encoder; llama.cpp runs the decoder layouts Llama, Mistral and Qwen2")
+        raise EWQError(f"{source.id} is an encoder; llama.cpp runs the decoder layouts Llama, Mistral and Qwen2")
     if not plan["blocks"] or not plan["blocks"][0].get("shapes"):
-        raise EWQError(f"{plan_path} does not list its matrices (an older plan); regenerate it with main_cache_model.py")
-    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), plan_path, ckpt.kind)
+        raise EWQError("the plan does not list its matrices (an older plan); regenerate it with main_cache_model.py")
     return export_gguf(source.path, Path(out), tensor_types(plan, ckpt), default_type=raw_type(ckpt),
                        progress=progress, quantize_fn=None if llama_quantize else quantize_to_bytes, strict=True,
                        model_name=source.id)
+
+
+def export_plan_gguf(plan_path, model: str, out, models_dir=DEFAULT_MODELS_DIR, llama_quantize: bool = False,
+                     progress: bool = True) -> dict:
+    """Write the plan file's GGUF; refuses, before writing anything, a plan made for other weights."""
+    plan = load_plan(plan_path)
+    source = resolve_model(model, models_dir)
+    ckpt = open_checkpoint(source.path)
+    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), plan_path, ckpt.kind)
+    return write_gguf(plan, source, ckpt, out, llama_quantize, progress)
 
 
 def main(argv=None):

@@ -172,7 +172,8 @@ def environment(device: str, dtype: torch.dtype, settings, compiled: bool = Fals
     return {
         "device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"), "python": platform.python_version(),
+        "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"),
+        "llama_cpp_python": version("llama-cpp-python"), "python": platform.python_version(),
         "ewq": __version__, "backend": settings.backend, "quant_type": settings.quant_type,
         "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
         "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,

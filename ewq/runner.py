@@ -31,11 +31,19 @@ from .apply import (
     weight_bytes_by_precision,
 )
 from .artifact import BACKENDS as SAVED_BACKENDS
-from .artifact import load_quantized, read_metadata, save_quantized
-from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_backend
+from .artifact import artifact_name, load_quantized, read_metadata, save_quantized
+from .backends import (
+    BACKENDS,
+    GROUP_SIZES,
+    QUANT_TYPES,
+    QuantSettings,
+    get_backend,
+    llamacpp,
+)
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .device import DTYPES, pick_device, pick_dtype
+from .export import write_gguf
 from .plan import (
     BUILTIN_PLANS,
     builtin_plan,
@@ -75,10 +83,12 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="plan JSON from main_cache_model.py, or a built-in baseline: "
                             f"{', '.join(BUILTIN_PLANS)} (default: the newest plan in --plans-dir for this model's weights)")
         p.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="bitsandbytes (default, the PoC's executor): Linear8bitLt (LLM.int8, activations int8 too) / "
-                            "Linear4bit nf4/fp4; torchao: weight-only int8 per row / int4 with HQQ scales per group, "
-                            "activations stay in the run dtype (faster and closer to the original; see docs/RESULTS.md); "
-                            "torch-dynamic: torch's dynamic int8 PTQ on the CPU for 8-bit entries (4-bit refused)")
+                       help="default: the executor and mode a short probe of this machine finds fastest (printed, "
+                            "cached); bitsandbytes (the published proof of concept's executor, eager): LLM.int8 "
+                            "(activations int8 too) / nf4 or fp4; torchao: weight-only int8 per row / int4 with HQQ "
+                            "scales per group (see docs/RESULTS.md); torch-dynamic: torch's dynamic int8 PTQ on the CPU "
+                            "for 8-bit entries (4-bit refused); llama.cpp (optional extra llama-cpp-python, see README): "
+                            "the plan written as a GGUF and run by llama.cpp; 8-bit/4-bit entries become Q8_0/Q4_0")
         p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
                        help="torchao int4 group size (default: the plan's, else 64; 32/64/128 on the CPU). The embedded "
                             "SmolLM2 went through GGUF Q4_1 with groups of 32, so 32-groups re-find its grid and look "
@@ -97,6 +107,11 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
                             "metadata.json); pass that directory as --model later to skip quantizing. Every backend; "
                             "torchao's CPU int4 layers cannot be saved (torchao has no safetensors form for them)")
+    if kind == "original":
+        p.add_argument("--backend", choices=("llama.cpp",), default=None,
+                       help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "
+                            "BF16), the same way --backend llama.cpp runs quantized plans, so they compare in one mode; "
+                            "default: transformers in torch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu for decoders, "
@@ -186,7 +201,7 @@ def resolve_executor(args, kind: str, source, ckpt, meta, device: str) -> dict:
     with no executor flag, the probe of this machine (executor.py). The original is timed in the mode of the
     executor the probe picks, so a quantized variant and its original always run the same way. Sets args.backend
     (quantized runs) and args.compile; returns how they were decided, for the result file."""
-    backend_given = kind == "ewq" and args.backend is not None
+    backend_given = args.backend is not None
     if kind == "ewq" and meta:  # a saved model: its executor is in its metadata; the probe picks its mode
         backend = SAVED_BACKENDS.get(meta.get("method"))
         if backend is None or args.compile is not None or not get_backend(backend).COMPILES:
@@ -254,7 +269,9 @@ def check_kind_flags(args, model_kind: str) -> None:
 
 def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict:
     """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
-    backend_name = (args.backend if kind == "ewq" else getattr(args, "backend_for_dtype", None)) or QuantSettings.backend
+    in_llamacpp = args.backend == "llama.cpp"  # a quantized variant's executor, or how the original runs
+    backend_name = (args.backend if kind == "ewq" or in_llamacpp else getattr(args, "backend_for_dtype", None)) \
+        or QuantSettings.backend
     if kind == "ewq":
         if args.int8_activations and backend_name != "torchao":
             raise EWQError("--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and "
@@ -271,7 +288,10 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                                  args.group_size or group_size_of(plan),
                                  args.int8_activations or int8_activations_of(plan))
     else:
-        plan, plan_path, settings = builtin_plan("raw", source, ckpt, fp, raw_bits), None, QuantSettings()
+        plan, plan_path = builtin_plan("raw", source, ckpt, fp, raw_bits), None
+        settings = QuantSettings("llama.cpp") if in_llamacpp else QuantSettings()
+    if in_llamacpp:
+        return prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings)
     if kind == "ewq":
         backend = check_backend(plan, settings, dtype, device)
         refusal = args.save and backend.cannot_save(precisions_used(plan), device)
@@ -298,6 +318,48 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                 load_s=load_s, quantize_s=applied.seconds, kept_raw=applied.kept_raw, quality=quality,
                 path_taken="quantized-from-checkpoint"
                 if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
+
+
+def prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings) -> dict:
+    """llama.cpp runs a file: the plan written as a GGUF once (<plans-dir>/<name>-<plan hash>.gguf, reused after),
+    loaded by llama.cpp and timed and scored by the same suite as the torch rows. The float torch model is loaded
+    only to make the original's reference log-probs when they are not cached yet."""
+    from transformers import GenerationConfig
+
+    llamacpp.require()  # before any work: one line saying how to install it
+    if device != "cpu":
+        raise EWQError("the llama.cpp executor runs on the CPU here; pass --device cpu")
+    if args.save:
+        raise EWQError("--save with --backend llama.cpp: its model is the GGUF file this run writes to "
+                       f"{args.plans_dir}/; drop --save")
+    unknown = sorted(precisions_used(plan) - {"raw"} - set(llamacpp.ACCEPTS))
+    if unknown:
+        raise EWQError(f"llama.cpp has no {', '.join(unknown)}; use a plan of ggml types or of raw/8-bit/4-bit")
+    suite = SUITES[ckpt.kind]
+    quality = suite.quality_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
+    if quality and quality["reference"] is None:
+        float_model = load_model(source.path, dtype, ckpt.kind)
+        quality["reference"] = suite.make_reference(float_model, quality, device, progress=not args.no_progress)
+        del float_model
+    path = check_writable_dir(args.plans_dir) / f"{artifact_name(source.id, plan)}.gguf"
+    start = time.perf_counter()
+    if path.is_file():
+        print(f"reusing {path} (written earlier from the same weights and plan)")
+    else:
+        write_gguf(plan, source, ckpt, path, progress=not args.no_progress)
+        print(f"wrote {path}")
+    export_s = time.perf_counter() - start
+    try:
+        generation_config = GenerationConfig.from_pretrained(source.path)
+    except OSError:
+        generation_config = None
+    start = time.perf_counter()
+    model = llamacpp.LlamaCppModel(path, n_threads=torch.get_num_threads(), generation_config=generation_config,
+                                   tokenizer=tokenizer)
+    sizes = llamacpp.file_weight_bytes(path)
+    return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
+                load_s=time.perf_counter() - start, quantize_s=export_s, kept_raw=[], quality=quality,
+                path_taken="llama.cpp-gguf", saved_to=str(path), weight_bytes=sizes)
 
 
 def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> dict:
@@ -338,6 +400,8 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
 def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
     """original / the plan's label, with the executor when it is not bitsandbytes and +compile when compiled."""
     label = "original" if kind == "original" else plan_label(plan)
+    if settings.backend == "llama.cpp":
+        return label + "@llama.cpp"
     if kind == "ewq" and settings.backend != "bitsandbytes":
         label += f"@{settings.backend}" + ("-a8" if settings.int8_activations else "")
     return label + ("+compile" if compiled else "")
@@ -357,9 +421,12 @@ def run(kind: str, argv=None) -> Path:
 
     ctx = prepare(args, kind)
     device, plan = ctx["device"], ctx["plan"]
-    by_precision = weight_bytes_by_precision(ctx["model"], plan)
+    if ctx.get("weight_bytes"):  # a GGUF run by llama.cpp: the file's tensors, by ggml type
+        by_precision, block_bytes = ctx["weight_bytes"]["by_type"], ctx["weight_bytes"]["blocks"]
+    else:
+        by_precision = weight_bytes_by_precision(ctx["model"], plan)
+        block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
     weight_bytes = sum(by_precision.values())
-    block_bytes = by_precision["raw"] + by_precision["8-bit"] + by_precision["4-bit"]
     block_params = plan["size"]["block_params"]
     suite = SUITES[ctx["ckpt"].kind]
     measured = suite.measure(args, ctx, weight_bytes)

@@ -33,7 +33,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
-BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic", "llama.cpp": "ggml"}
+BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic", "llama.cpp": "llamacpp"}
 BACKENDS = tuple(BACKEND_MODULES)
 QUANT_TYPES = ("nf4", "fp4")
 GROUP_SIZES = (32, 64, 128, 256)

@@ -1,0 +1,444 @@
+"""llama.cpp as an optional executor: a GGUF file run by llama.cpp (through llama-cpp-python's ctypes binding of
+the C API), behind the small part of a transformers causal LM that EWQ's decoder suite uses, so the same code
+(generate.generate_exact / run_suite, quality.compute_reference / evaluate) times and scores it like the torch rows.
+
+    model = LlamaCppModel("m.gguf")                     # threads: torch.get_num_threads(), as the torch rows
+    model.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, streamer=s, ...)  # [1, n + N]
+    model(windows).logits                               # [b, n, vocab] float32, every position
+
+What it is, exactly
+  * generate: greedy, the argmax of llama.cpp's float32 logits (numpy, first index on ties, as torch.argmax);
+    no sampler, no seed, nothing random. min_new_tokens works as in transformers (its MinNewTokensLength
+    processor): the EOS ids of `generation_config` are masked out of the argmax until that many tokens exist, so
+    with min_new_tokens = max_new_tokens (generate_exact) exactly N tokens come and EOS never wins; past
+    min_new_tokens an EOS ends the generation, as transformers does for one sequence. The streamer gets the prompt
+    ids first, then each new token the moment it exists (generate_exact's first-token clock is the 2nd put), then
+    end(). One sequence (batch 1); the KV cache is cleared at the start of every call. Like transformers, no
+    forward pass runs after the last token is chosen: N tokens cost one prefill and N-1 one-token decodes.
+  * __call__: every row of the batch is its own sequence, evaluated alone from an empty cache (rows are
+    independent, as in a transformers forward without padding) in pieces of n_batch tokens, with logits at
+    every position; padding (an attention_mask with zeros) is refused.
+  * Threads n_threads for both prompt and decode; flash attention and the rest are llama.cpp's defaults (as
+    llama-bench uses them); the model is memory-mapped (its pages count in the process's RSS once read).
+    llama.cpp's threads meet at a barrier after every op: with more runnable processes than cores, 2 threads were
+    seen 5-20x slower than 1, so time it on idle cores, or compare at n_threads=1 too.
+  * Cost over llama.cpp itself: ~70-80 us per token outside llama_decode (logits view, numpy argmax over the
+    vocabulary, the streamer's tensor; mostly cache misses right after a decode) and ~0.5 ms per call; decode
+    tok/s through it matched llama-bench tg64 on the same file within noise (SmolLM2-135M Q8_0, 1 thread: 95.2
+    vs 95.4 tok/s).
+  * CPU only. `.to("cuda")` is refused: this executor does not offload layers (even where the installed
+    llama-cpp-python could), so its rows stay CPU rows.
+
+llama-cpp-python is NOT in requirements.txt: `require()` tells how to install it (one EWQError line) and this
+module imports without it. Tested with llama-cpp-python 0.3.36 (llama.cpp vendored in its sdist).
+
+The same module is the executor's face to the rest of EWQ (ewq/backends' interface): a plan for llama.cpp names
+ggml types (Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0, ...); a torch-menu plan's 8-bit and 4-bit run as Q8_0 and Q4_0 (the
+closest formats: symmetric, blocks of 32). For sensitivity sweeps and plan checks its layers are emulated in torch,
+bit for bit (ewq.ggml_quants): an nn.Linear whose weight is the format's round trip. For a benchmark the plan is
+written as a GGUF (ewq.export) and run here (`build_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..common import EWQError
+from . import as_linear
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# measured: `pip wheel` of the sdist with -DGGML_NATIVE=ON took 7.5 CPU-minutes (7m02s user + 0m30s sys), 19.6 min
+# wall on a 2-core machine shared with other jobs (load average ~10); llama-cpp-python 0.3.36, gcc 12, ninja
+BUILD_TIME = "about 5-20 minutes on 2 CPU cores"
+INSTALL = (f'pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} -d /tmp/llama && '
+           f'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -v /tmp/llama/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz')
+DEFAULT_N_CTX = 2048
+DEFAULT_N_BATCH = 512
+TOKEN_NULL = -1  # LLAMA_TOKEN_NULL
+
+_backend_ready = False
+
+# the sweep's menu: Q4_1/Q5_1 (float minimum per 32) are left out by default: they re-find the grid of a checkpoint
+# that went through GGUF Q4_1 (the embedded SmolLM2 did) and would look falsely lossless there
+PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0")
+TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
+# what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
+ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1", "Q3_K", "Q2_K") + tuple(TORCH_MENU_AS)
+COMPILES = False
+COMPILE_NOTE = "llama.cpp runs its own kernels; nothing to compile in torch"
+SAVE_METHOD = None
+
+
+def ggml_type(precision: str) -> str:
+    return TORCH_MENU_AS.get(precision, precision)
+
+
+def check(settings, dtype, device: str) -> None:
+    if device != "cpu":
+        raise EWQError("the llama.cpp emulation runs on the CPU here; pass --device cpu")
+
+
+def cannot_save(precisions, device: str):
+    return "a llama.cpp plan is saved as a GGUF file: python -m ewq.export gguf --plan PLAN --model M --out OUT.gguf"
+
+
+def unsupported(shape, precision: str, settings):
+    from ..ggml_quants import can_quantize
+
+    if not can_quantize(tuple(shape), ggml_type(precision)):
+        return f"rows of {shape[1]} are not whole {ggml_type(precision)} blocks"
+    return None
+
+
+def round_trip(weight: torch.Tensor, precision: str, settings=None) -> torch.Tensor:
+    """The weight after one trip through the ggml format (float32), exactly as llama-quantize writes it."""
+    from ..ggml_quants import quantize_dequantize
+
+    return quantize_dequantize(weight.detach().float().cpu(), ggml_type(precision))
+
+
+def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
+    lin = as_linear(module, torch.float32, "cpu")
+    lin.weight.data = round_trip(lin.weight.data, precision).to(dtype)
+    if lin.bias is not None:
+        lin.bias.data = lin.bias.data.to(dtype)
+    return lin.to(device)
+
+
+def state_bytes(module) -> int:
+    return 0
+
+
+def dequantize(module):
+    return module.weight.float()  # the layer holds the format's round trip already
+
+
+LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to bf16 would add its own error
+
+
+def formats(settings) -> dict:
+    return {"menu": list(PRECISIONS), "8-bit": "Q8_0", "4-bit": "Q4_0",
+            "emulation": "ewq.ggml_quants: ggml's reference quantizers (no importance matrix), bit-exact on x86-64"}
+
+
+def require():
+    """The llama_cpp module, or one EWQError line saying how to install it."""
+    try:
+        import llama_cpp
+    except Exception as e:  # noqa: BLE001 -- ImportError, or its shared library failing to load (OSError, RuntimeError)
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise EWQError(f"the llama.cpp executor needs the optional package llama-cpp-python (not in requirements.txt; "
+                       f"{why}); build it from its sdist, which compiles llama.cpp ({BUILD_TIME}): {INSTALL}") from None
+    return llama_cpp
+
+
+def file_bytes_by_type(gguf_path) -> dict:
+    """{ggml type name: bytes of tensor data of that type} in a GGUF file, largest first (read with gguf-py)."""
+    import gguf
+
+    path = Path(gguf_path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise EWQError(f"cannot read GGUF file {path}: {e}") from None
+    sizes = Counter()
+    for t in reader.tensors:
+        sizes[t.tensor_type.name] += int(t.n_bytes)
+    return dict(sizes.most_common())
+
+
+def file_weight_bytes(gguf_path) -> dict:
+    """The result's memory figures from the file: bytes per ggml type, of the blocks' matrices, and in all."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(Path(gguf_path))
+    except (OSError, ValueError) as e:
+        raise EWQError(f"cannot read GGUF file {gguf_path}: {e}") from None
+    blocks = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    by_type = file_bytes_by_type(gguf_path)
+    return {"by_type": by_type, "blocks": blocks, "total": sum(by_type.values())}
+
+
+def _quiet(llama_cpp) -> None:
+    """llama.cpp logs every load to stderr; keep errors only (llama-cpp-python's own switch, when it has one)."""
+    try:
+        from llama_cpp._logger import set_verbose
+    except ImportError:
+        return
+    set_verbose(False)
+
+
+class LlamaCppModel:
+    """A GGUF file run by llama.cpp, duck-typing a transformers causal LM for EWQ's decoder suite (see module doc)."""
+
+    def __init__(self, gguf_path, n_threads: int | None = None, n_ctx: int = DEFAULT_N_CTX,
+                 n_batch: int = DEFAULT_N_BATCH, generation_config=None, tokenizer=None, verbose: bool = False):
+        global _backend_ready
+        lc = require()
+        self._lc = lc
+        self._model = self._ctx = self._batch = None
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise EWQError(f"GGUF file {path} does not exist")
+        if n_ctx < 2 or n_batch < 1:
+            raise EWQError(f"n_ctx must be at least 2 and n_batch at least 1, got {n_ctx} and {n_batch}")
+        self.n_threads = int(n_threads or torch.get_num_threads())
+        self.n_ctx, self.n_batch = int(n_ctx), int(min(n_batch, n_ctx))
+        if not verbose:
+            _quiet(lc)
+        if not _backend_ready:
+            lc.llama_backend_init()
+            _backend_ready = True
+
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0  # CPU rows: nothing offloaded even where the build could
+        self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not self._model:
+            raise EWQError(f"llama.cpp could not load {path} (not a GGUF file, or an architecture or type this "
+                           f"llama.cpp does not know); run with verbose=True to see its log")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = self.n_ctx, self.n_batch, min(self.n_batch, 512), 1
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise EWQError(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path}")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):  # every slot: one sequence, id 0 (fixed for the life of the batch)
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+
+        self.gguf_path = path
+        self.config = self._make_config(path)
+        self.generation_config = self._make_generation_config(generation_config, tokenizer)
+        self.name_or_path = str(path)
+
+    # ---- what transformers models have ----
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # of the logits; the weights' types are the file's (file_bytes_by_type)
+
+    def can_generate(self) -> bool:
+        return True
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise EWQError("a llama.cpp model cannot be trained")
+        return self
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device", kwargs.get("dtype"))
+        if target is None or (isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"):
+            return self
+        if isinstance(target, torch.dtype):
+            raise EWQError(f"a llama.cpp model's types are fixed by its GGUF file; it cannot be cast to {target}")
+        raise EWQError(f"the llama.cpp executor runs on the CPU only (no layers are offloaded; "
+                       f"GPU offload in this llama-cpp-python build: {bool(self._lc.llama_supports_gpu_offload())}); "
+                       f"pass --device cpu, not {target}")
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        """Logits at every position, float32 [b, n, vocab]; each row its own sequence from an empty cache."""
+        ids = self._check_ids(input_ids, attention_mask, "forward")
+        b, n = ids.shape
+        if n > self.n_ctx:
+            raise EWQError(f"{n} tokens do not fit the llama.cpp context of {self.n_ctx}; pass a larger n_ctx")
+        logits = torch.empty(b, n, self.n_vocab, dtype=torch.float32)
+        rows = ids.tolist()
+        for r, row in enumerate(rows):
+            self.reset()
+            for start in range(0, n, self.n_batch):
+                piece = row[start:start + self.n_batch]
+                self._decode(piece, start, all_logits=True)
+                ptr = self._lc.llama_get_logits(self._ctx)
+                logits[r, start:start + len(piece)] = torch.from_numpy(
+                    np.ctypeslib.as_array(ptr, shape=(len(piece), self.n_vocab)))
+        return SimpleNamespace(logits=logits)
+
+    forward = __call__
+
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, min_new_tokens=None,
+                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, streamer=None,
+                 pad_token_id=None, eos_token_id=None, generation_config=None, use_cache=True, **kwargs):
+        """Greedy decoding of one prompt: LongTensor [1, n + new tokens] (see the module doc for the contract)."""
+        if kwargs:
+            raise EWQError(f"the llama.cpp executor does not take generate({', '.join(sorted(kwargs))}=...)")
+        if do_sample or (num_beams or 1) != 1:
+            raise EWQError("the llama.cpp executor decodes greedily only (do_sample=False, num_beams=1)")
+        config = generation_config or self.generation_config
+        if max_new_tokens is None:
+            max_new_tokens = getattr(config, "max_new_tokens", None)
+        if not max_new_tokens or max_new_tokens < 1:
+            raise EWQError("generate() needs max_new_tokens of at least 1")
+        ids = self._check_ids(input_ids, attention_mask, "generate")
+        if ids.shape[0] != 1:
+            raise EWQError(f"the llama.cpp executor generates one sequence at a time, got a batch of {ids.shape[0]}")
+        prompt = ids[0].tolist()
+        n = len(prompt)
+        if n < 1:
+            raise EWQError("generate() needs a prompt of at least one token")
+        if n + max_new_tokens > self.n_ctx:
+            raise EWQError(f"{n} prompt + {max_new_tokens} new tokens do not fit the llama.cpp context of {self.n_ctx}; "
+                           f"pass a larger n_ctx")
+        eos = self._eos_set(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None))
+        min_new = int(min_new_tokens or 0)
+
+        self.reset()
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        # the prompt, in pieces of n_batch; logits of its last token only
+        for start in range(0, n, self.n_batch):
+            self._decode(prompt[start:start + self.n_batch], start, all_logits=False)
+        out = []
+        lc, ctx, batch, n_vocab = self._lc, self._ctx, self._batch, self.n_vocab
+        address, logits = None, None
+        for i in range(max_new_tokens):
+            # the last token's logits; the numpy view is remade only if llama.cpp moved its output buffer (making
+            # a view costs ~30 us right after a decode has flushed the caches, a tenth of the per-token overhead)
+            where = ctypes.cast(lc.llama_get_logits_ith(ctx, -1), ctypes.c_void_p).value
+            if not where:
+                raise EWQError("llama.cpp returned no logits for the last token")
+            if where != address:
+                address, logits = where, np.ctypeslib.as_array((ctypes.c_float * n_vocab).from_address(where))
+            token = int(logits.argmax())
+            if i < min_new and token in eos:  # transformers' min_new_tokens: EOS cannot be chosen yet
+                masked = logits.copy()
+                masked[list(eos)] = -np.inf
+                token = int(masked.argmax())
+            out.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if i + 1 == max_new_tokens or token in eos:
+                break
+            # one token at position n + i (the batch's seq ids are set once in __init__)
+            batch.token[0], batch.pos[0], batch.logits[0], batch.n_tokens = token, n + i, 1, 1
+            rc = lc.llama_decode(ctx, batch)
+            if rc != 0:
+                raise EWQError(f"llama_decode failed with code {rc} at position {n + i}")
+        if streamer is not None:
+            streamer.end()
+        return torch.tensor([prompt + out], dtype=torch.long)
+
+    # ---- llama.cpp ----
+
+    def reset(self) -> None:
+        """Empty the KV cache (metadata only: cells are marked free, no memset)."""
+        self._lc.llama_memory_clear(self._mem, False)
+
+    def _decode(self, tokens, pos0: int, all_logits: bool) -> None:
+        batch = self._batch
+        last = len(tokens) - 1
+        for i, t in enumerate(tokens):
+            batch.token[i] = t
+            batch.pos[i] = pos0 + i
+            batch.logits[i] = 1 if all_logits or i == last else 0
+        batch.n_tokens = len(tokens)
+        rc = self._lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EWQError(f"llama_decode failed with code {rc} on {len(tokens)} tokens at position {pos0}")
+
+    def _check_ids(self, input_ids, attention_mask, what: str) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise EWQError(f"{what}: input_ids must be integer token ids [batch, tokens], got {tuple(ids.shape)} "
+                           f"{ids.dtype}")
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+            raise EWQError(f"{what}: the llama.cpp executor takes no padding (attention_mask must be all ones)")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab):
+            raise EWQError(f"{what}: token ids must be in [0, {self.n_vocab}) for {self.gguf_path.name}")
+        return ids.cpu()
+
+    def _eos_set(self, eos) -> set:
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+
+    def _meta(self, key: str):
+        buf = ctypes.create_string_buffer(512)
+        n = self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, ctypes.sizeof(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _make_config(self, path: Path):
+        lc, m = self._lc, self._model
+        desc = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(m, desc, ctypes.sizeof(desc))
+        values = {
+            "model_type": self._meta("general.architecture"), "name": self._meta("general.name"),
+            "vocab_size": self.n_vocab, "hidden_size": int(lc.llama_model_n_embd(m)),
+            "num_hidden_layers": int(lc.llama_model_n_layer(m)), "num_attention_heads": int(lc.llama_model_n_head(m)),
+            "num_key_value_heads": int(lc.llama_model_n_head_kv(m)),
+            "max_position_embeddings": int(lc.llama_model_n_ctx_train(m)),
+            "gguf_path": str(path), "gguf_description": desc.value.decode("utf-8", "replace"),
+            "file_type": self._meta("general.file_type"), "n_ctx": self.n_ctx, "n_batch": self.n_batch,
+            "n_threads": self.n_threads, "executor": "llama.cpp",
+            "llama_cpp_python_version": getattr(self._lc, "__version__", None),
+        }
+        config = SimpleNamespace(**values)
+        config.to_dict = lambda: dict(values)
+        return config
+
+    def _make_generation_config(self, given, tokenizer):
+        """Token ids from the caller's GenerationConfig, else the GGUF's tokenizer.ggml.*, else the HF tokenizer."""
+        from transformers import GenerationConfig
+
+        if given is not None:
+            return given
+
+        def gguf_id(fn):
+            t = int(fn(self._vocab))
+            return None if t == TOKEN_NULL else t
+
+        ids = {"bos_token_id": gguf_id(self._lc.llama_vocab_bos), "eos_token_id": gguf_id(self._lc.llama_vocab_eos),
+               "pad_token_id": gguf_id(self._lc.llama_vocab_pad)}
+        if tokenizer is not None:
+            ids = {key: getattr(tokenizer, key, None) if value is None else value for key, value in ids.items()}
+        return GenerationConfig(do_sample=False, **ids)
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        lc = getattr(self, "_lc", None)
+        if lc is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # at interpreter exit the binding may already be gone
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaCppModel({str(self.gguf_path)!r}, n_threads={self.n_threads}, n_ctx={self.n_ctx})"
