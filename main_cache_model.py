@@ -68,6 +68,11 @@ def parse_args(argv):
                         "(bitsandbytes: LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only; "
                         "llama.cpp: its own formats Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0 with their exact rounding, "
                         "embeddings and output head planned too: the plan names ggml types, for python -m ewq.export gguf)")
+    p.add_argument("--formats", default=None,
+                   help="--backend llama.cpp: the ggml types a plan chooses from, comma-separated (default "
+                        "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0; Q4_1/Q5_1 are left out by default because they re-find the "
+                        "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
+                        "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats)")
     p.add_argument("--sweep", choices=SWEEPS, default="fast",
                    help="decoders, --method sensitivity: fast (default): every item's KL estimated to second order from "
                         "one forward and a few backward passes (Fisher information of the output, sampled); exact: one "
@@ -106,7 +111,8 @@ def main(argv=None):
                                    force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
                                    progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
                                    granularity=args.granularity, calib_sentences=args.calib_sentences,
-                                   int8_activations=args.int8_activations, sweep=args.sweep)
+                                   int8_activations=args.int8_activations, sweep=args.sweep,
+                                   formats=tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ())
     print(format_summary(plan))
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")

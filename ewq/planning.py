@@ -68,7 +68,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               target_bits=None, max_weight_gb=None, calib_tokens=None, calib_text=None, quant_type: str = "nf4",
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
-              device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast"):
+              device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast",
+              formats=()):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
@@ -87,10 +88,14 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
         raise EWQError("--int8-activations applies to --backend torchao only")
     if sweep not in sensitivity.SWEEPS:
         raise EWQError(f"unknown sweep '{sweep}'; choose one of {', '.join(sensitivity.SWEEPS)}")
-    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size,
+    if formats and backend != "llama.cpp":
+        raise EWQError("--formats applies to --backend llama.cpp only (the torch executors' menu is 8-bit and 4-bit)")
+    settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
                              int8_activations=int8_activations)
     if method == "sensitivity":
         get_backend(backend)  # an unknown backend is refused before any weight is read
+    if backend == "llama.cpp":
+        get_backend(backend).menu(settings)  # so is an unknown format
     out_dir = check_writable_dir(out_dir)
     source = resolve_model(model, models_dir)
     ckpt = open_checkpoint(source.path)
@@ -121,13 +126,18 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     return path, plan, False
 
 
-def menu_of(backend: str, method: str) -> tuple:
-    """What items may be lowered to, largest first: llama.cpp's formats for a llama.cpp plan, whatever the method;
-    otherwise the executor's own (it measures them) for sensitivity plans, 8-bit then 4-bit for the ordered ones."""
-    if backend == "llama.cpp" or method == "sensitivity":
+def menu_of(settings, method: str) -> tuple:
+    """What items may be lowered to, largest first: llama.cpp's formats for a llama.cpp plan (--formats), whatever
+    the method; otherwise the executor's own (it measures them) for sensitivity plans, 8-bit then 4-bit for the
+    ordered ones."""
+    backend = settings.backend
+    if backend == "llama.cpp":
+        menu = get_backend(backend).menu(settings)
+    elif method == "sensitivity":
         menu = get_backend(backend).PRECISIONS
-        return tuple(sorted(menu, key=lambda p: -estimated_bytes(1 << 20, 1, p)))
-    return allocate.TORCH_MENU
+    else:
+        return allocate.TORCH_MENU
+    return tuple(sorted(menu, key=lambda p: -estimated_bytes(1 << 20, 1, p)))
 
 
 def planned_other_shapes(ckpt, backend: str) -> dict:
@@ -148,7 +158,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     else:
         target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
                   "from": f"the size of the {entropy} entropy rule plan (k={k:g})"}
-    menu = menu_of(settings.backend, method)
+    menu = menu_of(settings, method)
     other_shapes = planned_other_shapes(ckpt, settings.backend)
     items = allocate.plan_items(blocks, granularity, other_shapes)
     # a target the executor cannot reach is refused before anything is measured

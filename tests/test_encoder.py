@@ -1,14 +1,10 @@
 """Encoders (BERT, RoBERTa, XLM-R): layouts, embeddings and their fidelity, plans and sensitivity, the benchmark
-scripts, and the HTTP service with /models/active."""
+scripts. The HTTP service's tests are in test_serve.py."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -16,7 +12,6 @@ import torch
 from ewq.apply import apply_plan, load_model, plan_layers
 from ewq.backends import QuantSettings
 from ewq.checkpoint import open_checkpoint
-from ewq.common import run_cli
 from ewq.embed import Embedder, Pooling, fidelity, pool, read_pooling, split_sentences
 from ewq.plan import builtin_plan
 from ewq.source import ModelSource
@@ -156,7 +151,8 @@ def test_kind_mismatches_are_refused(case, tiny_encoder, tiny_factory, tmp_path)
         r = run_script("main_cache_model.py", "--model", source, "--out-dir", tmp_path / "qm", "--no-progress", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         plan = r.stdout.strip().splitlines()[-1]
-        r = run_script("benchmark.py", "--model", target, "--plan", plan, "--out-dir", out, "--no-progress", cwd=tmp_path)
+        r = run_script("benchmark.py", "--model", target, "--plan", plan, "--backend", "bitsandbytes", "--out-dir", out,
+                       "--no-progress", cwd=tmp_path)
         assert "is a plan for " + ("an encoder" if case.startswith("encoder") else "a decoder") in r.stderr
     elif case == "decoder-flag-on-encoder":
         r = run_script("benchmark_original.py", "--model", encoder, "--max-new-tokens", "8", "--out-dir", out, cwd=tmp_path)
@@ -170,110 +166,6 @@ def test_kind_mismatches_are_refused(case, tiny_encoder, tiny_factory, tmp_path)
         assert "--calib-tokens does not apply" in r.stderr
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists() or not list(out.glob("*.json"))  # nothing written
-
-
-# ---- the service ----
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, raw: bytes | None = None):
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-@pytest.fixture
-def live_server(tmp_path):
-    procs = []
-
-    def start(model):
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "ewq.serve", "--model", str(model), "--port", str(port)],
-                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                call(url + "/models/active")
-                return url
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read())
-                time.sleep(0.25)
-        raise AssertionError("the server did not start in 60 s")
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_service_answers_models_active_and_embeds(tiny_encoder, tmp_path, live_server):
-    model = tiny_encoder("xlm-roberta")
-    r = run_script("benchmark.py", "--model", model, "--plan", "uniform-8bit", "--backend", "torch-dynamic", *SMALL,
-                   "--out-dir", tmp_path / "res", "--plans-dir", tmp_path / "qm", "--save", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    saved = next((tmp_path / "qm").glob(f"{model.name}-*"))
-    url = live_server(saved)
-
-    status, info = call(url + "/models/active")
-    assert status == 200
-    meta = json.loads((saved / "metadata.json").read_text())
-    assert info["kind"] == "encoder" and info["is_quantized"] is True and info["metadata"] == "present"
-    assert info["method"] == "dynamic-ptq-int8" and info["precision_counts"] == {"raw": 0, "8-bit": 3, "4-bit": 0}
-    assert info["fingerprint"] == meta["base_fingerprint"] and info["avg_bits_per_weight"] == meta["avg_bits_per_weight"]
-
-    status, out = call(url + "/embed", {"sentences": ["The fire moved east.", "Rain fell on Sydney."]})
-    assert status == 200 and out["dim"] == 64 and len(out["embeddings"]) == 2 and out["truncated"] == []
-    assert sum(x * x for x in out["embeddings"][0]) == pytest.approx(1.0, abs=1e-4)  # its Normalize step
-    status, out = call(url + "/embed", {"sentences": ["word " * 200, "short one"]})
-    assert status == 200 and out["truncated"] == [0] and "first 64 tokens" in out["note"]
-
-    for body, raw, words in [({"sentences": []}, None, "non-empty"), ({"sentences": [3]}, None, "not a string"),
-                             ({"text": "x"}, None, "sentences"), (None, b"\xff\xfe{", "not UTF-8"),
-                             (None, b"{not json", "not valid JSON"), ({"prompt": "hi"}, None, None)]:
-        path = "/generate" if body == {"prompt": "hi"} else "/embed"
-        status, out = call(url + path, body, raw)
-        assert 400 <= status < 500 and "error" in out and (words is None or words in out["error"]), (body, raw, out)
-    status, out = call(url + "/nowhere")
-    assert status == 404 and "error" in out
-    status, info = call(url + "/models/active")  # still serving after every bad request
-    assert status == 200
-
-
-def test_service_refuses_a_busy_port_before_loading_the_model(tmp_path, capsys):
-    from ewq import serve
-
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        # the model does not exist: had the port been checked after loading, the message would be about the model
-        assert run_cli(serve.main, ["--model", str(tmp_path / "absent"), "--port", str(port)]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
-
-
-def test_models_active_never_guesses(tiny_encoder, tiny_factory, tmp_path):
-    from ewq.serve import Service
-
-    service = Service(str(tiny_encoder("bert")))  # a plain checkpoint without metadata.json
-    assert service.info["is_quantized"] is None and service.info["metadata"] == "missing"
-    decoder = Service(str(tiny_factory("llama")))
-    out = decoder.generate("Hello", 4)
-    assert out["new_tokens"] == 4 and isinstance(out["text"], str)
-    with pytest.raises(Exception, match="decoder; it has no sentence embeddings"):
-        decoder.embed(["x"])
 
 
 def test_embedded_minilm_is_an_encoder_with_its_own_pooling(tmp_path):

@@ -47,6 +47,7 @@ class QuantSettings:
     threshold: float = 6.0      # bitsandbytes LLM.int8 outlier threshold on activations
     group_size: int = 64        # torchao int4: weights per (scale, zero point) group along the input dimension
     int8_activations: bool = False  # torchao 8-bit: also quantize activations per token (int8 x int8 matmul)
+    formats: tuple = ()         # llama.cpp: the ggml types a plan may choose from (empty: the backend's menu)
 
     def key(self) -> dict:
         """What changes the numbers a backend produces (for caches and result files)."""

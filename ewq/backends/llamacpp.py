@@ -123,8 +123,18 @@ def dequantize(module):
 LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to bf16 would add its own error
 
 
+def menu(settings) -> tuple:
+    """The formats a sweep measures and a plan chooses from: --formats, else PRECISIONS."""
+    chosen = tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS
+    unknown = [f for f in chosen if f not in ACCEPTS or f in TORCH_MENU_AS]
+    if unknown:
+        raise EWQError(f"--formats names {', '.join(unknown)}; llama.cpp's formats here are "
+                       f"{', '.join(a for a in ACCEPTS if a not in TORCH_MENU_AS)}")
+    return chosen
+
+
 def formats(settings) -> dict:
-    return {"menu": list(PRECISIONS), "8-bit": "Q8_0", "4-bit": "Q4_0",
+    return {"menu": list(menu(settings)), "8-bit": "Q8_0", "4-bit": "Q4_0",
             "emulation": "ewq.ggml_quants: ggml's reference quantizers (no importance matrix), bit-exact on x86-64"}
 
 
