@@ -222,25 +222,26 @@ def _dequant_q8_0(f):
     return f["q"].float() * f["d"].float()[:, None]
 
 
-def _quant_q4_0(xb):
+def _quant_symmetric(xb, half: int):
+    """Q4_0 (half = 8) and Q5_0 (half = 16): d = max / -half from the signed value of largest magnitude."""
     mx, _ = _first_absmax(xb, 1)
-    d = mx / _f32(-8.0)
+    d = mx / _f32(-float(half))
     inv = _where0(d != 0, _ONE / d)
-    # (int8_t)(x*id + 8.5f) truncates toward zero; the argument is positive, then MIN(15, .)
-    L = torch.trunc(xb * inv[:, None] + _f32(8.5)).clamp_max(15)
+    # (int8_t)(x*id + half + 0.5f) truncates toward zero; the argument is positive, then MIN(2 * half - 1, .)
+    L = torch.trunc(xb * inv[:, None] + _f32(half + 0.5)).clamp_max(2 * half - 1)
     return {"d": _fp16(d), "L": L}
+
+
+def _quant_q4_0(xb):
+    return _quant_symmetric(xb, 8)
+
+
+def _quant_q5_0(xb):
+    return _quant_symmetric(xb, 16)
 
 
 def _dequant_q4_0(f):
     return (f["L"] - 8) * f["d"].float()[:, None]
-
-
-def _quant_q5_0(xb):
-    mx, _ = _first_absmax(xb, 1)
-    d = mx / _f32(-16.0)
-    inv = _where0(d != 0, _ONE / d)
-    L = torch.trunc(xb * inv[:, None] + _f32(16.5)).clamp_max(31)
-    return {"d": _fp16(d), "L": L}
 
 
 def _dequant_q5_0(f):
