@@ -15,10 +15,10 @@ candidate for decoders: one activation scale per tensor broke SmolLM2 (KL 1.37, 
 neither is it (cosine 0.94 to the original embeddings), so an encoder's default is measured among the others.
 """
 
+import copy
 import hashlib
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ from .probes import (
 
 PROBE_BYTES = 64 << 20  # stack enough blocks to hold this many weight bytes: more than a CPU's last-level cache
 MAX_PROBE_BLOCKS = 8
-TIMED_CALLS = 15
+TIMED_CALLS = 12
 ENCODER_TOKENS = 32 * 32  # a batch of 32 sentences of about 32 tokens
 
 
@@ -87,38 +87,24 @@ def probe_blocks(layout: Layout) -> int:
 
 
 def _stack(shapes, blocks: int, precision: str, settings: QuantSettings, dtype, device: str):
-    """The probe's layers: the same seeded N(0, 0.02^2) weights for every precision, so errors compare."""
+    """The probe's layers: one block's matrices with seeded N(0, 0.02^2) weights (the same for every precision, so
+    errors compare), quantized once and copied for the other blocks (separate memory, as a model's blocks are:
+    quantizing each copy anew would cost the probe minutes of HQQ for no other figure)."""
     backend = get_backend(settings.backend)
     generator = torch.Generator().manual_seed(0)
-    layers = []
-    for _ in range(blocks):
-        for out_f, in_f in shapes:
-            lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype, device=device)
-            with torch.no_grad():
-                lin.weight.copy_(torch.randn(out_f, in_f, generator=generator) * 0.02)
-            if precision != "raw" and not backend.unsupported((out_f, in_f), precision, settings):
-                lin = backend.quantize_layer(lin, precision, settings, dtype, device)
-            layers.append(lin.eval())
-    return layers
+    one = []
+    for out_f, in_f in shapes:
+        lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(out_f, in_f, generator=generator) * 0.02)
+        if precision != "raw" and not backend.unsupported((out_f, in_f), precision, settings):
+            lin = backend.quantize_layer(lin, precision, settings, dtype, device)
+        one.append(lin.eval())
+    return one + [copy.deepcopy(layer) for _ in range(blocks - 1) for layer in one]
 
 
-def _timed(fn, inputs, device: str) -> float:
-    """Median seconds of one call after warming up (a compiled function compiles in the warm-up)."""
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(inputs)
-        times = []
-        for _ in range(TIMED_CALLS):
-            synchronize(device)
-            start = time.perf_counter()
-            fn(inputs)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def time_stack(layers, tokens: int, dtype, device: str, compiled: bool) -> tuple:
-    """(seconds per pass through every layer, the outputs) for inputs of `tokens` rows."""
+def _runner(layers, tokens: int, dtype, device: str, compiled: bool):
+    """(a function running every layer once, its inputs)."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(tokens, layer.in_features, generator=generator).to(dtype=dtype, device=device)
               for layer in layers]
@@ -126,10 +112,28 @@ def time_stack(layers, tokens: int, dtype, device: str, compiled: bool) -> tuple
     def run(xs):
         return [layer(x) for layer, x in zip(layers, xs)]
 
-    fn = torch.compile(run, dynamic=False) if compiled else run
-    seconds = _timed(fn, inputs, device)
+    return (torch.compile(run, dynamic=False) if compiled else run), inputs
+
+
+def time_stacks(stacks: dict, tokens: int, dtype, device: str, compiled: bool) -> tuple:
+    """({name: seconds per pass}, {name: outputs}) for stacks of layers timed in interleaved rounds, the fastest
+    call of each kept: other processes slow some calls (on 2 busy cores, by 30x), never speed one up, and
+    interleaving makes a slow spell hit every stack alike."""
+    runners = {name: _runner(layers, tokens, dtype, device, compiled) for name, layers in stacks.items()}
+    best = {name: math.inf for name in stacks}
     with torch.inference_mode():
-        return seconds, run(inputs)
+        for fn, xs in runners.values():  # warm-up (and compilation)
+            for _ in range(2):
+                fn(xs)
+        for _ in range(TIMED_CALLS):
+            for name, (fn, xs) in runners.items():
+                synchronize(device)
+                start = time.perf_counter()
+                fn(xs)
+                synchronize(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+        outputs = {name: [layer(x) for layer, x in zip(stacks[name], xs)] for name, (fn, xs) in runners.items()}
+    return best, outputs
 
 
 def relative_error(outputs, reference) -> float:
@@ -139,8 +143,8 @@ def relative_error(outputs, reference) -> float:
 
 
 def run_probe(layout: Layout, device: str, dtype_of, progress: bool = True, wanted=None) -> dict:
-    """Time the candidates (those in `wanted`, default all), each in the dtype it would run in (dtype_of(backend));
-    returns the probe record."""
+    """Time the candidates (those in `wanted`, default all), each in the dtype it would run in (dtype_of(backend)),
+    its 8-bit and 4-bit layers interleaved with the unquantized ones in the same mode; returns the probe record."""
     shapes, blocks = layout.shapes, probe_blocks(layout)
     tokens = ENCODER_TOKENS if layout.kind == "encoder" else 1
     if progress:
@@ -148,7 +152,6 @@ def run_probe(layout: Layout, device: str, dtype_of, progress: bool = True, want
               f"{len(shapes)} matrices, {tokens} token{'s' if tokens > 1 else ''} per call; once per machine, cached)",
               flush=True)
     rows = []
-    floats = {}
     for backend, compiled in candidates(layout.kind, device):
         if wanted is not None and (backend, compiled) not in wanted:
             continue
@@ -156,23 +159,20 @@ def run_probe(layout: Layout, device: str, dtype_of, progress: bool = True, want
         dtype = dtype_of(backend)
         try:
             get_backend(backend).check(settings, dtype, device)
-            if (compiled, dtype) not in floats:
-                floats[compiled, dtype] = time_stack(_stack(shapes, blocks, "raw", settings, dtype, device), tokens,
-                                                     dtype, device, compiled)
-            float_s, reference = floats[compiled, dtype]
+            stacks = {p: _stack(shapes, blocks, p, settings, dtype, device) for p in ("raw", "8-bit", "4-bit")}
+            seconds, outputs = time_stacks(stacks, tokens, dtype, device, compiled)
             row = {"backend": backend, "compile": compiled, "dtype": str(dtype).replace("torch.", ""),
-                   "float_ms": 1000 * float_s}
+                   "float_ms": 1000 * seconds["raw"]}
             for precision in ("8-bit", "4-bit"):
-                seconds, outputs = time_stack(_stack(shapes, blocks, precision, settings, dtype, device), tokens, dtype,
-                                              device, compiled)
                 key = precision.replace("-", "")
-                row[f"{key}_ms"] = 1000 * seconds
-                row[f"speedup_{key}"] = float_s / seconds
-                row[f"rel_error_{key}"] = relative_error(outputs, reference)  # a broken kernel shows here
+                row[f"{key}_ms"] = 1000 * seconds[precision]
+                row[f"speedup_{key}"] = seconds["raw"] / seconds[precision]
+                row[f"rel_error_{key}"] = relative_error(outputs[precision], outputs["raw"])  # a broken kernel shows
         except Exception as e:  # a candidate that cannot run here is reported, not fatal
             row = {"backend": backend, "compile": compiled, "error": f"{type(e).__name__}: {str(e)[:160]}"}
         rows.append(row)
-    return {"candidates": rows, "shapes": [list(s) for s in shapes], "blocks": blocks, "tokens": tokens}
+    return {"candidates": rows, "shapes": [list(s) for s in shapes], "blocks": blocks, "tokens": tokens,
+            "timing": f"fastest of {TIMED_CALLS} interleaved calls per stack"}
 
 
 def probe_key(layout: Layout, device: str, dtype_of) -> dict:
