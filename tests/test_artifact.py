@@ -113,7 +113,8 @@ def test_benchmark_saves_and_loads_without_requantizing(tiny_factory, tmp_path, 
     model_dir = tiny_factory("gpt2")
     fast = ["--tasks", "math", "--max-new-tokens", "4", "--repeats", "1", "--no-progress", "--out-dir", str(tmp_path / "r")]
     plans = str(tmp_path / "q")
-    assert run_cli(benchmark.main, ["--model", str(model_dir), "--plan", "uniform-4bit", "--save", "--plans-dir", plans] + fast) == 0
+    assert run_cli(benchmark.main, ["--model", str(model_dir), "--plan", "uniform-4bit", "--backend", "bitsandbytes", "--save",
+                                    "--plans-dir", plans] + fast) == 0
     first = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
     saved_dir = first["load"]["saved_to"]
     assert first["load"]["path_taken"] == "quantized-from-checkpoint" and saved_dir
