@@ -92,6 +92,12 @@ def parse_args(argv):
                         "softmax: the paper's entropy of softmax(weights), normalised by ln(n)")
     p.add_argument("--k", type=nonnegative_float, default=1.0,
                    help="blocks with entropy below mu - k*sigma get 4-bit, below mu 8-bit, others stay raw (default 1.0)")
+    p.add_argument("--write-hf-config", nargs="?", const="cpu", choices=("cpu", "cuda"), default=None,
+                   help="also write <plan>.quantization_config.json beside the plan: the plan as transformers' "
+                        "TorchAoConfig (one torchao config per quantized weight), for from_pretrained(base, "
+                        "quantization_config=TorchAoConfig.from_dict(json.load(...))) in your own code; the same model "
+                        "as benchmark.py --backend torchao. cpu (default) or cuda: int4 has a different kernel on each. "
+                        "CPU int4 configs parse after `import ewq.hf` (see README)")
     p.add_argument("--force", action="store_true", help="rewrite the plan even if one exists for the same weights and settings")
     p.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live (default models/)")
     p.add_argument("--out-dir", default="quantized_models", help="where the plan is written (default quantized_models/)")
@@ -114,6 +120,10 @@ def main(argv=None):
                                    int8_activations=args.int8_activations, sweep=args.sweep,
                                    formats=tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ())
     print(format_summary(plan))
+    if args.write_hf_config:
+        from ewq.hf import write_plan_hf_config
+
+        print(f"transformers quantization_config: {write_plan_hf_config(plan, path, args.write_hf_config)}")
     if reused:
         print("a plan for these weights and settings already existed: reused it (--force to rewrite)")
     print(path)

@@ -1,24 +1,41 @@
-"""Stage 4: load the original checkpoint on the CPU and apply a plan, layer by layer.
+"""Stage 4: load the original checkpoint and apply a plan, layer by layer.
 
 Every block Linear (and GPT-2 Conv1D) gets the precision its plan gives it: the block's `precision`,
 or, in a per-matrix plan, the entry for that matrix in the block's `matrices`. The executor of 8-bit
 and 4-bit layers is a backend (ewq/backends/: bitsandbytes, torchao, torch-dynamic), all behind one
 interface. raw layers, embeddings, norms and lm_head stay in the run dtype.
 
-Each replaced layer is built from the float weight it replaces, so at most one layer exists twice at
-any moment: never two copies of the model.
+Two ways in:
+  * load_model + apply_plan: the float model on the CPU, then each replaced layer built from the float
+    weight it replaces (at most one layer exists twice at any moment). Needs the whole float model in memory.
+  * load_for_plan: the plan applied while loading, so the float model never exists whole: with torchao,
+    transformers' own quantize-on-load (a TorchAoConfig made from the plan, see torchao_targets); otherwise
+    (and where transformers' path cannot go) every block to quantize is first left on disk by accelerate, then
+    read, quantized and placed one block at a time. With device_map="auto" and max_memory, raw blocks that do
+    not fit stay on disk (plan_device_map).
 """
 
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .analysis import fingerprint as weights_fingerprint
 from .backends import BACKENDS, GROUP_SIZES, QUANT_TYPES, QuantSettings, get_backend  # noqa: F401 (re-exported)
+from .checkpoint import open_checkpoint
 from .common import EWQError
-from .plan import layer_precision, precisions_used
+from .plan import check_plan_matches, estimated_bytes, layer_precision, precisions_used
 
 
 @dataclass
@@ -37,16 +54,36 @@ def model_class(kind: str):
 
 def load_model(path, dtype: torch.dtype, kind: str = "decoder"):
     """The original model on the CPU, safetensors only, no remote code."""
+    return from_pretrained(path, dtype, kind, device_map="cpu")
+
+
+def from_pretrained(path, dtype: torch.dtype, kind: str, **kwargs):
+    """transformers' from_pretrained as EWQ always calls it: safetensors only, no remote code, quiet."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # "some weights were not used" (an MLM head under AutoModel) is expected
     try:
         model = model_class(kind).from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-                                                  device_map="cpu")
+                                                  **kwargs)
     except (OSError, ValueError) as e:
         raise EWQError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def empty_model(path, dtype: torch.dtype, kind: str = "decoder"):
+    """The model's skeleton on the meta device, built from config.json alone (no weight is read): the class, module
+    names and shapes from_pretrained will build, so what is computed on it (a TorchAoConfig, a device map) fits."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise EWQError(f"transformers cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
+    with init_empty_weights(), no_init_weights():
+        return model_class(kind).from_config(config, dtype=dtype)
 
 
 def block_list(model, block_prefix: str) -> nn.ModuleList:
@@ -143,6 +180,303 @@ def apply_plan(model, plan: dict, settings: QuantSettings, dtype: torch.dtype, p
         block.set_submodule(name, backend.quantize_layer(layer, precision, settings, dtype, device))
     applied.seconds = time.perf_counter() - start
     return applied
+
+
+# ---- the plan applied while loading: the float model never exists whole ----
+
+def torchao_targets(model, plan: dict, settings: QuantSettings) -> tuple:
+    """({"<module>.weight": precision}, kept_raw) for every layer of `model` (a skeleton, the float model or the model
+    apply_plan quantized) that the plan quantizes and torchao's kernel takes, named as in THIS model: what transformers'
+    TorchAoConfig matches is the loaded model's names, not the checkpoint's (a BERT checkpoint saying
+    `bert.encoder.layer.N` loads under AutoModel as `encoder.layer.N`). Keys name the weight, not the module: a module
+    key makes transformers quantize the module's bias as well. kept_raw lists the layers apply_plan keeps in the run
+    dtype (the same test, backend.unsupported), which are left out."""
+    backend = get_backend("torchao")
+    names = {id(m): n for n, m in model.named_modules()}
+    targets, kept_raw = {}, []
+    for index, _, name, layer, precision in plan_layers(model, plan, linear_layers):
+        if precision == "raw":
+            continue
+        if type(layer) in _conv1d():
+            raise EWQError(f"block {index} {name} is a GPT-2-style Conv1D layer ([in, out] weights): transformers' "
+                           f"torchao quantizer takes nn.Linear only; this architecture runs through EWQ's own loader")
+        reason = backend.unsupported(matrix_shape(layer), precision, settings)
+        if reason:
+            kept_raw.append(f"block {index} {name}: {reason}")
+            continue
+        targets[f"{names[id(layer)]}.weight"] = precision
+    return targets, kept_raw
+
+
+def parse_max_memory(text, device: str) -> dict:
+    """--max-memory: "8GB" (the run device) or "cuda=20GB,cpu=60GB" -> {"cpu": bytes, "cuda": bytes}.
+    Sizes as accelerate reads them: GB = 10^9, GiB = 2^30."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(text, dict):
+        items = [("cuda" if isinstance(k, int) or str(k).startswith("cuda") else str(k), v) for k, v in text.items()]
+    else:
+        items = [part.split("=", 1) if "=" in part else (device, part) for part in str(text).split(",") if part.strip()]
+    out = {}
+    for where, size in items:
+        where = where.strip()
+        if where not in ("cpu", "cuda"):
+            raise EWQError(f"--max-memory names '{where}'; use a size for the run device (8GB) or cpu=...,cuda=...")
+        try:
+            out[where] = int(size) if isinstance(size, (int, float)) else convert_file_size_to_int(str(size).strip())
+        except ValueError:
+            raise EWQError(f"--max-memory: '{size}' is not a size; write it like 8GB, 7.5GiB or 800MB") from None
+    if not out:
+        raise EWQError("--max-memory is empty; give a size like 8GB")
+    return out
+
+
+def memory_budget(device: str, max_memory: dict | None) -> dict:
+    """Bytes that weights may take on the run device (and, for a GPU, on the CPU): --max-memory, else 90% of what is
+    free now."""
+    import psutil
+
+    free = {"cpu": psutil.virtual_memory().available}
+    if device == "cuda":
+        free["cuda"] = torch.cuda.mem_get_info()[0]
+    budget = {k: int(0.9 * v) for k, v in free.items()}
+    budget.update({k: v for k, v in (max_memory or {}).items() if k in budget})
+    return budget
+
+
+def _map_keys(module: nn.Module, blocks: nn.ModuleList, prefix: str = ""):
+    """Names covering every tensor outside the blocks, at the coarsest level that does not contain them."""
+    for name, child in module.named_children():
+        if child is blocks:
+            continue
+        if any(m is blocks for m in child.modules()):
+            yield from _map_keys(child, blocks, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        yield f"{prefix}{name}"
+
+
+def _tensor_bytes_after_loading(model, targets: dict, settings: QuantSettings, dtype) -> dict:
+    """{tensor name: bytes it will hold once loaded}: the plan's estimate (scales included) for a weight it quantizes,
+    the run dtype for other float tensors; tied tensors once."""
+    bits = torch.finfo(dtype).bits
+    sizes = {name: b.numel() * b.element_size() for name, b in model.named_buffers()}
+    for name, p in model.named_parameters():
+        sizes[name] = estimated_bytes(p.numel(), p.shape[0], targets[name], settings.group_size, bits) \
+            if name in targets else p.numel() * (bits // 8 if p.is_floating_point() else p.element_size())
+    return sizes
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
+
+
+def plan_device_map(model, plan: dict, targets: dict, settings: QuantSettings, dtype, device: str,
+                    max_memory: dict | None = None) -> dict:
+    """EWQ's placement, as an accelerate device_map in `model`'s names (a skeleton from empty_model), for a model
+    bigger than its device: everything outside the blocks (embeddings, norms, lm_head) and every block with a quantized
+    layer on `device`; whole raw blocks, in order, on `device` while they fit, then on the CPU (when `device` is a
+    GPU), then on disk, where accelerate reads them back from the checkpoint's own safetensors at each forward (nothing
+    is copied). Quantized blocks never go to disk: transformers cannot offload torchao's quantized weights, and a
+    block read back at every forward would have to be quantized again each time. max_memory None: all on `device`.
+    Refuses, with the figures, when the quantized part alone does not fit."""
+    blocks = block_list(model, plan["model"]["block_prefix"])
+    blocks_name = next(n for n, m in model.named_modules() if m is blocks)
+    outside = {key: device for key in _map_keys(model, blocks)}
+    if max_memory is None:
+        return {**outside, **{f"{blocks_name}.{i}": device for i in range(len(blocks))}}
+    budget = memory_budget(device, max_memory)
+    sizes = _tensor_bytes_after_loading(model, targets, settings, dtype)
+
+    def size(key):
+        return sum(v for name, v in sizes.items() if name == key or name.startswith(key + "."))
+
+    quantized = {i for i in range(len(blocks)) if any(t.startswith(f"{blocks_name}.{i}.") for t in targets)}
+    need = sum(map(size, outside)) + sum(size(f"{blocks_name}.{i}") for i in quantized)
+    if need > budget[device]:
+        raise EWQError(f"the quantized part of this model alone (everything outside the blocks and the {len(quantized)} "
+                       f"blocks with quantized layers) needs {_size(need)} of weights, more than the "
+                       f"{_size(budget[device])} allowed on {device}; allow more with --max-memory, or choose a smaller "
+                       f"plan (only raw blocks can wait on disk)")
+    left = {"cpu": budget["cpu"], device: budget[device]}  # (the CPU takes raw blocks of a GPU run too)
+    left[device] -= need
+    placed = {}
+    for i in range(len(blocks)):
+        key, where = f"{blocks_name}.{i}", device
+        if i not in quantized:
+            where = next((d for d in (device, "cpu") if size(key) <= left.get(d, 0)), "disk")
+            if where != "disk":
+                left[where] -= size(key)
+        placed[key] = where
+    return {**outside, **placed}
+
+
+def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype, kind: str = "decoder",
+                  device: str = "cpu", device_map: str | None = None, max_memory=None, progress: bool = True) -> tuple:
+    """(model, Applied): the checkpoint at `path` loaded with the plan applied while loading, so the float model never
+    exists whole: peak memory is about the quantized weights plus one float block, not the float model.
+
+    torchao: transformers' own quantize-on-load, from_pretrained(path, quantization_config=TorchAoConfig(FqnToConfig
+    (torchao_targets))), layer by layer as tensors are read; its weights and logits are bit-identical to apply_plan's.
+    bitsandbytes and torch-dynamic (and torchao for GPT-2-style Conv1D layers, or offloading on a machine without an
+    accelerator, where transformers' torchao quantizer would move each CPU layer to "cuda" to quantize it): accelerate
+    first leaves every block to quantize on disk (an index into the checkpoint's own safetensors; nothing is copied),
+    then EWQ reads one block, quantizes its layers with the backend exactly as apply_plan does, and places it.
+
+    device_map None: everything on `device`. "auto": plan_device_map's placement under max_memory (a dict
+    {"cpu": bytes or "8GB", "cuda": ...} or the --max-memory text), raw blocks that do not fit waiting on disk; such a
+    model cannot be moved with .to() afterwards. Applied.seconds is the whole call: quantizing happens inside loading."""
+    backend = check_backend(plan, settings, dtype, device)
+    if device_map not in (None, "auto"):
+        raise EWQError(f"device_map must be None or 'auto' (EWQ places the blocks itself), got {device_map!r}")
+    if str(getattr(settings, "smooth", "off")) != "off":  # a model-level step over the whole float model
+        raise EWQError("smoothing is chosen on the whole float model with calibration sentences: it cannot run while "
+                       "the model is loaded block by block; drop the smoothing or load the float model first")
+    budget = parse_max_memory(max_memory, device) if max_memory is not None else ({} if device_map else None)
+    start = time.perf_counter()
+    ckpt = open_checkpoint(path)  # a plan for other weights or another kind of model is refused before any loading
+    if ckpt.kind != kind:
+        raise EWQError(f"{path} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
+                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
+    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), "the plan", kind)
+    skeleton = empty_model(path, dtype, kind)
+    entries = [e for e in plan_layers(skeleton, plan) if e[4] != "raw"]  # checks block count and matrix names
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    conv1d = any(type(layer) in _conv1d() for *_, layer, _ in entries)
+    if settings.backend == "torchao" and not conv1d:
+        targets, kept_raw = torchao_targets(skeleton, plan, settings)
+    else:
+        targets, kept_raw = {}, []
+        for index, _, name, layer, precision in entries:
+            reason = backend.unsupported(matrix_shape(layer), precision, settings)
+            if reason:
+                kept_raw.append(f"block {index} {name}: {reason}")
+            else:
+                targets[f"{names[id(layer)]}.weight"] = precision
+    placement = plan_device_map(skeleton, plan, targets, settings, dtype, device, budget)
+    offloaded = set(placement.values()) != {device}
+    blocks_name = names[id(block_list(skeleton, plan["model"]["block_prefix"]))]
+    del skeleton
+    offload_dir = tempfile.mkdtemp(prefix="ewq-offload-")  # accelerate wants one; safetensors checkpoints leave it empty
+    try:
+        if settings.backend == "torchao" and not conv1d and not (offloaded and device == "cpu"):
+            model = _load_quantizing(path, dtype, kind, settings, device, targets, placement if offloaded else device,
+                                     offload_dir)
+        else:
+            model = _load_then_quantize_blocks(path, dtype, kind, settings, device, targets, placement, blocks_name,
+                                               offload_dir, progress)
+    except BaseException:
+        shutil.rmtree(offload_dir, ignore_errors=True)
+        raise
+    if any(os.scandir(offload_dir)):  # tensors transformers had to convert were written there: keep them while needed
+        weakref.finalize(model, shutil.rmtree, offload_dir, True)
+    else:  # the usual case: offloaded tensors are read from the checkpoint's own files
+        os.rmdir(offload_dir)
+    return model, Applied(seconds=time.perf_counter() - start, kept_raw=kept_raw)
+
+
+def _load_quantizing(path, dtype, kind, settings, device, targets: dict, device_map, offload_dir):
+    """transformers' quantize-on-load with the plan as a TorchAoConfig; checks that every target came out quantized
+    (transformers skips, silently, a FqnToConfig key that names no weight of the model)."""
+    from transformers import TorchAoConfig
+
+    config = TorchAoConfig(quant_type=get_backend("torchao").fqn_config(targets, settings, device)) if targets else None
+    with _heap_trimmed():
+        model = from_pretrained(path, dtype, kind, device_map=device_map, quantization_config=config,
+                                offload_folder=offload_dir)
+    missed = [fqn for fqn in targets if not is_tensor_subclass(model.get_parameter(fqn))]
+    if missed:
+        raise EWQError(f"transformers left {len(missed)} planned layers unquantized ({missed[0]}, ...); "
+                       f"the plan does not fit this model's layers")
+    return model
+
+
+def _load_then_quantize_blocks(path, dtype, kind, settings, device, targets: dict, placement: dict, blocks_name: str,
+                               offload_dir, progress: bool):
+    """Every block with a layer to quantize is loaded "on disk" (accelerate keeps an index into the checkpoint's
+    safetensors, the tensors stay there), then, one block at a time: its tensors are read into the block (on the CPU,
+    in the run dtype), its planned layers replaced by the backend's quantized layers, and the block moved to `device`.
+    When no block is left on disk, accelerate's hooks are removed: the model is an ordinary one."""
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    backend = get_backend(settings.backend)
+    todo = sorted({int(t[len(blocks_name) + 1:].split(".", 1)[0]) for t in targets})
+    device_map = {**placement, **{f"{blocks_name}.{i}": "disk" for i in todo}}
+    quiet = logging.getLogger("accelerate.big_modeling")  # "some parameters are on the meta device": ours, on purpose
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = from_pretrained(path, dtype, kind, device_map=device_map, offload_folder=offload_dir)
+    finally:
+        quiet.setLevel(level)
+    for i in tqdm(todo, desc="quantizing blocks", disable=not progress, leave=False):
+        name = f"{blocks_name}.{i}"
+        block = model.get_submodule(name)
+        # each offloaded submodule's hook holds the map to its tensors on disk (named without the module's prefix)
+        held = [(m, m._hf_hook.weights_map) for m in block.modules()
+                if getattr(getattr(m, "_hf_hook", None), "weights_map", None) is not None]
+        remove_hook_from_module(block, recurse=True)
+        for module, weights in held:
+            for tensor_name, _ in list(module.named_parameters(recurse=False)):
+                set_module_tensor_to_device(module, tensor_name, "cpu", value=weights[tensor_name])
+        for layer_name, layer in quantizable_layers(block):
+            precision = targets.get(f"{name}.{layer_name}.weight")
+            if precision:
+                block.set_submodule(layer_name, backend.quantize_layer(layer, precision, settings, dtype, device))
+        block.to(device)
+        model.hf_device_map[name] = device
+        del held, layer, block
+        _release_freed_memory()
+    if set(model.hf_device_map.values()) == {device}:
+        remove_hook_from_module(model, recurse=True)  # nothing offloaded any more: no per-forward hooks
+        del model.hf_device_map
+    return model
+
+
+def _malloc_trim():
+    """glibc's malloc_trim (give freed heap back to the OS), or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _heap_trimmed(every_s: float = 0.25):
+    """While transformers loads and quantizes tensor after tensor in its own loop (where EWQ cannot step in between
+    layers), give the freed heap back to the OS every `every_s` seconds from a helper thread (malloc_trim takes the
+    allocator's locks: safe beside the loading thread). Without it the process keeps, as glibc's heap, the float
+    tensors and quantization temporaries it freed (torchao's HQQ int4 needs about 36x a matrix's bf16 size while it
+    runs): measured on a 1.1B Llama, int8, peak anonymous memory 1.88 -> 1.54 GiB."""
+    trim, done = _malloc_trim(), threading.Event()
+
+    def keep_trimming():
+        while not done.wait(every_s):
+            trim(0)
+
+    helper = threading.Thread(target=keep_trimming, daemon=True)
+    if trim:
+        helper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if trim:
+            helper.join()
+
+
+def _release_freed_memory() -> None:
+    """Free the float block just replaced, and give its memory back to the OS. Its layers sit in reference cycles
+    (accelerate's hooks set `module.forward` to a method bound to the module itself, and removing them leaves such an
+    attribute), which only the cycle collector frees: without gc.collect the float weights of every block stay alive
+    until it happens to run. And glibc serves allocations below its mmap threshold (which rises, after the first large
+    free, up to 32 MB: most weight matrices) from the heap and keeps what is freed there."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim:
+        trim(0)
 
 
 # ---- exact weight bytes, counted from the tensors the model really holds ----

@@ -5,16 +5,22 @@ saved model is a directory of our own making:
     model.safetensors   every tensor of the quantized model (int8 data + row scales; packed 4-bit data
                         + its quantization state, as bitsandbytes' own state dict writes them; for the
                         torch-dynamic backend, int8 data + per-tensor scale and zero point; for torchao,
-                        each quantized weight's parts, with their types and attributes in the file's
-                        metadata, as torchao.prototype.safetensors flattens them: allow-listed classes only)
+                        transformers' torchao layout: see below)
     config.json, generation_config.json, tokenizer files
     plan.json           the plan that made it
     metadata.json       is_quantized: true, method (ewq-bitsandbytes, ewq-torchao or dynamic-ptq-int8), base model
-                        and fingerprints, counts, sizes, versions
+                        and fingerprints, counts, sizes, versions (torchao's and the CPU's capability for torchao)
 It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
 finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
 plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit;
 torchao's unflatten_tensor_state_dict rebuilds its weight tensors).
+
+A torchao save is also a model transformers loads by itself: model.safetensors is what save_pretrained writes for a
+model loaded with a TorchAoConfig (torchao's flatten_tensor_state_dict, its description in the header: allow-listed
+classes only, no pickle) and config.json carries the matching quantization_config (ewq.hf). CPU int4 weights are
+stored in EWQ's portable form (ewq.hf.EwqInt4CpuTensor, repacked for the loading CPU), which needs `import ewq.hf`
+before from_pretrained; metadata.json says so (`hf_needs_import`). Before any tensor is read, a torchao that cannot
+rebuild what the file holds is refused in one line (ewq.hf.check_readable).
 """
 
 import json
@@ -32,6 +38,7 @@ from . import __version__
 from .analysis import fingerprint_in_memory
 from .apply import (
     block_list,
+    memory_budget,
     model_class,
     quantizable_layers,
     weight_bytes_by_precision,
@@ -68,6 +75,9 @@ def artifact_name(model_id: str, plan: dict) -> str:
 def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, settings, dtype, root) -> tuple:
     """Write the quantized model to root/<name>-<plan hash>/. Returns (path, written now?)."""
     root = Path(root)
+    if any(p.device.type == "meta" for p in model.parameters()):  # accelerate keeps offloaded blocks' tensors apart
+        raise EWQError("this model has raw blocks offloaded (--max-memory); a saved model holds every weight: drop "
+                       "--save, or save from a run where the whole model fits")
     target = root / artifact_name(source.id, plan)
     if (target / "metadata.json").is_file():
         return target, False  # saved before from the same weights and plan: never overwritten
@@ -75,9 +85,15 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors, layout = state_tensors(model)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan), **layout})
-        model.config.save_pretrained(tmp)
+        if settings.backend == "torchao":  # transformers' own torchao layout: from_pretrained(tmp) reads it as well
+            tensors, header = hf_module().hf_tensors(model)
+            save_file(tensors, tmp / "model.safetensors", metadata=header)
+            hf_module().saved_config(model, plan, settings, dtype).save_pretrained(tmp)
+        else:
+            tensors, layout = state_tensors(model)
+            save_file(tensors, tmp / "model.safetensors",
+                      metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan), **layout})
+            model.config.save_pretrained(tmp)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -101,6 +117,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
             "dtype": str(dtype).replace("torch.", ""), "quant_type": settings.quant_type,
             "double_quant": settings.double_quant, "int8_threshold": settings.threshold,
             "group_size": settings.group_size, "int8_activations": settings.int8_activations,
+            **(torchao_record(model, header) if settings.backend == "torchao" else {}),
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         tmp.rename(target)
@@ -108,6 +125,33 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target, True
+
+
+def hf_module(saved_with: str | None = None):
+    """ewq.hf, imported on first use: it imports torchao (and registers EWQ's CPU int4 form with it), which only
+    torchao saves need; a bitsandbytes user never pays for it. A torchao without the safetensors support these saves
+    use is refused in one line."""
+    try:
+        from . import hf
+    except ImportError as e:
+        import torchao
+
+        raise EWQError(f"torchao {getattr(torchao, '__version__', '?')} cannot read or write EWQ's torchao saves "
+                       f"({e}); install torchao=={saved_with or '0.18.0'}") from None
+    return hf
+
+
+def torchao_record(model, header: dict) -> dict:
+    """What a torchao save adds to metadata.json: the versions that wrote it, the CPU it was made on (CPU int4 is
+    stored unpacked and repacked for the loading CPU, so a save moves between AVX-512 and AVX2 machines), and how
+    plain transformers loads it."""
+    import torchao
+    import transformers
+
+    loadable = hf_module().hf_form(model)
+    return {"torchao_version": torchao.__version__, "transformers_version": transformers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "hf_loadable": loadable,
+            "hf_needs_import": "ewq.hf" if loadable and hf_module().needs_hook(header) else None}
 
 
 def state_tensors(model) -> tuple:
@@ -201,6 +245,18 @@ def _torchao_layer(weights: dict, state: dict, prefix: str, dtype):
     return layer.eval()
 
 
+def check_fits(path, meta: dict, device: str, max_memory: dict | None) -> None:
+    """A saved model loads whole (transformers cannot offload pre-quantized torchao weights, and its layers are already
+    quantized: nothing of it may wait on disk): refuse one larger than --max-memory allows on the device."""
+    if max_memory is None:
+        return
+    allowed = memory_budget(device, max_memory)[device]
+    if meta.get("weight_bytes", 0) > allowed:
+        raise EWQError(f"{path} holds {meta['weight_bytes'] / 1e9:.2f} GB of weights, more than the {allowed / 1e9:.2f} "
+                       f"GB --max-memory allows on {device}; a saved quantized model loads whole (none of it can wait "
+                       f"on disk): allow more, or quantize the base model with a smaller plan")
+
+
 def load_quantized(path, kind: str = "decoder") -> tuple:
     """(model on the CPU, plan, metadata) from a directory written by save_quantized."""
     from accelerate import init_empty_weights
@@ -223,9 +279,11 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
                        f"{meta.get('plan_hash')}); save the model again")
     headers = open_checkpoint(path)  # a truncated or corrupt file fails here, with a clear message
     try:
-        state = load_file(path / "model.safetensors")
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             header = f.metadata() or {}
+        if backend == "torchao":  # before any tensor is read: can this torchao rebuild what the file holds?
+            hf_module(meta.get("torchao_version")).check_readable(path, header, meta.get("torchao_version"))
+        state = load_file(path / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise EWQError(f"cannot read {path / 'model.safetensors'}: {e}; save the model again") from None
     if fingerprint_in_memory(headers, state) != meta.get("artifact_fingerprint"):
@@ -238,9 +296,13 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
         )
 
         try:
-            torchao_weights, state = unflatten_tensor_state_dict(state, header)
+            rebuilt, state = unflatten_tensor_state_dict(state, header)
         except (ValueError, KeyError, TypeError) as e:
-            raise EWQError(f"the torchao weights in {path} cannot be rebuilt ({e}); save the model again") from None
+            raise EWQError(f"the torchao weights in {path} cannot be rebuilt ({str(e).splitlines()[0][:200]}); "
+                           f"save the model again") from None
+        # transformers' layout describes every tensor (plain ones as "Tensor"); older EWQ saves only torchao's
+        torchao_weights = {k: v for k, v in rebuilt.items() if is_torchao_tensor(v)}
+        state.update({k: v for k, v in rebuilt.items() if k not in torchao_weights})
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(), no_init_weights():  # every weight is assigned from the file below

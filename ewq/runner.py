@@ -1,6 +1,6 @@
 """What benchmark.py and benchmark_original.py do: one runner, the scripts differ only in `kind`.
 
-    checkpoint -> (plan) -> load on the CPU -> apply plan block by block -> move to device
+    checkpoint -> (plan) -> load with the plan applied block by block (apply.load_for_plan) -> on the device
     -> the model kind's suite (speed, memory, quality) -> result JSON in benchmark_results/
 
 What every model kind shares lives here: arguments, finding the plan, loading and quantizing (or loading a
@@ -25,13 +25,14 @@ from . import embed, executor, generate, probes
 from .analysis import fingerprint as weights_fingerprint
 from .apply import (
     Applied,
-    apply_plan,
     check_backend,
+    load_for_plan,
     load_model,
+    parse_max_memory,
     weight_bytes_by_precision,
 )
 from .artifact import BACKENDS as SAVED_BACKENDS
-from .artifact import artifact_name, load_quantized, read_metadata, save_quantized
+from .artifact import artifact_name, check_fits, load_quantized, read_metadata, save_quantized
 from .backends import (
     BACKENDS,
     GROUP_SIZES,
@@ -105,8 +106,17 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="where plans are looked for and --save writes (default quantized_models/)")
         p.add_argument("--save", action="store_true",
                        help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
-                            "metadata.json); pass that directory as --model later to skip quantizing. Every backend; "
-                            "torchao's CPU int4 layers cannot be saved (torchao has no safetensors form for them)")
+                            "metadata.json); pass that directory as --model later to skip quantizing. Every backend. "
+                            "A torchao save is also a model plain transformers loads (config.json carries its "
+                            "quantization_config; CPU int4 needs `import ewq.hf` first, see README)")
+        p.add_argument("--device-map", choices=("auto",), default=None,
+                       help="auto: place the model under --max-memory as accelerate does (transformers' device_map): "
+                            "everything quantized on the run device, whole raw blocks on the device while they fit, "
+                            "then on the CPU (GPU runs), then left on disk and read at each forward. For checkpoints "
+                            "bigger than the device; default: the whole model on the device")
+        p.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="weights allowed on the run device (8GB, 7.5GiB) or per device (cuda=20GB,cpu=60GB); "
+                            "implies --device-map auto. Default: 90%% of what is free")
     if kind == "original":
         p.add_argument("--backend", choices=("llama.cpp",), default=None,
                        help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "
@@ -155,14 +165,17 @@ def find_plan(spec, source, ckpt, fingerprint: str, plans_dir, model_spec: str, 
     return plan, path
 
 
-def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict):
-    """Refuse early, with numbers, rather than die of an out-of-memory kill half way."""
+def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict, whole_float: bool = True):
+    """Refuse early, with numbers, rather than die of an out-of-memory kill half way. The original exists whole in
+    the run dtype; a plan applied while loading needs its quantized weights plus one float block."""
     params = sum(t.numel for t in ckpt.tensors)
-    need = params * torch.finfo(dtype).bits / 8 / 1e9  # the float model exists once on the CPU before quantizing
+    ratio = torch.finfo(dtype).bits / raw_bits_of(plan)
+    need = params * torch.finfo(dtype).bits / 8 / 1e9 if whole_float or device != "cpu" else \
+        (plan["size"]["model_bytes_after"] * ratio + max(b.params for b in ckpt.blocks) * torch.finfo(dtype).bits / 8) / 1e9
     free = psutil.virtual_memory().available / 1e9
     if need > 0.95 * free:
         raise EWQError(f"out of memory: the weights need {need:.2f} GB in {dtype} on the CPU, {free:.2f} GB is free; "
-                       f"close other programs or use a machine with more RAM")
+                       f"close other programs, use a machine with more RAM, or place the model with --max-memory")
     if device == "cuda":
         ratio = torch.finfo(dtype).bits / raw_bits_of(plan)
         need_gpu = plan["size"]["model_bytes_after"] * ratio / 1e9
@@ -191,7 +204,7 @@ def prepare(args, kind: str):
         ctx = prepare_saved(args, kind, source, ckpt, meta, tokenizer, device)
     else:
         ctx = prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device)
-    if device != "cpu":
+    if device != "cpu" and not getattr(ctx["model"], "hf_device_map", None):  # (a placed model is where it goes)
         ctx["model"].to(device)
     return dict(ctx, source=source, ckpt=ckpt, device=device, tokenizer=tokenizer, executor=executor_choice)
 
@@ -268,7 +281,8 @@ def check_kind_flags(args, model_kind: str) -> None:
 
 
 def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict:
-    """The PoC's path: float checkpoint on the CPU, plan applied block by block."""
+    """A checkpoint: the original loaded whole, or a plan applied while loading (one float block at a time, so the
+    float model never exists whole; see apply.load_for_plan)."""
     in_llamacpp = args.backend == "llama.cpp"  # a quantized variant's executor, or how the original runs
     backend_name = (args.backend if kind == "ewq" or in_llamacpp else getattr(args, "backend_for_dtype", None)) \
         or QuantSettings.backend
@@ -279,6 +293,14 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         if args.group_size is not None and backend_name != "torchao":
             raise EWQError(f"--group-size applies to --backend torchao only ({backend_name} 4-bit uses groups of 64)")
         check_compiles(args, backend_name)
+    placed = kind == "ewq" and (args.device_map or args.max_memory) is not None
+    if placed and args.compile:
+        raise EWQError("--compile with --device-map/--max-memory: blocks left on disk are read by hooks at every "
+                       "forward, which torch.compile cannot trace; drop --compile")
+    if placed and args.save:
+        raise EWQError("--save with --device-map/--max-memory: a saved model holds every weight; drop --save, or save "
+                       "from a run where the whole model fits")
+    max_memory = parse_max_memory(args.max_memory, device) if kind == "ewq" and args.max_memory else None
     fp = weights_fingerprint(ckpt, progress=not args.no_progress)
     dtype = pick_dtype(args.dtype, device, backend_name, ckpt.kind)
     raw_bits = torch.finfo(dtype).bits  # what a raw weight costs in this run (built-in plans are sized with it)
@@ -298,16 +320,22 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         if refusal:
             raise EWQError(f"--save cannot save this plan with the {settings.backend} backend: {refusal}; drop --save, "
                            f"use a plan without those layers, or save with --backend bitsandbytes")
-    check_memory(ckpt, dtype, device, plan)
+    if not placed:
+        check_memory(ckpt, dtype, device, plan, whole_float=kind == "original")
     suite = SUITES[ckpt.kind]
     quality = suite.quality_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
 
     start = time.perf_counter()
-    model = load_model(source.path, dtype, ckpt.kind)
+    if kind == "original" or (quality and quality["reference"] is None):
+        model = load_model(source.path, dtype, ckpt.kind)
+        if quality and quality["reference"] is None:  # the original's log-probs, made once and cached
+            quality["reference"] = suite.make_reference(model, quality, device, progress=not args.no_progress)
     load_s = time.perf_counter() - start
-    if quality and quality["reference"] is None:  # the float model is here anyway: no reload later
-        quality["reference"] = suite.make_reference(model, quality, device, progress=not args.no_progress)
-    applied = apply_plan(model, plan, settings, dtype, not args.no_progress, device) if kind == "ewq" else Applied()
+    applied = Applied()
+    if kind == "ewq":
+        model = None  # (the float model, if the reference needed it, is freed before the quantized one is built)
+        model, applied = load_for_plan(source.path, plan, settings, dtype, ckpt.kind, device,
+                                       "auto" if placed else None, max_memory, progress=not args.no_progress)
     for line in applied.kept_raw:
         print(f"note: kept in {str(dtype).replace('torch.', '')}: {line}")
     saved_to = None
@@ -382,6 +410,8 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
         raise EWQError(f"{source.path} was saved in {meta.get('dtype')}; drop --dtype or save again in {args.dtype}")
     if meta.get("method") in SAVED_BACKENDS:  # (an unknown method is refused by load_quantized, with its own message)
         check_compiles(args, SAVED_BACKENDS[meta["method"]], saved=True)
+    if args.max_memory:
+        check_fits(source.path, meta, device, parse_max_memory(args.max_memory, device))
     start = time.perf_counter()
     model, plan, meta = load_quantized(source.path, ckpt.kind)
     load_s = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Saved quantized models: save -> load gives identical logits; metadata; status."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -159,3 +160,82 @@ def test_status_lists_every_model_and_flags_broken_ones(mixed_plan, tmp_path, ca
     # a mistyped folder is an error, not an empty listing
     assert run_cli(status.main, ["--models-dir", str(tmp_path / "modles"), "--plans-dir", str(plans)]) == 2
     assert "--models-dir" in capsys.readouterr().err
+
+
+def torchao_saved(model_dir, plan, tmp_path, dtype=torch.bfloat16):
+    from transformers import AutoTokenizer
+
+    settings = QuantSettings(backend="torchao")
+    model = load_model(model_dir, dtype)
+    apply_plan(model, plan, settings, dtype, progress=False)
+    path = save_quantized(model, plan, ModelSource(str(model_dir), model_dir), plan["model"]["fingerprint"],
+                          AutoTokenizer.from_pretrained(model_dir), settings, dtype, tmp_path / "q")[0]
+    return model, path
+
+
+def test_torchao_saves_are_what_save_pretrained_writes(mixed_plan, tmp_path):
+    """EWQ's torchao save is transformers' own layout: the tensors, header and quantization_config that save_pretrained
+    writes for the same plan quantized by transformers while loading (TorchAoConfig)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    model_dir, plan = mixed_plan
+    plan["blocks"][2]["precision"] = "8-bit"  # int8 only: what transformers can save by itself
+    _, ours = torchao_saved(model_dir, plan, tmp_path)
+    config = json.loads((ours / "config.json").read_text())
+    theirs = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=TorchAoConfig.from_dict(config["quantization_config"]), dtype=torch.bfloat16,
+        device_map="cpu")
+    theirs.save_pretrained(tmp_path / "hf")
+    files = {}
+    for name, path in (("ours", ours), ("theirs", tmp_path / "hf")):
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            header = {k: json.loads(v) if k != "format" else v for k, v in (f.metadata() or {}).items()}
+            files[name] = header, {k: f.get_tensor(k) for k in f.keys()}
+    assert files["ours"][0] == files["theirs"][0]
+    assert files["ours"][1].keys() == files["theirs"][1].keys()
+    assert all(torch.equal(t, files["theirs"][1][k]) for k, t in files["ours"][1].items())
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for field in ("quantization_config", "dtype", "architectures"):
+        assert config[field] == hf_config[field], field
+
+
+def test_a_torchao_that_cannot_read_a_save_is_refused_before_reading_it(mixed_plan, tmp_path, monkeypatch):
+    import torchao.prototype.safetensors.safetensors_utils as torchao_safetensors
+
+    from ewq import artifact
+
+    model_dir, plan = mixed_plan
+    _, path = torchao_saved(model_dir, plan, tmp_path)
+    saved_with = json.loads((path / "metadata.json").read_text())["torchao_version"]
+    monkeypatch.setattr(artifact, "load_file", lambda *a, **k: pytest.fail("tensors were read"))
+    older = [c for c in torchao_safetensors.ALLOWED_TENSORS_SUBCLASSES if c != "Int8Tensor"]  # as before Int8Tensor
+    with monkeypatch.context() as m:
+        m.setattr(torchao_safetensors, "ALLOWED_TENSORS_SUBCLASSES", older)
+        with pytest.raises(EWQError, match=rf"torchao \S+ cannot rebuild the Int8Tensor weights in .*; "
+                                           rf"install torchao=={re.escape(saved_with)}") as refused:
+            load_quantized(path)
+    config = json.loads((path / "config.json").read_text())
+    text = json.dumps(config).replace('"Int8WeightOnlyConfig"', '"Int8WeightOnlyConfigV9"')  # a config from elsewhere
+    (path / "config.json").write_text(text)
+    with pytest.raises(EWQError, match="cannot read the quantization_config in"):
+        load_quantized(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_gpt2_torchao_saves_load_with_ewq_only(tiny_factory, tmp_path):
+    """GPT-2's Conv1D layers are nn.Linear once quantized, but transformers builds them as Conv1D: such a save carries
+    no quantization_config (transformers cannot run it) and metadata.json says so; EWQ loads it as before."""
+    model_dir = tiny_factory("gpt2")
+    path, plan, _ = make_plan(str(model_dir), out_dir=tmp_path / "plans", progress=False)
+    for b in plan["blocks"]:
+        b["precision"] = "8-bit"
+    path.write_text(json.dumps(plan))
+    model, saved = torchao_saved(model_dir, load_plan(path), tmp_path)
+    meta = json.loads((saved / "metadata.json").read_text())
+    assert meta["hf_loadable"] is False and meta["hf_needs_import"] is None
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+    loaded, _, _ = load_quantized(saved)
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -179,7 +179,8 @@ def other_model_plan(model_dir, tmp_path, factory):
     ("torchao-group-size", "takes --group-size 32, 64, 128"),
     ("group-size-bnb", "--group-size applies to --backend torchao only"),
     ("compile-bnb", "--compile with --backend bitsandbytes"),
-    ("save-torchao-int4-cpu", "torchao's CPU int4 weights (Int4OpaqueTensor) have no safetensors form"),
+    ("max-memory-not-a-size", "--max-memory: '8 apples' is not a size"),
+    ("max-memory-compile", "--compile with --device-map/--max-memory"),
     ("no-tokenizer", "no tokenizer in"),
     ("binary-eval-text", "is not UTF-8 text"),
     ("eval-text-folder", "is a folder"),
@@ -215,8 +216,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys
         argv += ["--plan", "uniform-4bit", "--backend", "bitsandbytes", "--group-size", "128"]
     elif case == "compile-bnb":
         argv += ["--plan", "uniform-8bit", "--backend", "bitsandbytes", "--compile"]
-    elif case == "save-torchao-int4-cpu":
-        argv += ["--plan", "uniform-4bit", "--backend", "torchao", "--save"]
+    elif case == "max-memory-not-a-size":
+        argv += ["--plan", "uniform-8bit", "--max-memory", "8 apples"]
+    elif case == "max-memory-compile":
+        argv += ["--plan", "uniform-8bit", "--backend", "torchao", "--compile", "--max-memory", "1GB"]
     elif case == "no-tokenizer":
         import shutil
 

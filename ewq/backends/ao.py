@@ -7,7 +7,10 @@
 4-bit: int4 weight-only with HQQ-chosen scale and zero point per group of `group_size` input weights:
        on the CPU `PrototypeInt4WeightOnlyConfig` (Int4OpaqueTensor, the CPU tinygemm kernel; group sizes
        32/64/128), on CUDA `Int4WeightOnlyConfig` in the tile-packed tinygemm layout (bfloat16 only).
-Each layer is quantized through torchao's `quantize_` with the config its plan precision asks for.
+Each layer is quantized through torchao's `quantize_` with the config its plan precision asks for; the same configs,
+keyed by weight name (fqn_config), are the TorchAoConfig with which transformers quantizes while loading
+(apply.load_for_plan, ewq.hf). Saved models use transformers' torchao layout: int8 and CUDA int4 are torchao's own
+allow-listed classes; CPU int4, whose packing depends on the CPU, is stored in EWQ's portable form (ewq.hf).
 torchao skips, with only a log line, a layer whose input size is not a multiple of the group size; we
 ask first (`unsupported`) so the caller can say which layer and keep it in the run dtype.
 """
@@ -20,7 +23,7 @@ from . import GROUP_SIZES, as_linear
 PRECISIONS = ("8-bit", "4-bit")
 COMPILES = True
 COMPILE_NOTE = None
-SAVE_METHOD = "ewq-torchao"  # saved through torchao's own safetensors support (torchao.prototype.safetensors)
+SAVE_METHOD = "ewq-torchao"  # saved in transformers' torchao layout (torchao.prototype.safetensors; CPU int4: ewq.hf)
 CPU_GROUP_SIZES = (32, 64, 128)
 
 
@@ -41,10 +44,7 @@ def check(settings, dtype, device: str) -> None:
 
 
 def cannot_save(precisions, device: str):
-    if "4-bit" in precisions and device == "cpu":
-        return ("torchao's CPU int4 weights (Int4OpaqueTensor) have no safetensors form in torchao's save support, "
-                "which covers its int8 weights on every device and its CUDA int4 weights")
-    return None
+    return None  # int8 and CUDA int4 through torchao's safetensors support; CPU int4 in EWQ's portable form (ewq.hf)
 
 
 def unsupported(shape, precision: str, settings):
@@ -70,6 +70,19 @@ def config(precision: str, settings, device: str):
         return Int4WeightOnlyConfig(group_size=settings.group_size, int4_packing_format="tile_packed_to_4d",
                                     int4_choose_qparams_algorithm="hqq")
     raise EWQError(f"unknown precision '{precision}'")
+
+
+def fqn_config(targets: dict, settings, device: str = "cpu"):
+    """torchao's FqnToConfig for {"<module>.weight": precision}, the form transformers' TorchAoConfig takes to quantize
+    exactly these layers while loading. Keys name the weight parameter: with a bare module name transformers (5.23)
+    also applies the config to the module's bias (FqnToConfig({"bias": config})) and a Linear with a bias breaks.
+    Raw layers are simply absent and there is no "_default", so nothing else is touched. One config object per
+    precision, as quantize_layer uses."""
+    _import()
+    from torchao.quantization import FqnToConfig
+
+    configs = {p: config(p, settings, device) for p in sorted(set(targets.values()))}
+    return FqnToConfig({fqn: configs[p] for fqn, p in targets.items()})
 
 
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
