@@ -229,7 +229,6 @@ def saved_and_loaded(model_dir: Path, backend: str, dtype, device: str, root: Pa
 
 def profile_decode(model_dir: Path, plan_path: str, dtype, device: str, out: Path) -> str:
     """Where EWQ decode time goes: torch.profiler table by kernel for 16 decoded tokens."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from ewq.apply import QuantSettings

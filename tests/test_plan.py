@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO
 from ewq.analysis import analyze
 from ewq.checkpoint import open_checkpoint
-from ewq.common import EWQError, run_cli
+from ewq.common import run_cli
 from ewq.entropy import block_entropy, histogram_entropy, poc_histogram_entropy, softmax_entropy
 from ewq.plan import load_plan
 from ewq.planning import entropy_rule, make_plan

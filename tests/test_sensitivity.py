@@ -1,7 +1,6 @@
 """Measured sensitivity, size-targeted allocation, and the entropy-vs-sensitivity research section."""
 
 import itertools
-import json
 import random
 
 import pytest
