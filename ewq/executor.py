@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ from .probes import (
 PROBE_BYTES = 64 << 20  # stack enough blocks to hold this many weight bytes: more than a CPU's last-level cache
 MAX_PROBE_BLOCKS = 8
 TIMED_CALLS = 12
+
+
+def busy_cores(device: str) -> float:
+    """Cores other processes keep busy now (1-minute load average beyond this process's own core), on the CPU. With
+    torch's threads spread over every core, one busy core slows each parallel region to the slowest thread: measured
+    here, a 3.4 ms layer stack took 430 ms while a test run used the other core. A probe timed then misranks."""
+    if device != "cpu":
+        return 0.0
+    try:
+        return max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        return 0.0
 ENCODER_TOKENS = 32 * 32  # a batch of 32 sentences of about 32 tokens
 
 
@@ -151,6 +164,10 @@ def run_probe(layout: Layout, device: str, dtype_of, progress: bool = True, want
         print(f"probing the executors on {device_name(device)} at this model's layer shapes ({blocks} blocks of "
               f"{len(shapes)} matrices, {tokens} token{'s' if tokens > 1 else ''} per call; once per machine, cached)",
               flush=True)
+    busy = busy_cores(device)
+    if busy >= 0.5:
+        print(f"warning: other processes keep about {busy:.1f} cores busy: the probe's timings are unreliable now; it "
+              f"is measured again at the next run on a quiet machine", flush=True)
     rows = []
     for backend, compiled in candidates(layout.kind, device):
         if wanted is not None and (backend, compiled) not in wanted:
@@ -172,7 +189,7 @@ def run_probe(layout: Layout, device: str, dtype_of, progress: bool = True, want
             row = {"backend": backend, "compile": compiled, "error": f"{type(e).__name__}: {str(e)[:160]}"}
         rows.append(row)
     return {"candidates": rows, "shapes": [list(s) for s in shapes], "blocks": blocks, "tokens": tokens,
-            "timing": f"fastest of {TIMED_CALLS} interleaved calls per stack"}
+            "timing": f"fastest of {TIMED_CALLS} interleaved calls per stack", "busy_cores": busy}
 
 
 def probe_key(layout: Layout, device: str, dtype_of) -> dict:
@@ -205,6 +222,8 @@ def cached_probe(layout: Layout, device: str, dtype_of, progress: bool = True, w
             probe = cached["probe"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if probe is not None and probe.get("busy_cores", 0) >= 0.5 and busy_cores(device) < 0.5:
+        probe = None  # measured on a busy machine, and this one is quiet: measure again
     have = {(r["backend"], r["compile"]) for r in (probe or {}).get("candidates", [])}
     if probe is None or not wanted <= have:
         fresh = run_probe(layout, device, dtype_of, progress, wanted - have)

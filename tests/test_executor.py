@@ -109,3 +109,23 @@ def test_the_original_is_timed_in_the_mode_the_probe_chose(tiny_factory, tmp_pat
     assert run_cli(benchmark.main, argv + ["--plan", "uniform-8bit", "--backend", "bitsandbytes"]) == 0
     poc = json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
     assert poc["environment"]["compiled"] is False and poc["environment"]["executor_choice"]["chosen_by"] == "flags"
+
+
+def test_a_probe_timed_on_a_busy_machine_is_flagged_and_measured_again_when_quiet(fake_probe, monkeypatch, capsys):
+    """Timings taken while other processes hold cores misrank executors (a stack 100x slow): such a probe warns, is
+    recorded as busy, and is replaced at the first run on a quiet machine; a quiet probe is kept."""
+    calls = fake_probe(probe_record(ta_e=(20.0, 5.0), ta_c=(4.0, 2.0), bnb=(30.0, 25.0)))
+    real_run_probe = executor.run_probe
+
+    def run_probe(*args, **kwargs):  # the fake answer, with the load the real probe records
+        return {**real_run_probe(*args, **kwargs), "busy_cores": executor.busy_cores("cpu")}
+    monkeypatch.setattr(executor, "run_probe", run_probe)
+    bf16 = lambda b: torch.bfloat16  # noqa: E731
+    monkeypatch.setattr(executor, "busy_cores", lambda device: 1.5)
+    executor.choose(LAYOUT, "cpu", bf16, progress=False)
+    executor.choose(LAYOUT, "cpu", bf16, progress=False)  # still busy: the busy probe is all there is
+    assert len(calls) == 1
+    monkeypatch.setattr(executor, "busy_cores", lambda device: 0.0)
+    executor.choose(LAYOUT, "cpu", bf16, progress=False)
+    executor.choose(LAYOUT, "cpu", bf16, progress=False)
+    assert len(calls) == 2  # measured again once, then cached
