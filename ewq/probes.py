@@ -178,4 +178,16 @@ def environment(device: str, dtype: torch.dtype, settings, compiled: bool = Fals
         "double_quant": settings.double_quant, "int8_threshold": settings.threshold, "group_size": settings.group_size,
         "formats": get_backend(settings.backend).formats(settings), "compiled": compiled,
         "instruction_set": instruction_set(device),
+        # written after the measurements: the last minute's load includes this run's own threads
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpu_count": os.cpu_count(),
     }
+
+
+def competed(env: dict) -> str | None:
+    """A warning when other processes competed for the CPU during a run (load beyond this run's own threads), else
+    None: with torch's threads on every core, one busy core can slow a run many times over."""
+    load, cores, threads = env.get("load_average_1m"), env.get("cpu_count"), env.get("threads") or 1
+    if env.get("device") != "cpu" or load is None or not cores or load <= min(cores, threads) + 0.75:
+        return None
+    return (f"warning: the load average was {load:.1f} on {cores} CPUs during this run (this run's own threads: "
+            f"{threads}): other processes competed, so its speeds are low and noisy; measure again on a quiet machine")

@@ -497,4 +497,7 @@ def run(kind: str, argv=None) -> Path:
     name_hash = plan_hash(plan) if kind == "ewq" else ctx["fingerprint"][:12]
     path = write_result(result, out_dir, name_hash)
     print(suite.format_result(result))
+    warning = probes.competed(result["environment"])
+    if warning:
+        print(warning)
     return path

@@ -129,3 +129,13 @@ def test_a_probe_timed_on_a_busy_machine_is_flagged_and_measured_again_when_quie
     executor.choose(LAYOUT, "cpu", bf16, progress=False)
     executor.choose(LAYOUT, "cpu", bf16, progress=False)
     assert len(calls) == 2  # measured again once, then cached
+
+
+def test_a_run_on_a_busy_cpu_says_its_speeds_are_not_to_be_trusted():
+    from ewq.probes import competed
+
+    quiet = {"device": "cpu", "load_average_1m": 2.3, "cpu_count": 2, "threads": 2}  # this run's own two threads
+    assert competed(quiet) is None
+    assert "other processes competed" in competed({**quiet, "load_average_1m": 3.4})
+    assert "other processes competed" in competed({**quiet, "threads": 1, "load_average_1m": 2.3})
+    assert competed({**quiet, "device": "cuda", "load_average_1m": 9.0}) is None
