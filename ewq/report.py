@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import ArgumentParser, EWQError, run_cli, unique_path, write_text_atomic
 from .plan import METRIC_LABELS, load_plan, sensitivity_metric
-from .probes import format_instruction_set
+from .probes import competed, format_instruction_set
 from .quality import output_agreement
 from .result import RESULT_SCHEMA_VERSION
 
@@ -446,6 +446,10 @@ def report_section(results, stem: Path, plt, heading: bool) -> tuple:
         notes.append("no original result: changes in % and suite agreement need benchmark_original.py")
     if not any(r.get("quality") for r in results):
         notes.append("no quality figures: run the benchmarks with --quality")
+    busy = [r["variant"] for r in results if competed(r["environment"])]
+    if busy:
+        notes.append(f"measured while other processes competed for the CPU (load average above this run's threads), so "
+                     f"their speeds are low and noisy: {', '.join(busy)}")
     isa = format_instruction_set(env.get("instruction_set"))
     text = [""] + ([f"## {first['model']['id']} on {env['device_name']}", ""] if heading else [])
     best = recommendations(table)

@@ -257,6 +257,10 @@ def test_smaller_and_faster_is_judged_against_the_original_run_the_same_way(tmp_
            "decode speed" in text and "KL 0.0470" in text and "torch AVX2 kernels; avx2 fma" in text
     assert [r["variant"] for r in report.recommendations(report.rows(results))] == [
         "uniform-8bit", "sensitivity-6b@torchao+compile", "uniform-4bit@torchao+compile"]
+    assert "competed for the CPU" not in text
+    results[2]["environment"].update(load_average_1m=3.5, cpu_count=2, threads=2)  # a run on a busy machine is named
+    text, _, _ = report.build_report(results, tmp_path)
+    assert "other processes competed for the CPU" in text and "so their speeds are low and noisy: uniform-8bit" in text
 
 
 def test_no_faster_variant_says_so_and_why(tmp_path):
