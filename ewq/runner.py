@@ -170,8 +170,11 @@ def check_memory(ckpt, dtype: torch.dtype, device: str, plan: dict, whole_float:
     the run dtype; a plan applied while loading needs its quantized weights plus one float block."""
     params = sum(t.numel for t in ckpt.tensors)
     ratio = torch.finfo(dtype).bits / raw_bits_of(plan)
-    need = params * torch.finfo(dtype).bits / 8 / 1e9 if whole_float or device != "cpu" else \
-        (plan["size"]["model_bytes_after"] * ratio + max(b.params for b in ckpt.blocks) * torch.finfo(dtype).bits / 8) / 1e9
+    block = max(b.params for b in ckpt.blocks) * torch.finfo(dtype).bits / 8
+    if whole_float:
+        need = params * torch.finfo(dtype).bits / 8 / 1e9
+    else:  # on a GPU the CPU holds one float block at a time; on the CPU the quantized model grows beside it
+        need = ((plan["size"]["model_bytes_after"] * ratio if device == "cpu" else 0) + block) / 1e9
     free = psutil.virtual_memory().available / 1e9
     if need > 0.95 * free:
         raise EWQError(f"out of memory: the weights need {need:.2f} GB in {dtype} on the CPU, {free:.2f} GB is free; "
