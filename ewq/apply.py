@@ -42,6 +42,7 @@ from .plan import check_plan_matches, estimated_bytes, layer_precision, precisio
 class Applied:
     seconds: float = 0.0
     kept_raw: list = field(default_factory=list)  # "block.matrix: why" for layers the backend's kernel cannot take
+    prepared: dict | None = None  # what the backend's calibration step chose per matrix (prepare_for_plan), if any
 
 
 def model_class(kind: str):
@@ -326,13 +327,17 @@ def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype,
 
     device_map None: everything on `device`. "auto": plan_device_map's placement under max_memory (a dict
     {"cpu": bytes or "8GB", "cuda": ...} or the --max-memory text), raw blocks that do not fit waiting on disk; such a
-    model cannot be moved with .to() afterwards. Applied.seconds is the whole call: quantizing happens inside loading."""
+    model cannot be moved with .to() afterwards. Applied.seconds is the whole call: quantizing happens inside loading.
+    Settings whose backend calibrates on the whole float model first (torch-dynamic --outlier-channels, encoders:
+    small) load it whole instead: load_model, prepare_for_plan, apply_plan."""
     backend = check_backend(plan, settings, dtype, device)
     if device_map not in (None, "auto"):
         raise EWQError(f"device_map must be None or 'auto' (EWQ places the blocks itself), got {device_map!r}")
-    if str(getattr(settings, "smooth", "off")) != "off":  # a model-level step over the whole float model
-        raise EWQError("smoothing is chosen on the whole float model with calibration sentences: it cannot run while "
-                       "the model is loaded block by block; drop the smoothing or load the float model first")
+    if needs_calibration(settings):  # a model-level step: the whole float model runs calibration sentences
+        if device_map is not None:
+            raise EWQError("--outlier-channels are chosen by running the whole float model on calibration sentences; "
+                           "drop --device-map/--max-memory (or the option)")
+        return _load_calibrate_apply(path, plan, settings, dtype, kind, device, progress)
     budget = parse_max_memory(max_memory, device) if max_memory is not None else ({} if device_map else None)
     start = time.perf_counter()
     ckpt = open_checkpoint(path)  # a plan for other weights or another kind of model is refused before any loading
@@ -374,6 +379,50 @@ def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype,
     else:  # the usual case: offloaded tensors are read from the checkpoint's own files
         os.rmdir(offload_dir)
     return model, Applied(seconds=time.perf_counter() - start, kept_raw=kept_raw)
+
+
+def needs_calibration(settings: QuantSettings) -> bool:
+    """Whether the backend must run the float model on calibration inputs before quantizing (prepare_for_plan)."""
+    return bool(getattr(get_backend(settings.backend), "needs_calibration", lambda _: False)(settings))
+
+
+def prepare_for_plan(model, plan: dict, settings: QuantSettings, path, kind: str = "encoder") -> dict | None:
+    """The backend's model-level step before apply_plan, where its settings need one (torch-dynamic's outlier
+    channels): the float `model` is run on calibration sentences, the end of the default corpus (evaluation takes
+    its start, so they never overlap), in padded batches of 32 as served. Returns what was chosen per matrix."""
+    if not needs_calibration(settings):
+        return None
+    if kind != "encoder":
+        raise EWQError("--outlier-channels are chosen on calibration sentences: encoders only (drop it for decoders)")
+    from . import embed, outliers, quality  # (the encoder suite and the corpus: only this step needs them)
+    from .source import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    embedder = embed.Embedder.of(path, open_checkpoint(path).config, tokenizer)
+    sentences = embed.corpus_sentences(quality.load_corpus(), embed.CALIB_SENTENCES, from_end=True)
+    batches = outliers.calibration_batches(tokenizer, sentences, embedder.max_length)
+    layers = {f"{index}.{name}": layer for index, _, name, layer, precision in plan_layers(model, plan)
+              if precision != "raw"}
+    return get_backend(settings.backend).prepare(model, layers, batches, settings)
+
+
+def _load_calibrate_apply(path, plan: dict, settings: QuantSettings, dtype, kind: str, device: str,
+                          progress: bool) -> tuple:
+    """load_for_plan for settings that calibrate on the whole float model: loaded whole (encoders, small), prepared,
+    then quantized in place."""
+    start = time.perf_counter()
+    ckpt = open_checkpoint(path)
+    if ckpt.kind != kind:
+        raise EWQError(f"{path} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
+                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
+    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), "the plan", kind)
+    if kind != "encoder":
+        raise EWQError("--outlier-channels are chosen on calibration sentences: encoders only (drop it for decoders)")
+    model = load_model(path, dtype, kind)
+    prepared = prepare_for_plan(model, plan, settings, path, kind)
+    applied = apply_plan(model, plan, settings, dtype, progress=progress, device=device)
+    model.to(device)
+    return model, Applied(seconds=time.perf_counter() - start, kept_raw=applied.kept_raw, prepared=prepared)
 
 
 def _load_quantizing(path, dtype, kind, settings, device, targets: dict, device_map, offload_dir):

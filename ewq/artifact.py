@@ -4,7 +4,8 @@ transformers cannot save or load one model whose blocks mix 8-bit and 4-bit bits
 saved model is a directory of our own making:
     model.safetensors   every tensor of the quantized model (int8 data + row scales; packed 4-bit data
                         + its quantization state, as bitsandbytes' own state dict writes them; for the
-                        torch-dynamic backend, int8 data + per-tensor scale and zero point; for torchao,
+                        torch-dynamic backend, int8 data + per-tensor (or per-row) scale and zero point, and any
+                        outlier channels' indices and fp32 weight columns; for torchao,
                         transformers' torchao layout: see below)
     config.json, generation_config.json, tokenizer files
     plan.json           the plan that made it
@@ -118,6 +119,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
             "double_quant": settings.double_quant, "int8_threshold": settings.threshold,
             "group_size": settings.group_size, "int8_activations": settings.int8_activations,
             **(torchao_record(model, header) if settings.backend == "torchao" else {}),
+            **(get_backend("torch-dynamic").key(settings) if settings.backend == "torch-dynamic" else {}),
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         tmp.rename(target)
@@ -173,14 +175,7 @@ def state_tensors(model) -> tuple:
         seen.add(key)
         tensors[name] = t.detach().to("cpu").contiguous()
     for prefix, m in dynamic.items():
-        w, b = m._packed_params._weight_bias()
-        if w.qscheme() != torch.per_tensor_affine:
-            raise EWQError(f"{prefix[:-1]} is quantized per channel; only per-tensor dynamic int8 can be saved")
-        tensors[prefix + "weight"] = w.int_repr().contiguous()
-        tensors[prefix + "weight_scale"] = torch.tensor([w.q_scale()], dtype=torch.float64)
-        tensors[prefix + "weight_zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
-        if b is not None:
-            tensors[prefix + "bias"] = b.detach().contiguous()
+        tensors.update(get_backend("torch-dynamic").saved_tensors(m, prefix))
     header = {}
     if torchao_weights:
         from torchao.prototype.safetensors.safetensors_support import (
@@ -190,17 +185,6 @@ def state_tensors(model) -> tuple:
         parts, header = flatten_tensor_state_dict(torchao_weights)
         tensors.update({k: v.detach().to("cpu").contiguous() for k, v in parts.items()})
     return tensors, header
-
-
-def _dynamic_int8_layer(state: dict, prefix: str):
-    weight = state[prefix + "weight"]
-    out_f, in_f = weight.shape
-    bias = state.get(prefix + "bias")
-    layer = torch.ao.nn.quantized.dynamic.Linear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
-    qweight = torch._make_per_tensor_quantized_tensor(weight, float(state[prefix + "weight_scale"][0]),
-                                                      int(state[prefix + "weight_zero_point"][0]))
-    layer.set_weight_bias(qweight, bias)
-    return layer
 
 
 def _int8_layer(state: dict, prefix: str, threshold: float):
@@ -326,7 +310,7 @@ def load_quantized(path, kind: str = "decoder") -> tuple:
                 elif precision == "4-bit":
                     layer = _four_bit_layer(state, p, dtype)
                 elif backend == "torch-dynamic":
-                    layer = _dynamic_int8_layer(state, p)
+                    layer = get_backend("torch-dynamic").layer_from_saved(state, p, meta.get("act_bits", 7))
                 else:
                     layer = _int8_layer(state, p, meta["int8_threshold"])
             except KeyError as e:

@@ -98,6 +98,18 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="torchao: 8-bit layers also quantize activations, one scale per token (int8 x int8 matmul; "
                             "Int8DynamicActivationInt8WeightConfig). Faster where the work is compute-bound (encoders, "
                             "prefill); on by default when the plan was measured with it")
+        p.add_argument("--weight-scales", choices=("tensor", "channel"), default=None,
+                       help="torch-dynamic: one int8 weight scale per matrix (tensor, torch's default) or per output "
+                            "row (channel, as ONNX Runtime's per_channel)")
+        p.add_argument("--act-bits", type=int, choices=(7, 8), default=None,
+                       help="torch-dynamic: activations quantized to 7 bits (torch's default reduce_range, exact on "
+                            "every x86 CPU) or the full 8 (half the rounding error; refused where a probe finds the "
+                            "int8 kernel inexact: it needs AVX512-VNNI or AVX-VNNI)")
+        p.add_argument("--outlier-channels", type=int, default=None, metavar="K",
+                       help="torch-dynamic, encoders: up to K (0-8) input channels per matrix whose activations dwarf "
+                            "the others are multiplied in fp32 beside the int8 product, chosen per matrix on 128 "
+                            "calibration sentences (loads the float model whole). With --weight-scales channel "
+                            "--act-bits 8 --outlier-channels 8 MiniLM-L6 keeps cosine 0.998 (see docs/RESULTS.md)")
         p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="bitsandbytes 4-bit data type (default nf4)")
         p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
         p.add_argument("--int8-threshold", type=float, default=6.0,
@@ -230,6 +242,9 @@ def resolve_executor(args, kind: str, source, ckpt, meta, device: str) -> dict:
         print(f"mode: {'compiled' if choice.compile else 'eager'} (the faster for this saved {backend} model on this "
               f"machine: {choice.why})")
         return {"chosen_by": "probe", "backend": backend, "compile": choice.compile, "why": choice.why}
+    if kind == "ewq" and not backend_given and dynamic_flags(args):  # options only torch-dynamic has (not probed)
+        args.backend = "torch-dynamic"
+        backend_given = True
     if backend_given or (kind == "original" and args.compile is not None):
         args.compile = bool(args.compile)  # executor flags given: nothing is probed, eager unless --compile
         return {"chosen_by": "flags", "backend": args.backend if kind == "ewq" else None, "compile": args.compile}
@@ -254,6 +269,12 @@ def resolve_executor(args, kind: str, source, ckpt, meta, device: str) -> dict:
         print(f"mode: {'compiled' if choice.compile else 'eager'}, the mode of this machine's fastest executor "
               f"({choice.label}): the original is timed as the quantized variants are ({choice.why})")
     return {"chosen_by": "probe", "backend": choice.backend, "compile": choice.compile, "why": choice.why}
+
+
+def dynamic_flags(args) -> list:
+    """The torch-dynamic executor options given on the command line."""
+    return flags_given((("--weight-scales", args.weight_scales, None), ("--act-bits", args.act_bits, None),
+                        ("--outlier-channels", args.outlier_channels, None)))
 
 
 def check_compiles(args, backend_name: str, saved: bool = False) -> None:
@@ -293,6 +314,9 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         if args.int8_activations and backend_name != "torchao":
             raise EWQError("--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and "
                            "torch-dynamic always quantize activations, per tensor)")
+        if dynamic_flags(args) and backend_name != "torch-dynamic":
+            raise EWQError(f"{', '.join(dynamic_flags(args))} applies to --backend torch-dynamic only, not "
+                           f"{backend_name}")
         if args.group_size is not None and backend_name != "torchao":
             raise EWQError(f"--group-size applies to --backend torchao only ({backend_name} 4-bit uses groups of 64)")
         check_compiles(args, backend_name)
@@ -311,7 +335,11 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         plan, plan_path = find_plan(args.plan, source, ckpt, fp, args.plans_dir, args.model, raw_bits)
         settings = QuantSettings(backend_name, args.quant_type, args.double_quant, args.int8_threshold,
                                  args.group_size or group_size_of(plan),
-                                 args.int8_activations or int8_activations_of(plan))
+                                 args.int8_activations or int8_activations_of(plan),
+                                 weight_scales=args.weight_scales or QuantSettings.weight_scales,
+                                 act_bits=QuantSettings.act_bits if args.act_bits is None else args.act_bits,
+                                 outlier_channels=QuantSettings.outlier_channels if args.outlier_channels is None
+                                 else args.outlier_channels)
     else:
         plan, plan_path = builtin_plan("raw", source, ckpt, fp, raw_bits), None
         settings = QuantSettings("llama.cpp") if in_llamacpp else QuantSettings()
@@ -346,7 +374,8 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         saved_to, fresh = save_quantized(model, plan, source, fp, tokenizer, settings, dtype, args.plans_dir)
         print(f"{'saved' if fresh else 'already saved (left as it was)'}: {saved_to}")
     return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
-                load_s=load_s, quantize_s=applied.seconds, kept_raw=applied.kept_raw, quality=quality,
+                load_s=load_s, quantize_s=applied.seconds, kept_raw=applied.kept_raw, prepared=applied.prepared,
+                quality=quality,
                 path_taken="quantized-from-checkpoint"
                 if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
 
@@ -405,7 +434,9 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
     given = flags_given((
         ("--backend", args.backend, None), ("--group-size", args.group_size, None),
         ("--int8-activations", args.int8_activations, False), ("--quant-type", args.quant_type, QuantSettings.quant_type),
-        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold)))
+        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold),
+        ("--weight-scales", args.weight_scales, None), ("--act-bits", args.act_bits, None),
+        ("--outlier-channels", args.outlier_channels, None)))
     if given:
         raise EWQError(f"{source.path} is a saved quantized model: its metadata.json sets the executor "
                        f"({meta.get('method')}); drop {', '.join(given)}")
@@ -424,10 +455,16 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
     if quality and quality["reference"] is None:
         raise EWQError(suite.MISSING_REFERENCE.format(base=meta.get("base_path")))
     settings = QuantSettings(SAVED_BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"],
-                             meta.get("group_size", 64), meta.get("int8_activations", False))  # (absent before torchao saves)
+                             meta.get("group_size", 64), meta.get("int8_activations", False),  # (absent before torchao saves)
+                             **saved_executor_options(meta))
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
                 model=model, load_s=load_s, quantize_s=0.0, kept_raw=[], quality=quality, path_taken="saved-quantized",
                 saved_to=None)
+
+
+def saved_executor_options(meta: dict) -> dict:
+    """torch-dynamic's options as a save recorded them (absent before they existed: torch's defaults)."""
+    return {k: meta[k] for k in ("weight_scales", "act_bits", "outlier_channels") if k in meta}
 
 
 def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
@@ -437,6 +474,8 @@ def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
         return label + "@llama.cpp"
     if kind == "ewq" and settings.backend != "bitsandbytes":
         label += f"@{settings.backend}" + ("-a8" if settings.int8_activations else "")
+        if settings.backend == "torch-dynamic" and settings.key() != {"backend": "torch-dynamic"}:
+            label += f"-w{settings.weight_scales[0]}a{settings.act_bits}o{settings.outlier_channels}"
     return label + ("+compile" if compiled else "")
 
 
@@ -480,9 +519,9 @@ def run(kind: str, argv=None) -> Path:
             "matrices": {str(b["index"]): b["matrices"] for b in plan["blocks"] if b.get("matrices")} or None},
         "environment": {**probes.environment(device, ctx["dtype"], ctx["settings"], args.compile),
                         "executor_choice": ctx["executor"]},
-        "settings": measured["settings"],
+        "settings": {**measured["settings"], "executor": ctx["settings"].key()},
         "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
-                 "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"],
+                 "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"], "prepared": ctx.get("prepared"),
                  "warmup_s": measured["warmup_s"], "compile_warmup_s": measured["warmup_s"] if args.compile else None},
         "memory": {
             "weight_bytes": weight_bytes, "weight_gb": weight_bytes / 1e9, "weight_bytes_by_precision": by_precision,

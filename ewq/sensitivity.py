@@ -51,7 +51,7 @@ from .quality import compute_reference, evaluate, load_corpus, make_windows
 from .source import load_tokenizer
 
 CALIB_TOKENS = 512
-CALIB_SENTENCES = 128
+CALIB_SENTENCES = embed.CALIB_SENTENCES  # encoders: calibration sentences from the end of the corpus
 RANDOM_PLANS = 3
 SWEEPS = ("fast", "exact")
 FISHER_SAMPLES = 2  # sampled tokens per position for the Fisher estimate (each one backward pass; 2 and 4 rank

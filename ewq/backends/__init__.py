@@ -12,6 +12,11 @@ Every backend module provides
     dequantize(module)         the float weight a quantized layer computes with, or None if it also quantizes its
                                activations (the fast sensitivity sweep uses it)
     formats(settings)          what "8-bit" and "4-bit" mean with these settings, for result JSONs
+and optionally (torch-dynamic has them)
+    key(settings)              its options that change the numbers, for QuantSettings.key()
+    needs_calibration(settings), prepare(model, layers, batches, settings)
+                               a model-level step on the float model before any layer is quantized (calibration
+                               sentences; apply.prepare_for_plan runs it)
 `apply` uses only this interface; `get_backend(name)` imports the module on first use, so a user of
 bitsandbytes never pays for importing torchao and the reverse.
 """
@@ -48,6 +53,9 @@ class QuantSettings:
     group_size: int = 64        # torchao int4: weights per (scale, zero point) group along the input dimension
     int8_activations: bool = False  # torchao 8-bit: also quantize activations per token (int8 x int8 matmul)
     formats: tuple = ()         # llama.cpp: the ggml types a plan may choose from (empty: the backend's menu)
+    weight_scales: str = "tensor"  # torch-dynamic: one weight scale per matrix ("tensor") or per output row ("channel")
+    act_bits: int = 7              # torch-dynamic: activation range, 7 (torch's reduce_range) or 8 (needs VNNI)
+    outlier_channels: int = 0      # torch-dynamic: up to this many input channels per matrix kept in fp32
 
     def key(self) -> dict:
         """What changes the numbers a backend produces (for caches and result files)."""
@@ -60,6 +68,8 @@ class QuantSettings:
                     **get_backend(self.backend).formats(self)}
         if self.backend == "llama.cpp":
             return {"backend": self.backend, **get_backend(self.backend).formats(self)}
+        if self.backend == "torch-dynamic":  # its options are absent at their defaults: older keys stay valid
+            return {"backend": self.backend, **get_backend(self.backend).key(self)}
         return {"backend": self.backend}
 
 
