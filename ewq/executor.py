@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from . import __version__
 from .backends import QuantSettings, get_backend
 from .common import EWQError, write_json_atomic
 from .probes import (
+    busy_cores,
     cache_dir,
     device_name,
     format_instruction_set,
@@ -39,18 +39,6 @@ from .probes import (
 PROBE_BYTES = 64 << 20  # stack enough blocks to hold this many weight bytes: more than a CPU's last-level cache
 MAX_PROBE_BLOCKS = 8
 TIMED_CALLS = 12
-
-
-def busy_cores(device: str) -> float:
-    """Cores other processes keep busy now (1-minute load average beyond this process's own core), on the CPU. With
-    torch's threads spread over every core, one busy core slows each parallel region to the slowest thread: measured
-    here, a 3.4 ms layer stack took 430 ms while a test run used the other core. A probe timed then misranks."""
-    if device != "cpu":
-        return 0.0
-    try:
-        return max(0.0, os.getloadavg()[0] - 1.0)
-    except OSError:
-        return 0.0
 ENCODER_TOKENS = 32 * 32  # a batch of 32 sentences of about 32 tokens
 
 
