@@ -270,7 +270,7 @@ def _tensor_bytes_after_loading(model, targets: dict, settings: QuantSettings, d
 
 
 def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"  # 3 digits: 0.152 vs 0.150
 
 
 def plan_device_map(model, plan: dict, targets: dict, settings: QuantSettings, dtype, device: str,
@@ -563,7 +563,8 @@ def weight_bytes_by_precision(model, plan: dict | None) -> dict:
                 continue
             seen_modules.add(id(m))
             for t in m.parameters(recurse=False):  # buffers (rotary tables, causal masks) are not weights
-                key = id(t) if is_tensor_subclass(t) else (t.data_ptr(), t.numel())
+                # (a block left on disk by --max-memory holds meta tensors: all at address 0, so each counts by id)
+                key = id(t) if is_tensor_subclass(t) or t.is_meta else (t.data_ptr(), t.numel())
                 if t.numel() and key not in seen_tensors:
                     seen_tensors.add(key)
                     groups[group] += tensor_bytes(t)

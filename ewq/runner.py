@@ -369,6 +369,10 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                                        "auto" if placed else None, max_memory, progress=not args.no_progress)
     for line in applied.kept_raw:
         print(f"note: kept in {str(dtype).replace('torch.', '')}: {line}")
+    on_disk = [k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if v == "disk"]
+    if on_disk:
+        print(f"note: {len(on_disk)} raw blocks do not fit --max-memory and are read from disk at every forward "
+              f"({', '.join(on_disk[:3])}{', ...' if len(on_disk) > 3 else ''}): expect slow decoding")
     saved_to = None
     if kind == "ewq" and args.save:
         saved_to, fresh = save_quantized(model, plan, source, fp, tokenizer, settings, dtype, args.plans_dir)
@@ -521,6 +525,7 @@ def run(kind: str, argv=None) -> Path:
                         "executor_choice": ctx["executor"]},
         "settings": {**measured["settings"], "executor": ctx["settings"].key()},
         "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
+                 "on_disk": [k for k, v in (getattr(ctx["model"], "hf_device_map", None) or {}).items() if v == "disk"],
                  "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"], "prepared": ctx.get("prepared"),
                  "warmup_s": measured["warmup_s"], "compile_warmup_s": measured["warmup_s"] if args.compile else None},
         "memory": {

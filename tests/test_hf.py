@@ -15,7 +15,7 @@ from ewq.apply import QuantSettings, apply_plan, load_for_plan, load_model
 from ewq.artifact import check_fits, load_quantized, save_quantized
 from ewq.common import EWQError
 from ewq.hf import write_hf_config
-from ewq.plan import load_plan
+from ewq.plan import load_plan, plan_hash
 from ewq.planning import make_plan
 from ewq.source import ModelSource
 
@@ -255,3 +255,28 @@ def test_main_cache_model_writes_the_plans_quantization_config_beside_it(tiny_fa
     kinds = {"8-bit": "Int8WeightOnlyConfig", "4-bit": "PrototypeInt4WeightOnlyConfig"}
     assert {k: type(v).__name__ for k, v in config.quant_type.fqn_to_config.items()} == \
         {k: kinds[p] for k, p in want.items()}
+
+
+def test_benchmark_with_max_memory_runs_offloaded_and_counts_every_weight(tiny_factory, tmp_path, capsys):
+    """benchmark.py --max-memory: raw blocks that do not fit wait on disk (named in the result and on stdout), the
+    tokens are those of the model run whole, and the weight bytes still count the blocks on disk."""
+    import benchmark
+
+    from ewq.common import run_cli
+
+    model_dir = tiny_factory("llama")
+    plan = edited_plan(model_dir, tmp_path / "plans", ["raw", "8-bit", "raw", "8-bit"])
+    fast = ["--model", str(model_dir), "--plan", str(tmp_path / "plans" / f"quant_plan_{plan_hash(plan)}.json"),
+            "--backend", "torchao", "--eager", "--tasks", "math", "--max-new-tokens", "4", "--repeats", "1",
+            "--no-progress", "--out-dir", str(tmp_path / "r")]
+    results = []
+    for extra in ([], ["--max-memory", "700KB"]):
+        assert run_cli(benchmark.main, fast + extra) == 0
+        out = capsys.readouterr().out
+        results.append((out, json.loads(open(out.strip().splitlines()[-1]).read())))
+    (_, whole), (out, placed) = results
+    on_disk = placed["load"]["on_disk"]
+    assert whole["load"]["on_disk"] == [] and on_disk and set(on_disk) <= {"model.layers.0", "model.layers.2"}
+    assert f"{len(on_disk)} raw blocks do not fit --max-memory and are read from disk" in out
+    assert placed["memory"]["weight_bytes"] == whole["memory"]["weight_bytes"]
+    assert [t["token_ids"] for t in placed["tests"]] == [t["token_ids"] for t in whole["tests"]]
