@@ -17,6 +17,12 @@ os.environ.setdefault("EWQ_CACHE", tempfile.mkdtemp(prefix="ewq-test-cache-"))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parent.parent
 
+
+def pytest_configure(config):
+    # `make test` runs everything (about 4 minutes on 2 cores); `pytest -m "not slow"` skips the few tests that compile
+    # or run whole scripts end to end (10-35 s each) for a quick loop while editing
+    config.addinivalue_line("markers", "slow: end-to-end or compiling tests taking 10 s or more on 2 cores")
+
 TINY = {
     "llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False),

@@ -75,6 +75,7 @@ def test_sentences_are_real_sentences():
     assert s == ['He said "Hello there."', "Then he left.", "The U.S. team won 3-2 on Friday!", "New line here now."]
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp_path):
     model = tiny_encoder("bert")
     r = run_script("benchmark_original.py", "--model", model, *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
@@ -112,6 +113,7 @@ def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp
     assert "sent/s batch 32" in r.stdout and "uniform-8bit@torch-dynamic" in r.stdout
 
 
+@pytest.mark.slow
 def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path):
     r = run_script("main_cache_model.py", "--model", tiny_encoder("roberta"), "--method", "sensitivity",
                    "--target-bits", "10", "--backend", "torch-dynamic", "--granularity", "matrix",

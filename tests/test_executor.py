@@ -94,6 +94,7 @@ def test_the_real_probe_times_every_candidate_at_the_models_shapes(tiny_factory,
     assert all(r["rel_error_8bit"] < 0.05 and r["rel_error_4bit"] < 0.2 for r in probe["candidates"] if "error" not in r)
 
 
+@pytest.mark.slow
 def test_the_original_is_timed_in_the_mode_the_probe_chose(tiny_factory, tmp_path, capsys, fake_probe):
     """When the fastest executor here runs compiled, the original runs compiled too (same mode); named executor
     flags skip the probe and keep the published proof of concept's way (bitsandbytes, eager)."""

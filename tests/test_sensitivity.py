@@ -128,6 +128,7 @@ def test_sensitivity_plan_is_cached_and_hits_targets(tiny_factory, tmp_path, cap
     assert code == 2 and "smallest reachable plan" in err and not list((tmp_path / "x").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_report_answers_the_research_question(tiny_factory, tmp_path, capsys):
     model_dir = str(tiny_factory("llama"))
     plans = tmp_path / "plans"

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -40,6 +41,7 @@ def run_gpu_script(tmp_path, *flags):
     return r, out
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     """bench/gpu.py end to end with a tiny config on the CPU (the bitsandbytes set), so the GPU session only has
     to run it; the torchao sets run the same code path with another --backend."""

@@ -102,6 +102,7 @@ def test_kernel_shape_limits_keep_the_layer_raw_and_say_which(tiny_factory, tmp_
     assert len(result["load"]["kept_raw"]) == 4 and result["memory"]["weight_bytes_by_precision"]["raw"] > 0
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_generate_the_same_tokens(tiny_factory, tmp_path, capsys):
     model_dir = tiny_factory("llama")
     # float32: the random tiny model has near-tied logits, and in bfloat16 the compiled kernels' other summation
