@@ -210,19 +210,22 @@ def torchao_targets(model, plan: dict, settings: QuantSettings) -> tuple:
 
 
 def parse_max_memory(text, device: str) -> dict:
-    """--max-memory: "8GB" (the run device) or "cuda=20GB,cpu=60GB" -> {"cpu": bytes, "cuda": bytes}.
+    """--max-memory: "8GB" (the run device; the first GPU on a GPU run) or "cuda:0=20GB,cuda:1=20GB,cpu=60GB" (or a
+    dict as accelerate takes it, GPU indices as ints) -> {"cpu": bytes, "cuda:0": bytes, ...}; "cuda" means "cuda:0".
     Sizes as accelerate reads them: GB = 10^9, GiB = 2^30."""
     from accelerate.utils import convert_file_size_to_int
 
     if isinstance(text, dict):
-        items = [("cuda" if isinstance(k, int) or str(k).startswith("cuda") else str(k), v) for k, v in text.items()]
+        items = [(f"cuda:{k}" if isinstance(k, int) else str(k), v) for k, v in text.items()]
     else:
         items = [part.split("=", 1) if "=" in part else (device, part) for part in str(text).split(",") if part.strip()]
     out = {}
     for where, size in items:
         where = where.strip()
-        if where not in ("cpu", "cuda"):
-            raise EWQError(f"--max-memory names '{where}'; use a size for the run device (8GB) or cpu=...,cuda=...")
+        where = "cuda:0" if where == "cuda" else where
+        if where != "cpu" and not (where.startswith("cuda:") and where[5:].isdigit()):
+            raise EWQError(f"--max-memory names '{where}'; use a size for the run device (8GB) or "
+                           f"cpu=...,cuda:0=...,cuda:1=...")
         try:
             out[where] = int(size) if isinstance(size, (int, float)) else convert_file_size_to_int(str(size).strip())
         except ValueError:
@@ -233,16 +236,25 @@ def parse_max_memory(text, device: str) -> dict:
 
 
 def memory_budget(device: str, max_memory: dict | None) -> dict:
-    """Bytes that weights may take on the run device (and, for a GPU, on the CPU): --max-memory, else 90% of what is
-    free now."""
+    """Bytes that weights may take on each device of a run: the CPU, and on a GPU run every visible GPU ("cuda:0",
+    "cuda:1", ...): --max-memory, else 90% of what is free now. A GPU the machine does not have is refused."""
     import psutil
 
     free = {"cpu": psutil.virtual_memory().available}
     if device == "cuda":
-        free["cuda"] = torch.cuda.mem_get_info()[0]
+        free.update({f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())})
+    unknown = sorted(set(max_memory or {}) - set(free))
+    if unknown:
+        raise EWQError(f"--max-memory names {', '.join(unknown)}, which this run does not have (it has "
+                       f"{', '.join(free)}); run with --device cuda for GPUs, or drop those entries")
     budget = {k: int(0.9 * v) for k, v in free.items()}
-    budget.update({k: v for k, v in (max_memory or {}).items() if k in budget})
+    budget.update(max_memory or {})
     return budget
+
+
+def gpus_of(budget: dict) -> list:
+    """The GPUs of a budget, in index order."""
+    return sorted((k for k in budget if k.startswith("cuda:")), key=lambda k: int(k[5:]))
 
 
 def _map_keys(module: nn.Module, blocks: nn.ModuleList, prefix: str = ""):
@@ -276,41 +288,57 @@ def _size(nbytes: float) -> str:
 def plan_device_map(model, plan: dict, targets: dict, settings: QuantSettings, dtype, device: str,
                     max_memory: dict | None = None) -> dict:
     """EWQ's placement, as an accelerate device_map in `model`'s names (a skeleton from empty_model), for a model
-    bigger than its device: everything outside the blocks (embeddings, norms, lm_head) and every block with a quantized
-    layer on `device`; whole raw blocks, in order, on `device` while they fit, then on the CPU (when `device` is a
-    GPU), then on disk, where accelerate reads them back from the checkpoint's own safetensors at each forward (nothing
-    is copied). Quantized blocks never go to disk: transformers cannot offload torchao's quantized weights, and a
+    bigger than its device: everything outside the blocks (embeddings, norms, lm_head) on the first run device (the
+    CPU, or the first GPU); then the blocks in order, filling the run devices (on a GPU run, GPU after GPU, as
+    accelerate's "sequential" placement does); a raw block that fits no GPU goes to the CPU, then to disk, where
+    accelerate reads it back from the checkpoint's own safetensors at each forward (nothing is copied). Quantized
+    blocks never go to the CPU of a GPU run or to disk: transformers cannot offload torchao's quantized weights, and a
     block read back at every forward would have to be quantized again each time. max_memory None: all on `device`.
-    Refuses, with the figures, when the quantized part alone does not fit."""
+    Refuses, with the figures, when the quantized part does not fit the run devices."""
     blocks = block_list(model, plan["model"]["block_prefix"])
     blocks_name = next(n for n, m in model.named_modules() if m is blocks)
-    outside = {key: device for key in _map_keys(model, blocks)}
+    keys_outside = list(_map_keys(model, blocks))
     if max_memory is None:
-        return {**outside, **{f"{blocks_name}.{i}": device for i in range(len(blocks))}}
+        return {**{key: device for key in keys_outside}, **{f"{blocks_name}.{i}": device for i in range(len(blocks))}}
     budget = memory_budget(device, max_memory)
+    runs = gpus_of(budget) if device == "cuda" else ["cpu"]  # where quantized blocks may go, in order
     sizes = _tensor_bytes_after_loading(model, targets, settings, dtype)
 
     def size(key):
         return sum(v for name, v in sizes.items() if name == key or name.startswith(key + "."))
 
     quantized = {i for i in range(len(blocks)) if any(t.startswith(f"{blocks_name}.{i}.") for t in targets)}
-    need = sum(map(size, outside)) + sum(size(f"{blocks_name}.{i}") for i in quantized)
-    if need > budget[device]:
+    need = sum(map(size, keys_outside)) + sum(size(f"{blocks_name}.{i}") for i in quantized)
+    allowed = sum(budget[d] for d in runs)
+    where_text = runs[0] if len(runs) == 1 else f"{len(runs)} GPUs ({', '.join(runs)})"
+    if need > allowed:
         raise EWQError(f"the quantized part of this model alone (everything outside the blocks and the {len(quantized)} "
-                       f"blocks with quantized layers) needs {_size(need)} of weights, more than the "
-                       f"{_size(budget[device])} allowed on {device}; allow more with --max-memory, or choose a smaller "
-                       f"plan (only raw blocks can wait on disk)")
-    left = {"cpu": budget["cpu"], device: budget[device]}  # (the CPU takes raw blocks of a GPU run too)
-    left[device] -= need
-    placed = {}
-    for i in range(len(blocks)):
-        key, where = f"{blocks_name}.{i}", device
-        if i not in quantized:
-            where = next((d for d in (device, "cpu") if size(key) <= left.get(d, 0)), "disk")
-            if where != "disk":
-                left[where] -= size(key)
+                       f"blocks with quantized layers) needs {_size(need)} of weights, more than the {_size(allowed)} "
+                       f"allowed on {where_text}; allow more with --max-memory, or choose a smaller plan (only raw "
+                       f"blocks can wait on disk)")
+    left = dict(budget)
+    placed = {key: runs[0] for key in keys_outside}
+    left[runs[0]] -= sum(map(size, keys_outside))
+    current = 0  # first the quantized blocks, in order, filling the run devices one after the other
+    for i in sorted(quantized):
+        key = f"{blocks_name}.{i}"
+        while current < len(runs) and size(key) > left[runs[current]]:
+            current += 1
+        if current == len(runs):
+            raise EWQError(f"block {i} has quantized layers and fits none of {where_text} once the blocks before it "
+                           f"are placed ({_size(size(key))}); allow more with --max-memory, or choose a smaller plan")
+        placed[key] = runs[current]
+        left[runs[current]] -= size(key)
+    for i in sorted(set(range(len(blocks))) - quantized):  # then raw blocks where room is left: beside the block
+        key = f"{blocks_name}.{i}"  # before them if they can, else any run device, the CPU (GPU runs), disk
+        before = next((placed[f"{blocks_name}.{j}"] for j in range(i - 1, -1, -1) if j in quantized), runs[0])
+        where = next((d for d in [before, *runs, *(["cpu"] if device == "cuda" else [])]
+                      if size(key) <= left[d]), "disk")
+        if where != "disk":
+            left[where] -= size(key)
         placed[key] = where
-    return {**outside, **placed}
+    return {**{key: placed[key] for key in keys_outside},
+            **{f"{blocks_name}.{i}": placed[f"{blocks_name}.{i}"] for i in range(len(blocks))}}
 
 
 def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype, kind: str = "decoder",
@@ -361,6 +389,10 @@ def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype,
                 targets[f"{names[id(layer)]}.weight"] = precision
     placement = plan_device_map(skeleton, plan, targets, settings, dtype, device, budget)
     offloaded = set(placement.values()) != {device}
+    gpus = sorted({where for where in placement.values() if where.startswith("cuda:")})
+    if len(gpus) > 1 and (settings.backend != "torchao" or conv1d):
+        raise EWQError(f"this placement spreads the model over {len(gpus)} GPUs, which EWQ does through transformers' "
+                       f"torchao quantizer only; use --backend torchao, or give --max-memory room for it on one GPU")
     blocks_name = names[id(block_list(skeleton, plan["model"]["block_prefix"]))]
     del skeleton
     offload_dir = tempfile.mkdtemp(prefix="ewq-offload-")  # accelerate wants one; safetensors checkpoints leave it empty
@@ -474,11 +506,12 @@ def _load_then_quantize_blocks(path, dtype, kind, settings, device, targets: dic
             precision = targets.get(f"{name}.{layer_name}.weight")
             if precision:
                 block.set_submodule(layer_name, backend.quantize_layer(layer, precision, settings, dtype, device))
-        block.to(device)
-        model.hf_device_map[name] = device
+        target = placement.get(name, device)
+        block.to(target)
+        model.hf_device_map[name] = target
         del held, layer, block
         _release_freed_memory()
-    if set(model.hf_device_map.values()) == {device}:
+    if len(set(model.hf_device_map.values())) == 1 and "disk" not in model.hf_device_map.values():
         remove_hook_from_module(model, recurse=True)  # nothing offloaded any more: no per-forward hooks
         del model.hf_device_map
     return model

@@ -39,6 +39,7 @@ from . import __version__
 from .analysis import fingerprint_in_memory
 from .apply import (
     block_list,
+    gpus_of,
     memory_budget,
     model_class,
     quantizable_layers,
@@ -234,7 +235,8 @@ def check_fits(path, meta: dict, device: str, max_memory: dict | None) -> None:
     quantized: nothing of it may wait on disk): refuse one larger than --max-memory allows on the device."""
     if max_memory is None:
         return
-    allowed = memory_budget(device, max_memory)[device]
+    budget = memory_budget(device, max_memory)
+    allowed = budget["cpu"] if device == "cpu" else budget[gpus_of(budget)[0]]  # (it loads whole, onto one device)
     if meta.get("weight_bytes", 0) > allowed:
         raise EWQError(f"{path} holds {meta['weight_bytes'] / 1e9:.2f} GB of weights, more than the {allowed / 1e9:.2f} "
                        f"GB --max-memory allows on {device}; a saved quantized model loads whole (none of it can wait "

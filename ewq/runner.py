@@ -127,8 +127,9 @@ def build_parser(kind: str) -> ArgumentParser:
                             "then on the CPU (GPU runs), then left on disk and read at each forward. For checkpoints "
                             "bigger than the device; default: the whole model on the device")
         p.add_argument("--max-memory", default=None, metavar="SIZE",
-                       help="weights allowed on the run device (8GB, 7.5GiB) or per device (cuda=20GB,cpu=60GB); "
-                            "implies --device-map auto. Default: 90%% of what is free")
+                       help="weights allowed on the run device (8GB, 7.5GiB) or per device (cuda:0=20GB,cuda:1=20GB,"
+                            "cpu=60GB: quantized blocks fill GPU after GPU, torchao only); implies --device-map auto. "
+                            "Default: 90%% of what is free")
     if kind == "original":
         p.add_argument("--backend", choices=("llama.cpp",), default=None,
                        help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "

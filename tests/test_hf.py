@@ -280,3 +280,36 @@ def test_benchmark_with_max_memory_runs_offloaded_and_counts_every_weight(tiny_f
     assert f"{len(on_disk)} raw blocks do not fit --max-memory and are read from disk" in out
     assert placed["memory"]["weight_bytes"] == whole["memory"]["weight_bytes"]
     assert [t["token_ids"] for t in placed["tests"]] == [t["token_ids"] for t in whole["tests"]]
+
+
+def test_placement_over_several_gpus_fills_them_in_order_and_never_offloads_quantized_blocks(tiny_factory, tmp_path,
+                                                                                             monkeypatch):
+    """--max-memory cuda:0=...,cuda:1=...: accelerate-style sequential placement computed on the CPU (a machine's GPUs
+    faked through memory_budget): quantized blocks fill GPU after GPU, raw blocks go where room is left, then to the
+    CPU, then to disk; a quantized block that fits no GPU is refused with the figures."""
+    from ewq import apply
+    from ewq.apply import empty_model, parse_max_memory, plan_device_map, torchao_targets
+
+    assert parse_max_memory("cuda:0=1GB,cuda:1=2GiB,cpu=3GB", "cuda") == {"cuda:0": 10**9, "cuda:1": 2 * 2**30,
+                                                                          "cpu": 3 * 10**9}
+    assert parse_max_memory("8GB", "cuda") == {"cuda:0": 8 * 10**9} and parse_max_memory({1: 5}, "cuda") == {"cuda:1": 5}
+    with pytest.raises(EWQError, match="names 'gpu1'"):
+        parse_max_memory("gpu1=2GB", "cuda")
+    model_dir = tiny_factory("llama")
+    plan = edited_plan(model_dir, tmp_path, ["8-bit", "raw", "8-bit", "raw"])
+    skeleton = empty_model(model_dir, torch.bfloat16)
+    targets, _ = torchao_targets(skeleton, plan, AO)
+
+    def placed(budget):
+        monkeypatch.setattr(apply, "memory_budget", lambda device, max_memory: dict(budget))
+        return plan_device_map(skeleton, plan, targets, AO, torch.bfloat16, "cuda", budget)
+
+    # outside the blocks 0.164 MB (embeddings + lm_head, bf16), an int8 block 0.169 MB, a raw block 0.328 MB
+    roomy = placed({"cuda:0": 10**7, "cuda:1": 10**7, "cpu": 10**8})
+    assert set(roomy.values()) == {"cuda:0"}
+    split = placed({"cuda:0": 340_000, "cuda:1": 200_000, "cpu": 400_000})
+    assert [split[f"model.layers.{i}"] for i in range(4)] == ["cuda:0", "cpu", "cuda:1", "disk"]
+    assert split["model.embed_tokens"] == split["lm_head"] == "cuda:0"
+    with pytest.raises(EWQError, match=r"needs 0\.502 MB of weights, more than the 0\.4 MB allowed on 2 GPUs "
+                                       r"\(cuda:0, cuda:1\)"):
+        placed({"cuda:0": 200_000, "cuda:1": 200_000, "cpu": 10**8})
