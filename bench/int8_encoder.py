@@ -149,7 +149,8 @@ def run_ort(args, path, speed_sentences, evaluation, max_length, reference, note
         work = Path(tempfile.gettempdir()) / f"ewq-ort-{path.name}"  # the exported ONNX files, reused between runs
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run([python, str(Path(__file__).with_name("int8_encoder_ort.py")), str(path), str(sentences),
-                               str(work), str(out), str(args.rounds)], capture_output=True, text=True, env=env, check=False)
+                               str(work), str(out), str(args.rounds), str(args.threads)], capture_output=True, text=True,
+                              env=env, check=False)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             notes.append(f"ONNX Runtime rows failed in {python}: {tail}")

@@ -1,10 +1,10 @@
 """ONNX Runtime's dynamic int8 on an encoder, for bench/int8_encoder.py: run by ANOTHER Python (one with
 onnxruntime, onnx, torch and transformers; never a requirement of EWQ), it exports the float model to ONNX once,
 quantizes it with onnxruntime.quantization.quantize_dynamic (per tensor and per channel, QInt8 weights), and writes
-JSON: sentences/s at batch 32 per variant (interleaved rounds, fixed order, padded per batch, 1 thread) and the
+JSON: sentences/s at batch 32 per variant (interleaved rounds, fixed order, padded per batch, THREADS threads) and the
 mean-pooled embeddings of the evaluation sentences (the caller scores them against its own fp32 reference).
 
-    python bench/int8_encoder_ort.py MODEL_DIR SENTENCES.json WORK_DIR OUT.json ROUNDS
+    python bench/int8_encoder_ort.py MODEL_DIR SENTENCES.json WORK_DIR OUT.json ROUNDS [THREADS]
 SENTENCES.json: {"speed": [...], "eval": [...], "max_length": N}. Mean pooling only (MiniLM-L6's pooling)."""
 import json
 import os
@@ -17,13 +17,13 @@ import numpy as np
 warnings.filterwarnings("ignore")
 
 
-def main(model_dir, sentences_path, work, out_path, rounds):
+def main(model_dir, sentences_path, work, out_path, rounds, threads=1):
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel, AutoTokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     with open(sentences_path) as f:
         data = json.load(f)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -55,7 +55,7 @@ def main(model_dir, sentences_path, work, out_path, rounds):
 
     def session(path):
         o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads = 1, 1
+        o.intra_op_num_threads, o.inter_op_num_threads = threads, 1  # the torch rows' thread count
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
@@ -86,4 +86,4 @@ def main(model_dir, sentences_path, work, out_path, rounds):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]) if len(sys.argv) > 6 else 1)
