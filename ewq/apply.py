@@ -185,28 +185,52 @@ def apply_plan(model, plan: dict, settings: QuantSettings, dtype: torch.dtype, p
 
 # ---- the plan applied while loading: the float model never exists whole ----
 
-def torchao_targets(model, plan: dict, settings: QuantSettings) -> tuple:
+def open_for_plan(path, plan: dict, kind: str, progress: bool = True):
+    """The checkpoint at `path`, refused in one line, before any weight is loaded, when it holds another kind of model
+    or other weights than the plan was made for."""
+    ckpt = open_checkpoint(path)
+    if ckpt.kind != kind:
+        raise EWQError(f"{path} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
+                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
+    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), "the plan", kind)
+    return ckpt
+
+
+def plan_targets(model, plan: dict, settings: QuantSettings) -> tuple:
     """({"<module>.weight": precision}, kept_raw) for every layer of `model` (a skeleton, the float model or the model
-    apply_plan quantized) that the plan quantizes and torchao's kernel takes, named as in THIS model: what transformers'
-    TorchAoConfig matches is the loaded model's names, not the checkpoint's (a BERT checkpoint saying
-    `bert.encoder.layer.N` loads under AutoModel as `encoder.layer.N`). Keys name the weight, not the module: a module
-    key makes transformers quantize the module's bias as well. kept_raw lists the layers apply_plan keeps in the run
-    dtype (the same test, backend.unsupported), which are left out."""
-    backend = get_backend("torchao")
+    apply_plan quantized) that the plan quantizes and the settings' backend takes, named as in THIS model: what
+    transformers' TorchAoConfig and accelerate's device maps match is the loaded model's names, not the checkpoint's
+    (a BERT checkpoint saying `bert.encoder.layer.N` loads under AutoModel as `encoder.layer.N`). Keys name the
+    weight, not the module: a module key makes transformers quantize the module's bias as well. kept_raw lists the
+    layers apply_plan keeps in the run dtype (the same test, backend.unsupported), which are left out."""
+    backend = get_backend(settings.backend)
     names = {id(m): n for n, m in model.named_modules()}
     targets, kept_raw = {}, []
     for index, _, name, layer, precision in plan_layers(model, plan, linear_layers):
         if precision == "raw":
             continue
-        if type(layer) in _conv1d():
-            raise EWQError(f"block {index} {name} is a GPT-2-style Conv1D layer ([in, out] weights): transformers' "
-                           f"torchao quantizer takes nn.Linear only; this architecture runs through EWQ's own loader")
         reason = backend.unsupported(matrix_shape(layer), precision, settings)
         if reason:
             kept_raw.append(f"block {index} {name}: {reason}")
             continue
         targets[f"{names[id(layer)]}.weight"] = precision
     return targets, kept_raw
+
+
+def conv1d_layer(model, plan: dict):
+    """(block index, matrix name) of the first GPT-2-style Conv1D layer ([in, out] weights) the plan quantizes, or
+    None: transformers' torchao quantizer takes nn.Linear only, so such models go through EWQ's own loader."""
+    return next(((index, name) for index, _, name, layer, precision in plan_layers(model, plan, linear_layers)
+                 if precision != "raw" and type(layer) in _conv1d()), None)
+
+
+def torchao_targets(model, plan: dict, settings: QuantSettings) -> tuple:
+    """plan_targets for transformers' torchao quantizer (a TorchAoConfig), which refuses Conv1D layers."""
+    conv = conv1d_layer(model, plan)
+    if conv:
+        raise EWQError(f"block {conv[0]} {conv[1]} is a GPT-2-style Conv1D layer ([in, out] weights): transformers' "
+                       f"torchao quantizer takes nn.Linear only; this architecture runs through EWQ's own loader")
+    return plan_targets(model, plan, settings)
 
 
 def parse_max_memory(text, device: str) -> dict:
@@ -358,7 +382,7 @@ def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype,
     model cannot be moved with .to() afterwards. Applied.seconds is the whole call: quantizing happens inside loading.
     Settings whose backend calibrates on the whole float model first (torch-dynamic --outlier-channels, encoders:
     small) load it whole instead: load_model, prepare_for_plan, apply_plan."""
-    backend = check_backend(plan, settings, dtype, device)
+    check_backend(plan, settings, dtype, device)
     if device_map not in (None, "auto"):
         raise EWQError(f"device_map must be None or 'auto' (EWQ places the blocks itself), got {device_map!r}")
     if needs_calibration(settings):  # a model-level step: the whole float model runs calibration sentences
@@ -368,33 +392,19 @@ def load_for_plan(path, plan: dict, settings: QuantSettings, dtype: torch.dtype,
         return _load_calibrate_apply(path, plan, settings, dtype, kind, device, progress)
     budget = parse_max_memory(max_memory, device) if max_memory is not None else ({} if device_map else None)
     start = time.perf_counter()
-    ckpt = open_checkpoint(path)  # a plan for other weights or another kind of model is refused before any loading
-    if ckpt.kind != kind:
-        raise EWQError(f"{path} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
-                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
-    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), "the plan", kind)
+    open_for_plan(path, plan, kind, progress)
     skeleton = empty_model(path, dtype, kind)
-    entries = [e for e in plan_layers(skeleton, plan) if e[4] != "raw"]  # checks block count and matrix names
-    names = {id(m): n for n, m in skeleton.named_modules()}
-    conv1d = any(type(layer) in _conv1d() for *_, layer, _ in entries)
-    if settings.backend == "torchao" and not conv1d:
-        targets, kept_raw = torchao_targets(skeleton, plan, settings)
-    else:
-        targets, kept_raw = {}, []
-        for index, _, name, layer, precision in entries:
-            reason = backend.unsupported(matrix_shape(layer), precision, settings)
-            if reason:
-                kept_raw.append(f"block {index} {name}: {reason}")
-            else:
-                targets[f"{names[id(layer)]}.weight"] = precision
+    targets, kept_raw = plan_targets(skeleton, plan, settings)  # (checks block count and matrix names)
+    conv1d = conv1d_layer(skeleton, plan) is not None
     placement = plan_device_map(skeleton, plan, targets, settings, dtype, device, budget)
     offloaded = set(placement.values()) != {device}
     gpus = sorted({where for where in placement.values() if where.startswith("cuda:")})
     if len(gpus) > 1 and (settings.backend != "torchao" or conv1d):
         raise EWQError(f"this placement spreads the model over {len(gpus)} GPUs, which EWQ does through transformers' "
                        f"torchao quantizer only; use --backend torchao, or give --max-memory room for it on one GPU")
-    blocks_name = names[id(block_list(skeleton, plan["model"]["block_prefix"]))]
-    del skeleton
+    blocks = block_list(skeleton, plan["model"]["block_prefix"])
+    blocks_name = next(n for n, m in skeleton.named_modules() if m is blocks)
+    del skeleton, blocks
     offload_dir = tempfile.mkdtemp(prefix="ewq-offload-")  # accelerate wants one; safetensors checkpoints leave it empty
     try:
         if settings.backend == "torchao" and not conv1d and not (offloaded and device == "cpu"):
@@ -443,11 +453,7 @@ def _load_calibrate_apply(path, plan: dict, settings: QuantSettings, dtype, kind
     """load_for_plan for settings that calibrate on the whole float model: loaded whole (encoders, small), prepared,
     then quantized in place."""
     start = time.perf_counter()
-    ckpt = open_checkpoint(path)
-    if ckpt.kind != kind:
-        raise EWQError(f"{path} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
-                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
-    check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), "the plan", kind)
+    open_for_plan(path, plan, kind, progress)
     if kind != "encoder":
         raise EWQError("--outlier-channels are chosen on calibration sentences: encoders only (drop it for decoders)")
     model = load_model(path, dtype, kind)

@@ -38,12 +38,11 @@ from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4
 from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 from torchao.utils import TorchAOBaseTensor
 
-from .analysis import fingerprint as weights_fingerprint
-from .apply import check_backend, empty_model, linear_layers, plan_layers, torchao_targets
+from .apply import check_backend, empty_model, linear_layers, open_for_plan, plan_layers, torchao_targets
 from .backends import QuantSettings, get_backend
-from .checkpoint import CONV1D_MODEL_TYPES, open_checkpoint
+from .checkpoint import CONV1D_MODEL_TYPES
 from .common import EWQError, write_json_atomic
-from .plan import check_plan_matches
+from .plan import group_size_of, int8_activations_of
 
 INT4_CPU = "EwqInt4CpuTensor"  # the `_type` of a portable CPU int4 weight in a file's header: never rename it
 _ROWS = 256  # rows unpacked at a time: whole packing blocks (torch packs 64 rows at a time with AVX-512, 32 otherwise)
@@ -151,11 +150,7 @@ def quantization_config(plan: dict, settings, kind: str, base=None, device: str 
     from transformers import TorchAoConfig
 
     base = Path(base or plan["model"]["path"])
-    ckpt = open_checkpoint(base)
-    if ckpt.kind != kind:
-        raise EWQError(f"{base} holds {'an' if ckpt.kind == 'encoder' else 'a'} {ckpt.kind}, not "
-                       f"{'an' if kind == 'encoder' else 'a'} {kind}")
-    check_plan_matches(plan, weights_fingerprint(ckpt, progress=False), len(ckpt.blocks), "the plan", kind)
+    open_for_plan(base, plan, kind, progress=False)
     check_backend(plan, settings, torch.bfloat16, device)  # llama.cpp types, a group size torchao lacks: refused
     skeleton = empty_model(base, torch.bfloat16, kind)  # names and shapes only: the dtype changes neither
     targets, _ = torchao_targets(skeleton, plan, settings)
@@ -174,8 +169,6 @@ def write_hf_config(plan: dict, settings, kind: str, path, base=None, device: st
 def write_plan_hf_config(plan: dict, plan_path, device: str = "cpu") -> Path:
     """main_cache_model.py --write-hf-config: the plan's quantization_config beside it, <plan>.quantization_config.json,
     with the settings the plan was measured with (torchao group size, int8 activations)."""
-    from .plan import group_size_of, int8_activations_of
-
     settings = QuantSettings(backend="torchao", group_size=group_size_of(plan),
                              int8_activations=int8_activations_of(plan))
     plan_path = Path(plan_path)
