@@ -123,9 +123,9 @@ def build_parser(kind: str) -> ArgumentParser:
                             "quantization_config; CPU int4 needs `import ewq.hf` first, see README)")
         p.add_argument("--device-map", choices=("auto",), default=None,
                        help="auto: place the model under --max-memory as accelerate does (transformers' device_map): "
-                            "everything quantized on the run device, whole raw blocks on the device while they fit, "
-                            "then on the CPU (GPU runs), then left on disk and read at each forward. For checkpoints "
-                            "bigger than the device; default: the whole model on the device")
+                            "quantized blocks fill the run devices in order (GPU after GPU), whole raw blocks go where "
+                            "room is left, then to the CPU (GPU runs), then stay on disk and are read at each forward. "
+                            "For checkpoints bigger than the device; default: the whole model on the device")
         p.add_argument("--max-memory", default=None, metavar="SIZE",
                        help="weights allowed on the run device (8GB, 7.5GiB) or per device (cuda:0=20GB,cuda:1=20GB,"
                             "cpu=60GB: quantized blocks fill GPU after GPU, torchao only); implies --device-map auto. "
@@ -380,7 +380,7 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         print(f"{'saved' if fresh else 'already saved (left as it was)'}: {saved_to}")
     return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
                 load_s=load_s, quantize_s=applied.seconds, kept_raw=applied.kept_raw, prepared=applied.prepared,
-                quality=quality,
+                quality=quality, on_disk=on_disk,
                 path_taken="quantized-from-checkpoint"
                 if kind == "ewq" else "original-checkpoint", saved_to=str(saved_to) if saved_to else None)
 
@@ -439,9 +439,8 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
     given = flags_given((
         ("--backend", args.backend, None), ("--group-size", args.group_size, None),
         ("--int8-activations", args.int8_activations, False), ("--quant-type", args.quant_type, QuantSettings.quant_type),
-        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold),
-        ("--weight-scales", args.weight_scales, None), ("--act-bits", args.act_bits, None),
-        ("--outlier-channels", args.outlier_channels, None)))
+        ("--double-quant", args.double_quant, False), ("--int8-threshold", args.int8_threshold, QuantSettings.threshold)
+    )) + dynamic_flags(args)
     if given:
         raise EWQError(f"{source.path} is a saved quantized model: its metadata.json sets the executor "
                        f"({meta.get('method')}); drop {', '.join(given)}")
@@ -526,7 +525,7 @@ def run(kind: str, argv=None) -> Path:
                         "executor_choice": ctx["executor"]},
         "settings": {**measured["settings"], "executor": ctx["settings"].key()},
         "load": {"path_taken": ctx["path_taken"], "load_s": ctx["load_s"], "quantize_s": ctx["quantize_s"],
-                 "on_disk": [k for k, v in (getattr(ctx["model"], "hf_device_map", None) or {}).items() if v == "disk"],
+                 "on_disk": ctx.get("on_disk", []),
                  "saved_to": ctx["saved_to"], "kept_raw": ctx["kept_raw"], "prepared": ctx.get("prepared"),
                  "warmup_s": measured["warmup_s"], "compile_warmup_s": measured["warmup_s"] if args.compile else None},
         "memory": {
