@@ -436,13 +436,12 @@ def prepare_for_plan(model, plan: dict, settings: QuantSettings, path, kind: str
         return None
     if kind != "encoder":
         raise EWQError("--outlier-channels are chosen on calibration sentences: encoders only (drop it for decoders)")
-    from . import embed, outliers, quality  # (the encoder suite and the corpus: only this step needs them)
+    from . import embed, quality  # (the encoder suite and the corpus: only this step needs them)
     from .source import load_tokenizer
 
-    tokenizer = load_tokenizer(path)
-    embedder = embed.Embedder.of(path, open_checkpoint(path).config, tokenizer)
+    embedder = embed.Embedder.of(path, open_checkpoint(path).config, load_tokenizer(path))
     sentences = embed.corpus_sentences(quality.load_corpus(), embed.CALIB_SENTENCES, from_end=True)
-    batches = outliers.calibration_batches(tokenizer, sentences, embedder.max_length)
+    batches = [embedder.tokenize(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]  # batches of 32, as served
     layers = {f"{index}.{name}": layer for index, _, name, layer, precision in plan_layers(model, plan)
               if precision != "raw"}
     return get_backend(settings.backend).prepare(model, layers, batches, settings)

@@ -151,11 +151,14 @@ class Embedder:
         full = self.tokenizer(sentences, add_special_tokens=True, truncation=False)["input_ids"]
         return [i for i, ids in enumerate(full) if len(ids) > self.max_length]
 
+    def tokenize(self, sentences) -> dict:
+        """The model's inputs for one batch, in the given order, padded to its longest sentence (as served)."""
+        return dict(self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt"))
+
     def batch(self, model, sentences, device: str = "cpu") -> torch.Tensor:
         """One padded batch, in the given order."""
-        batch = self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in self.tokenize(sentences).items()}
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state
         return pool(hidden, batch["attention_mask"], self.pooling).cpu()

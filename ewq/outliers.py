@@ -27,13 +27,6 @@ GAIN = 2.0  # a larger count only where it at least halves the matrix's output e
 ATTRIBUTE = "ewq_outlier_channels"
 
 
-def calibration_batches(tokenizer, sentences, max_length: int, batch_size: int = 32) -> list:
-    """Tokenized batches of calibration sentences in the given order, each padded to its longest sentence (as a
-    service pads them): what the per-tensor activation scale of a real batch sees."""
-    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
-
-
 def _run(model, batches, masks: list):
     with torch.inference_mode():
         for batch in batches:

@@ -179,21 +179,23 @@ def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu")
             warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated but still works in 2.13
             torch.ao.quantization.quantize_dynamic(wrapper, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return wrapper[0]
+    return _options_layer(module, settings, picked)
+
+
+def _options_layer(module, settings, outliers=None):
+    """An Int8DynamicLinear of a float Linear/Conv1D with the settings' weight scales and activation range."""
     lin = as_linear(module, torch.float32)
-    return _make_layer(lin.weight, lin.bias, settings.weight_scales == "channel", int(settings.act_bits), picked)
+    return _make_layer(lin.weight, lin.bias, settings.weight_scales == "channel", int(settings.act_bits), outliers)
 
 
 def prepare(model, layers: dict, batches, settings) -> dict | None:
     """The model-level hook, before any layer is quantized: with outlier_channels on, choose each float layer's
-    outlier input channels on calibration `batches` (outliers.calibration_batches) and attach them (ewq/outliers.py).
+    outlier input channels on calibration `batches` (padded as served: embed.Embedder.tokenize) and attach them (ewq/outliers.py).
     `layers`: {"block.matrix": float layer} the plan quantizes. Returns what was chosen per matrix, or None when off."""
     if not needs_calibration(settings):
         return None
-
-    def quantize(layer, picked):
-        return _make_layer(layer.weight, layer.bias, settings.weight_scales == "channel", int(settings.act_bits), picked)
-
-    return outlier_channels.prepare(model, layers, batches, quantize, int(settings.outlier_channels))
+    return outlier_channels.prepare(model, layers, batches, lambda layer, picked: _options_layer(layer, settings, picked),
+                                    int(settings.outlier_channels))
 
 
 def state_bytes(module) -> int:
