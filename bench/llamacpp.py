@@ -162,16 +162,9 @@ def build_tools(args) -> tuple[Path, dict]:
 # ---- the machine ----
 
 def cpu_info() -> dict:
-    name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name is None:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    from ewq.probes import cpu_info as read_cpuinfo
+
+    name, flags = read_cpuinfo()
     has = {f: f in flags for f in CPU_FLAGS if f != "amx"}
     has["amx"] = any(f.startswith("amx") for f in flags)
     return {"model_name": name or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": has,

@@ -54,19 +54,11 @@ def free_port() -> int:
 
 def cpu_facts() -> dict:
     """The CPU the figures were measured on: model name, cores, the instruction-set flags kernels depend on."""
-    facts = {"model_name": platform.processor() or "unknown", "cores": os.cpu_count(), "flags": []}
-    try:
-        from ewq.probes import CPU_FLAGS
+    from ewq.probes import CPU_FLAGS, cpu_info
 
-        text = Path("/proc/cpuinfo").read_text()
-        name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        facts["model_name"] = name.group(1).strip() if name else facts["model_name"]
-        facts["flags"] = [f for f in CPU_FLAGS if flags and f in flags.group(1).split()]
-    except OSError:
-        pass
-    facts["load_average_at_start"] = os.getloadavg()
-    return facts
+    name, flags = cpu_info()
+    return {"model_name": name or platform.processor() or "unknown", "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags], "load_average_at_start": os.getloadavg()}
 
 
 def versions(venv: Path) -> dict:

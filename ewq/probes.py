@@ -74,16 +74,28 @@ def driver_process_gb(device: str):
     return (total - free) / 1e9
 
 
+def cpu_info() -> tuple:
+    """(model name or None, set of flags) of the first CPU in /proc/cpuinfo; (None, empty) where there is none."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            if name and flags:
+                break
+    except OSError:
+        pass
+    return name, flags
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    name = cpu_info()[0]
+    return f"{name} ({os.cpu_count()} cores)" if name else platform.processor() or "cpu"
 
 
 # ---- the roofline: how fast this device can read memory ----
@@ -151,14 +163,7 @@ def instruction_set(device: str) -> dict:
     if device.startswith("cuda"):
         major, minor = torch.cuda.get_device_capability()
         return {"cuda_compute_capability": f"{major}.{minor}"}
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_info()[1]
     return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in CPU_FLAGS if f in flags]}
 
