@@ -92,9 +92,8 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
             save_file(tensors, tmp / "model.safetensors", metadata=header)
             hf_module().saved_config(model, plan, settings, dtype).save_pretrained(tmp)
         else:
-            tensors, layout = state_tensors(model)
-            save_file(tensors, tmp / "model.safetensors",
-                      metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan), **layout})
+            tensors = state_tensors(model)
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "ewq_plan_hash": plan_hash(plan)})
             model.config.save_pretrained(tmp)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
@@ -157,18 +156,15 @@ def torchao_record(model, header: dict) -> dict:
             "hf_needs_import": "ewq.hf" if loadable and hf_module().needs_hook(header) else None}
 
 
-def state_tensors(model) -> tuple:
-    """(every tensor of the model for safetensors, metadata for the file's header). bitsandbytes layers write their
-    own state (int8 data + SCB; packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed
-    parameters that safetensors cannot hold, so they are stored as int8 data + per-tensor scale and zero point;
-    torchao's weight tensors are flattened by torchao into plain tensors + a description in the header."""
+def state_tensors(model) -> dict:
+    """Every tensor of a bitsandbytes or torch-dynamic model for safetensors (torchao models are written by ewq.hf in
+    transformers' layout). bitsandbytes layers write their own state (int8 data + SCB;
+    packed 4-bit data + quantization state); torch's dynamic int8 layers keep packed parameters that safetensors cannot
+    hold, so they are stored as int8 data + scales and zero points (backends/torch_dynamic.saved_tensors)."""
     dynamic = {name + ".": m for name, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
-    tensors, seen, torchao_weights = {}, set(), {}
+    tensors, seen = {}, set()
     for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor) or any(name.startswith(p) for p in dynamic):
-            continue
-        if is_torchao_tensor(t):
-            torchao_weights[name] = t
             continue
         key = (t.data_ptr(), t.numel(), t.dtype)
         if key in seen:  # tied weights (lm_head = embeddings) are stored once
@@ -177,15 +173,7 @@ def state_tensors(model) -> tuple:
         tensors[name] = t.detach().to("cpu").contiguous()
     for prefix, m in dynamic.items():
         tensors.update(get_backend("torch-dynamic").saved_tensors(m, prefix))
-    header = {}
-    if torchao_weights:
-        from torchao.prototype.safetensors.safetensors_support import (
-            flatten_tensor_state_dict,
-        )
-
-        parts, header = flatten_tensor_state_dict(torchao_weights)
-        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in parts.items()})
-    return tensors, header
+    return tensors
 
 
 def _int8_layer(state: dict, prefix: str, threshold: float):
