@@ -12,7 +12,11 @@ saved model is a directory of our own making:
     metadata.json       is_quantized: true, method (ewq-bitsandbytes, ewq-torchao or dynamic-ptq-int8), base model
                         and fingerprints, counts, sizes, versions (torchao's and the CPU's capability for torchao)
 It is written under a temporary name and renamed when complete, so a crash leaves nothing that looks
-finished. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
+finished. Its name is <model>-<plan hash>-<executor digest> (artifact_name): the digest covers everything beside the plan
+that changes the tensors (the executor and its settings as QuantSettings.key() describes them, the dtype, the device),
+and is left out for the tool's default (bitsandbytes at its defaults, the CPU's default dtype), whose saves keep the
+name older EWQ versions gave them. A directory of that name is reused only when it holds the same content
+(content_key: plan, the plan's precisions, executor); anything else under the name is refused in one line. Loading builds the skeleton on the meta device (accelerate's init_empty_weights), puts the
 plan's layer types in place and assigns the saved tensors (Params4bit.from_prequantized for 4-bit;
 torchao's unflatten_tensor_state_dict rebuilds its weight tensors).
 
@@ -24,6 +28,7 @@ before from_pretrained; metadata.json says so (`hf_needs_import`). Before any te
 rebuild what the file holds is refused in one line (ewq.hf.check_readable).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -46,12 +51,13 @@ from .apply import (
     weight_bytes_by_precision,
 )
 from .backends import BACKENDS as BACKEND_NAMES
-from .backends import get_backend
+from .backends import QuantSettings, get_backend
 from .backends.ao import is_torchao_tensor
 from .backends.bnb import quiet as quiet_bitsandbytes
 from .checkpoint import open_checkpoint
 from .common import EWQError, write_json_atomic
-from .plan import layer_precision, load_plan, plan_hash
+from .device import pick_dtype
+from .plan import layer_precision, load_plan, other_matrices, plan_hash
 
 # metadata.json `method` of a saved model <-> the backend that made it (backends whose SAVE_METHOD is None cannot save)
 METHODS = {b: get_backend(b).SAVE_METHOD for b in BACKEND_NAMES if get_backend(b).SAVE_METHOD}
@@ -69,20 +75,118 @@ def read_metadata(path) -> dict | None:
         raise EWQError(f"{meta} is not valid JSON ({e}); restore or delete it") from None
 
 
-def artifact_name(model_id: str, plan: dict) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_id.rstrip("/")).name or "model").strip("-") or "model"
-    return f"{base}-{plan_hash(plan)}"
+# ---- names and content keys: what a saved model (or an exported GGUF) is reused for ----
+
+def digest(obj, n: int = 8) -> str:
+    """A short hash of a JSON-able description (names of files whose content it describes)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def plan_assignment(plan: dict) -> dict:
+    """The precision of every matrix the plan sets. plan_hash covers the weights and the method, not the precisions,
+    which a person may edit in the plan file; a reused file must match them too."""
+    return {"blocks": [[b["index"], b["precision"], b.get("matrices") or {}]
+                       for b in sorted(plan["blocks"], key=lambda b: b["index"])],
+            "other": other_matrices(plan)}
+
+
+def executor_key(settings, dtype, device_type: str = "cpu") -> dict:
+    """What, beside the plan, changes a quantized model's tensors: the executor and its settings (QuantSettings.key(),
+    the one description of what changes the numbers), the dtype of raw blocks and scales, the device it was quantized
+    on (torchao's int4 layout differs between CPU and CUDA)."""
+    return {**settings.key(), "dtype": dtype_name(dtype), "device_type": device_type.split(":")[0]}
+
+
+def default_executor_key(kind: str = "decoder") -> dict:
+    """The executor key older EWQ names stand for: bitsandbytes at its defaults, on the CPU, in the CPU's dtype."""
+    default = QuantSettings()
+    return executor_key(default, pick_dtype(None, "cpu", default.backend, kind))
+
+
+def content_key(plan: dict, settings, dtype, device_type: str = "cpu") -> dict:
+    """Everything a saved model's tensors depend on: the plan (weights fingerprint and method), its precisions and
+    the executor key."""
+    return {"plan_hash": plan_hash(plan), "assignment": plan_assignment(plan),
+            "executor": executor_key(settings, dtype, device_type)}
+
+
+def model_base_name(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_id.rstrip("/")).name or "model").strip("-") or "model"
+
+
+def artifact_name(model_id: str, plan: dict, settings, dtype, device_type: str = "cpu") -> str:
+    """<model>-<plan hash>-<executor digest>; the tool's default executor keeps the older <model>-<plan hash>."""
+    name = f"{model_base_name(model_id)}-{plan_hash(plan)}"
+    key = executor_key(settings, dtype, device_type)
+    return name if key == default_executor_key(plan["model"].get("kind", "decoder")) else f"{name}-{digest(key)}"
+
+
+def gguf_name(model_id: str, plan: dict, tensor_types: dict) -> str:
+    """The file name a plan's GGUF is written to and reused from: <model>-<plan hash>-<types digest>.gguf. A GGUF's
+    content is the plan's weights (the plan hash covers their fingerprint) and the ggml type of every tensor (export.
+    tensor_types: the plan's precisions and the checkpoint's 16-bit type for raw ones); llama.cpp's --formats only
+    choose among types when planning, so they are in the plan hash, not here."""
+    return f"{model_base_name(model_id)}-{plan_hash(plan)}-{digest(tensor_types)}.gguf"
+
+
+def saved_settings(meta: dict) -> QuantSettings:
+    """The executor settings a save recorded in its metadata.json (fields absent in older saves: their defaults)."""
+    if meta.get("method") not in BACKENDS:
+        raise EWQError(f"metadata.json names method {meta.get('method')!r}; EWQ saves one of {', '.join(BACKENDS)}")
+    return QuantSettings(BACKENDS[meta["method"]], meta.get("quant_type", QuantSettings.quant_type),
+                         meta.get("double_quant", False), meta.get("int8_threshold", QuantSettings.threshold),
+                         meta.get("group_size", 64), meta.get("int8_activations", False),  # (absent before torchao saves)
+                         **{k: meta[k] for k in ("weight_scales", "act_bits", "outlier_channels") if k in meta})
+
+
+def saved_content_key(path) -> dict:
+    """content_key of a directory written by save_quantized, from its metadata.json and plan.json (older saves
+    included: they record every setting, and were quantized on the device their metadata names, else the CPU)."""
+    path = Path(path)
+    meta = read_metadata(path) or {}
+    try:
+        plan = load_plan(path / "plan.json")
+        return content_key(plan, saved_settings(meta), getattr(torch, meta["dtype"]), meta.get("device_type", "cpu"))
+    except (EWQError, KeyError, AttributeError) as e:
+        raise EWQError(f"{path} looks like a saved model but cannot be read ({str(e)[:160]}); move or delete it, then "
+                       f"save again") from None
+
+
+def content_differences(saved: dict, wanted: dict) -> list:
+    """What differs between two content keys, in words, for the refusal."""
+    out = []
+    if saved["plan_hash"] != wanted["plan_hash"]:
+        out.append(f"plan {saved['plan_hash']} there, {wanted['plan_hash']} now")
+    if saved["assignment"] != wanted["assignment"]:
+        out.append("other precisions (the plan was edited since)")
+    s, w = saved["executor"], wanted["executor"]
+    if s.get("backend") != w.get("backend"):
+        out.append(f"backend {s.get('backend')} there, {w.get('backend')} now")
+    else:
+        out += [f"{k} {s.get(k)} there, {w.get(k)} now" for k in sorted(set(s) | set(w)) if s.get(k) != w.get(k)]
+    return out
 
 
 def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, settings, dtype, root) -> tuple:
-    """Write the quantized model to root/<name>-<plan hash>/. Returns (path, written now?)."""
+    """Write the quantized model to root/artifact_name(...)/. Returns (path, written now?): an existing save of the same
+    content is left as it was; a different model under the name is refused."""
     root = Path(root)
     if any(p.device.type == "meta" for p in model.parameters()):  # accelerate keeps offloaded blocks' tensors apart
         raise EWQError("this model has raw blocks offloaded (--max-memory); a saved model holds every weight: drop "
                        "--save, or save from a run where the whole model fits")
-    target = root / artifact_name(source.id, plan)
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    target = root / artifact_name(source.id, plan, settings, dtype, device_type)
     if (target / "metadata.json").is_file():
-        return target, False  # saved before from the same weights and plan: never overwritten
+        differences = content_differences(saved_content_key(target), content_key(plan, settings, dtype, device_type))
+        if differences:
+            raise EWQError(f"{target} already holds another model of this plan ({'; '.join(differences)}), saved by an "
+                           f"older EWQ that named saves by plan only, or before the plan was edited; move or delete it, "
+                           f"then save again")
+        return target, False  # saved before with the same content: never overwritten
     tmp = root / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -118,6 +222,7 @@ def save_quantized(model, plan: dict, source, fingerprint: str, tokenizer, setti
             "dtype": str(dtype).replace("torch.", ""), "quant_type": settings.quant_type,
             "double_quant": settings.double_quant, "int8_threshold": settings.threshold,
             "group_size": settings.group_size, "int8_activations": settings.int8_activations,
+            "device_type": device_type, "executor": settings.key(),
             **(torchao_record(model, header) if settings.backend == "torchao" else {}),
             **(get_backend("torch-dynamic").key(settings) if settings.backend == "torch-dynamic" else {}),
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

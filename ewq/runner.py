@@ -32,7 +32,7 @@ from .apply import (
     weight_bytes_by_precision,
 )
 from .artifact import BACKENDS as SAVED_BACKENDS
-from .artifact import artifact_name, check_fits, load_quantized, read_metadata, save_quantized
+from .artifact import check_fits, gguf_name, load_quantized, read_metadata, save_quantized, saved_settings
 from .backends import (
     BACKENDS,
     GROUP_SIZES,
@@ -44,7 +44,7 @@ from .backends import (
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, check_writable_dir
 from .device import DTYPES, pick_device, pick_dtype
-from .export import write_gguf
+from .export import tensor_types, write_gguf
 from .plan import (
     BUILTIN_PLANS,
     builtin_plan,
@@ -386,7 +386,8 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
 
 
 def prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings) -> dict:
-    """llama.cpp runs a file: the plan written as a GGUF once (<plans-dir>/<name>-<plan hash>.gguf, reused after),
+    """llama.cpp runs a file: the plan written as a GGUF once (<plans-dir>/<name>-<plan hash>-<types digest>.gguf,
+    artifact.gguf_name: reused only for the same weights and the same ggml type for every tensor),
     loaded by llama.cpp and timed and scored by the same suite as the torch rows. The float torch model is loaded
     only to make the original's reference log-probs when they are not cached yet."""
     from transformers import GenerationConfig
@@ -400,16 +401,18 @@ def prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_pat
     unknown = sorted(precisions_used(plan) - {"raw"} - set(llamacpp.ACCEPTS))
     if unknown:
         raise EWQError(f"llama.cpp has no {', '.join(unknown)}; use a plan of ggml types or of raw/8-bit/4-bit")
+    if not plan["blocks"] or not plan["blocks"][0].get("shapes"):
+        raise EWQError("the plan does not list its matrices (an older plan); regenerate it with main_cache_model.py")
     suite = SUITES[ckpt.kind]
     quality = suite.quality_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
     if quality and quality["reference"] is None:
         float_model = load_model(source.path, dtype, ckpt.kind)
         quality["reference"] = suite.make_reference(float_model, quality, device, progress=not args.no_progress)
         del float_model
-    path = check_writable_dir(args.plans_dir) / f"{artifact_name(source.id, plan)}.gguf"
+    path = check_writable_dir(args.plans_dir) / gguf_name(source.id, plan, tensor_types(plan, ckpt))
     start = time.perf_counter()
     if path.is_file():
-        print(f"reusing {path} (written earlier from the same weights and plan)")
+        print(f"reusing {path} (written earlier from the same weights and tensor types)")
     else:
         write_gguf(plan, source, ckpt, path, progress=not args.no_progress)
         print(f"wrote {path}")
@@ -458,17 +461,10 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
     quality = suite.quality_inputs(args, source.path, ckpt.config, tokenizer, fp, dtype, device)
     if quality and quality["reference"] is None:
         raise EWQError(suite.MISSING_REFERENCE.format(base=meta.get("base_path")))
-    settings = QuantSettings(SAVED_BACKENDS[meta["method"]], meta["quant_type"], meta["double_quant"], meta["int8_threshold"],
-                             meta.get("group_size", 64), meta.get("int8_activations", False),  # (absent before torchao saves)
-                             **saved_executor_options(meta))
+    settings = saved_settings(meta)
     return dict(fingerprint=fp, plan=plan, plan_path=source.path / "plan.json", settings=settings, dtype=dtype,
                 model=model, load_s=load_s, quantize_s=0.0, kept_raw=[], quality=quality, path_taken="saved-quantized",
                 saved_to=None)
-
-
-def saved_executor_options(meta: dict) -> dict:
-    """torch-dynamic's options as a save recorded them (absent before they existed: torch's defaults)."""
-    return {k: meta[k] for k in ("weight_scales", "act_bits", "outlier_channels") if k in meta}
 
 
 def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:

@@ -49,7 +49,7 @@ def test_save_then_load_gives_identical_logits(mixed_plan, tmp_path, quant_type,
     source = ModelSource(str(model_dir), model_dir)
     path, written = save_quantized(fresh, plan, source, plan["model"]["fingerprint"],
                                    AutoTokenizer.from_pretrained(model_dir), settings, torch.float32, tmp_path / "q")
-    assert written and path.name.endswith("-" + plan_hash(plan))
+    assert written and f"-{plan_hash(plan)}-" in path.name  # (float32 is not the CPU default: a settings digest follows)
     loaded, loaded_plan, meta = load_quantized(path)
     with torch.no_grad():
         want = quantized(model_dir, plan, quant_type)(ids).logits
