@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint
 from .common import EWQError, write_json_atomic
-from .entropy import ENTROPY_FUNCTIONS, block_entropy
+from .entropy import ENTROPY_FUNCTIONS, HIST_BINS, block_entropy
 from .probes import cache_dir
 
 WORKERS = 2
@@ -69,10 +69,15 @@ def _cache_path(ckpt: Checkpoint):
     return cache_dir() / "analysis" / f"analysis_{stat_key(ckpt)}.json"
 
 
+# What the cached numbers depend on beside the files: the definitions of the entropies (the histogram's bins) and
+# of the fingerprint. Recorded with them; an entry without it was made with these (the only ones there have been).
+DEFINITIONS = {"histogram_bins": HIST_BINS, "fingerprint": "xxh3-128 per tensor, sha256[:32] over the sorted list"}
+
+
 def _from_cache(ckpt: Checkpoint, kinds) -> dict | None:
     try:
         cached = json.loads(_cache_path(ckpt).read_text())
-        if all(k in cached["by_kind"] for k in kinds):
+        if cached.get("definitions", DEFINITIONS) == DEFINITIONS and all(k in cached["by_kind"] for k in kinds):
             return cached
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -86,7 +91,8 @@ def _to_cache(ckpt: Checkpoint, analysis: Analysis) -> None:
         matrix = old["matrix_entropies"]
         for name, h in (analysis.matrix_entropies or {}).items():
             matrix.setdefault(name, {}).update(h)
-        write_json_atomic(path, {"fingerprint": analysis.fingerprint, "by_kind": {**old["by_kind"], **analysis.by_kind},
+        write_json_atomic(path, {"definitions": DEFINITIONS, "fingerprint": analysis.fingerprint,
+                                 "by_kind": {**old["by_kind"], **analysis.by_kind},
                                  "matrix_entropies": matrix, "seconds": analysis.seconds})
     except OSError:
         pass  # a cache we cannot write only costs time

@@ -6,8 +6,8 @@ a short probe times each candidate's kernels at the model's own layer shapes: th
 (enough to leave the caches, as decoding does), one token at a time for a decoder (a matrix-vector product per
 layer) or a batch of 32 sentences for an encoder, in the run dtype, quantized all to 8-bit and all to 4-bit,
 beside the same layers unquantized in the same mode. The candidate whose quantized layers are fastest wins;
-the probe is cached per machine (device, instruction set, threads, library versions, shapes), like the read
-bandwidth, so it runs once.
+the probe is cached per machine (device, instruction set, threads, library versions, shapes, and the dtype and
+settings each candidate is measured with), like the read bandwidth, so it runs once.
 
 Candidates are the faithful executors: weight-only or outlier-aware ones (torchao int8/int4, bitsandbytes
 LLM.int8/nf4), eager, and torchao compiled (bitsandbytes does not compile). torch's dynamic int8 is not a
@@ -189,10 +189,14 @@ def probe_key(layout: Layout, device: str, dtype_of) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    dtypes = {b: str(dtype_of(b)).replace("torch.", "") for b, _ in candidates(layout.kind, device)}
+    backends = dict.fromkeys(b for b, _ in candidates(layout.kind, device))
+    dtypes = {b: str(dtype_of(b)).replace("torch.", "") for b in backends}
+    # what each candidate is measured with (run_probe: the backend's default settings), so a change of a default
+    # measures again instead of ranking by timings of other formats
+    settings = {b: QuantSettings(b).key() for b in backends}
     return {"device_name": device_name(device), "instruction_set": instruction_set(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "torchao": version("torchao"),
-            "bitsandbytes": version("bitsandbytes"), "dtypes": dtypes, "kind": layout.kind,
+            "bitsandbytes": version("bitsandbytes"), "dtypes": dtypes, "settings": settings, "kind": layout.kind,
             "shapes": [list(s) for s in layout.shapes], "blocks": probe_blocks(layout), "ewq": __version__}
 
 
