@@ -743,18 +743,45 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
 
 def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tensor_types, default_type, progress,
             inter, quantize_fn, strict, pre_override, model_name, warnings) -> dict:
-    import torch
-    from safetensors import safe_open
-    from tqdm import tqdm
-
     gguf = _gguf()
     block_count = find_hparam(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], optional=False)
+    n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"], optional=False)
+    heads = (n_head, find_hparam(hparams, ["n_kv_heads", "num_key_value_heads"]) or n_head) if permute else None
+    entries = _checkpoint_entries(model_dir, gguf_arch, block_count)
+    plan, fallbacks, fb_warnings = resolve_plan(entries, tensor_types, default_type, strict, model_dir.name)
+    warnings += fb_warnings
+    inter, written, pending = _written_types(entries, plan, inter, quantize_fn)
+    ftype = _file_type(entries, written)
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf_arch)
+    extra = llama3_rope_factors(hparams) if gguf_arch == "llama" else None
+    order = _add_tensor_infos(writer, entries, written, extra)
+    _add_metadata(writer, model_dir, model_name, hparams, gguf_arch, block_count, ftype, warnings)
+    pre, pre_how, chkhsh = _add_vocab(writer, model_dir, hparams, gguf_arch, pre_override, warnings)
+    for w in warnings:
+        sys.stderr.write(f"warning: {w}\n")
+    _write_file(writer, tmp, order, entries, extra, heads, quantize_fn, progress)
+
+    args = _llama_quantize_rest(entries, plan, pending, out_path, gguf_arch, block_count)
+    if args and progress:
+        sys.stderr.write(f"{len(pending)} k-quant matrix(es) written as {inter}; finish with:\n"
+                         f"  llama-quantize {shlex.join(args)}\n")
+    return {
+        "path": str(out_path), "arch": gguf_arch, "hf_arch": hf_arch, "bytes": tmp.stat().st_size,
+        "n_tensors": len(order), "file_type": ftype.name,
+        "pre_tokenizer": pre, "pre_tokenizer_source": pre_how, "pre_tokenizer_hash": chkhsh,
+        "final_types": plan, "written_types": written, "gguf_names": {n: e["gguf"] for n, e in entries.items()},
+        "fallbacks": fallbacks, "warnings": warnings, "pending_kquants": pending, "kquant_intermediate": inter,
+        "llama_quantize_args": args, "llama_quantize_command": ("llama-quantize " + shlex.join(args)) if args else "",
+    }
+
+
+def _checkpoint_entries(model_dir: Path, gguf_arch: str, block_count: int) -> dict:
+    """What the checkpoint holds, mapped to llama.cpp's names (headers only): HF name -> part, dtype, shape, gguf
+    name, float_only."""
+    gguf = _gguf()
     arch_enum = next(m for m in gguf.MODEL_ARCH if gguf.MODEL_ARCH_NAMES[m] == gguf_arch)
     tmap = gguf.get_tensor_name_map(arch_enum, block_count)
-    n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"], optional=False)
-    n_kv_head = find_hparam(hparams, ["n_kv_heads", "num_key_value_heads"]) or n_head
-
-    # what the checkpoint holds, mapped to llama.cpp's names (headers only)
     entries = {}
     for name, (part, dtype, shape) in index_tensors(model_dir).items():
         gname = tmap.get_name(key=name, try_suffixes=(".weight", ".bias"))
@@ -763,10 +790,12 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
                            "this checkpoint is not a plain causal LM of that layout")
         entries[name] = {"part": part, "dtype": dtype, "shape": shape, "gguf": gname,
                          "float_only": is_float_only(gname, len(shape))}
-    plan, fallbacks, fb_warnings = resolve_plan(entries, tensor_types, default_type, strict, model_dir.name)
-    warnings += fb_warnings
+    return entries
 
-    # the type each tensor is written in now: k-quants wait for llama-quantize unless quantize_fn makes them
+
+def _written_types(entries: dict, plan: dict, inter: str, quantize_fn) -> tuple[str, dict, dict]:
+    """(intermediate type, {HF: type written now}, {HF: k-quant pending}): k-quants wait for llama-quantize, written
+    in `inter` (AUTO: the checkpoint's own 16-bit type, else F32), unless quantize_fn makes them."""
     src_dtypes = Counter(e["dtype"] for e in entries.values() if not e["float_only"])
     if inter == "AUTO":
         src = src_dtypes.most_common(1)[0][0] if src_dtypes else "F16"
@@ -777,17 +806,29 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
             written[name], pending[name] = inter, t
         else:
             written[name] = t
+    return inter, written, pending
 
-    # general.file_type: the type holding most parameters among the matrices (as written)
+
+def _params_by_type(entries: dict, types: dict, skip=()) -> Counter:
+    """Parameters of the matrices (not the float-only tensors) by their type in `types`, leaving out `skip`."""
     by_params = Counter()
-    for name, t in written.items():
-        if not entries[name]["float_only"]:
+    for name, t in types.items():
+        if not entries[name]["float_only"] and t not in skip:
             by_params[t] += int(np.prod(entries[name]["shape"]))
-    ftype = gguf.LlamaFileType[FILE_TYPES[dominant_type(by_params)]]
+    return by_params
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf_arch)
-    extra = llama3_rope_factors(hparams) if gguf_arch == "llama" else None
-    order = []  # (gguf name, HF name or None, written type, nbytes)
+
+def _file_type(entries: dict, written: dict):
+    """general.file_type: the type holding most parameters among the matrices (as written)."""
+    gguf = _gguf()
+    return gguf.LlamaFileType[FILE_TYPES[dominant_type(_params_by_type(entries, written))]]
+
+
+def _add_tensor_infos(writer, entries: dict, written: dict, extra) -> list:
+    """Declare every tensor (llama3's rope factors `extra` first) in its written type; returns the write order:
+    (gguf name, HF name or None, written type, nbytes)."""
+    gguf = _gguf()
+    order = []
     if extra is not None:
         gname = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         order.append((gname, None, "F32", extra.numel() * 4))
@@ -799,8 +840,14 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
         nbytes = nrows * row_bytes(t, shape[-1])
         writer.add_tensor_info(e["gguf"], shape, np.dtype(np.float32), nbytes, raw_dtype=gguf.GGMLQuantizationType[t])
         order.append((e["gguf"], name, t, nbytes))
+    return order
 
-    # metadata, as ModelBase.prepare_metadata + TextModel.prepare_metadata order them
+
+def _add_metadata(writer, model_dir: Path, model_name, hparams: dict, gguf_arch: str, block_count: int, ftype,
+                  warnings: list) -> None:
+    """The general.* keys and the hyper-parameters, as ModelBase.prepare_metadata + TextModel.prepare_metadata order
+    them (after the tensor infos: the parameter count comes from them)."""
+    gguf = _gguf()
     total_params, shared, expert, expert_count = writer.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, model_name, total_params)
     if meta.name is None:
@@ -812,7 +859,11 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
     _set_gguf_parameters(writer, hparams, gguf_arch, block_count, ftype, warnings)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # vocabulary (LlamaModel.set_vocab / Qwen2Model.set_vocab -> _set_vocab_gpt2)
+
+def _add_vocab(writer, model_dir: Path, hparams: dict, gguf_arch: str, pre_override, warnings: list) -> tuple:
+    """The vocabulary (LlamaModel.set_vocab / Qwen2Model.set_vocab -> _set_vocab_gpt2); returns (pre-tokenizer, how
+    it was found, the tokenizer's hash)."""
+    gguf = _gguf()
     check_tokenizer_files(model_dir, gguf_arch)
     add_prefix_space = None
     if gguf_arch == "llama" and (model_dir / "tokenizer_config.json").is_file():
@@ -831,11 +882,15 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
                         "llama.cpp refuses a gpt2 vocabulary without it, so llama.cpp will not load this file")
     if gguf_arch == "llama" and hparams.get("vocab_size", 32000) == 49152:
         writer.add_add_bos_token(False)  # LlamaModel.set_vocab: "granite small models" (SmolLM has this size too)
+    return pre, pre_how, chkhsh
 
-    for w in warnings:
-        sys.stderr.write(f"warning: {w}\n")
 
-    # header, key-values, tensor infos; then the data, one tensor at a time
+def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, quantize_fn, progress: bool) -> None:
+    """Header, key-values, tensor infos; then the data, one tensor at a time, one safetensors file open at a time.
+    heads: (n_head, n_kv_head) where q and k are permuted to llama.cpp's rotary layout, else None."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
     writer.write_header_to_file(path=tmp)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -843,22 +898,15 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
     writer.write_padding(fout, fout.tell())
     bar = tqdm(total=sum(o[3] for o in order), unit="B", unit_scale=True, desc="gguf export",
                disable=not progress, leave=False)
-    part, f = None, None  # one safetensors file open at a time
+    part, f = None, None
     try:
         for gname, name, t, nbytes in order:
             if name is None:
                 data = extra
             else:
-                e = entries[name]
-                if e["part"] != part:
-                    part, f = e["part"], safe_open(e["part"], framework="pt")
-                data = f.get_tensor(name)
-                if data.dtype not in (torch.float16, torch.float32, torch.bfloat16):
-                    data = data.to(torch.float32)
-                if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = llama_permute(data, n_head, n_head)
-                elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = llama_permute(data, n_head, n_kv_head)
+                if entries[name]["part"] != part:
+                    part, f = entries[name]["part"], safe_open(entries[name]["part"], framework="pt")
+                data = _source_tensor(f, name, heads)
             n = _write_tensor(fout, data, t, gname, quantize_fn, bar)
             if n != nbytes:
                 raise EWQError(f"{gname}: wrote {n} bytes, expected {nbytes}")
@@ -871,22 +919,27 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
         f = None
         writer.close()
 
+
+def _source_tensor(f, name: str, heads):
+    """The checkpoint's tensor `name` from the open safetensors file `f`, as a float, in llama.cpp's layout."""
+    import torch
+
+    data = f.get_tensor(name)
+    if data.dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        data = data.to(torch.float32)
+    if heads and name.endswith(("q_proj.weight", "q_proj.bias")):
+        data = llama_permute(data, heads[0], heads[0])
+    elif heads and name.endswith(("k_proj.weight", "k_proj.bias")):
+        data = llama_permute(data, heads[0], heads[1])
+    return data
+
+
+def _llama_quantize_rest(entries: dict, plan: dict, pending: dict, out_path: Path, gguf_arch: str,
+                         block_count: int) -> list:
+    """llama-quantize's arguments that make the pending k-quants (the file becomes -plan.gguf); [] if none."""
+    if not pending:
+        return []
     final_gguf = {entries[n]["gguf"]: t for n, t in plan.items()}
-    final_params = Counter()
-    for name, t in plan.items():
-        if not entries[name]["float_only"] and t not in FLOAT_TYPES:
-            final_params[t] += int(np.prod(entries[name]["shape"]))
-    args = llama_quantize_args(final_gguf, out_path, out_path.with_name(out_path.stem + "-plan.gguf"),
-                               arch=gguf_arch, n_blocks=block_count,
-                               base_type=dominant_type(final_params)) if pending else []
-    if args and progress:
-        sys.stderr.write(f"{len(pending)} k-quant matrix(es) written as {inter}; finish with:\n"
-                         f"  llama-quantize {shlex.join(args)}\n")
-    return {
-        "path": str(out_path), "arch": gguf_arch, "hf_arch": hf_arch, "bytes": tmp.stat().st_size,
-        "n_tensors": len(order), "file_type": ftype.name,
-        "pre_tokenizer": pre, "pre_tokenizer_source": pre_how, "pre_tokenizer_hash": chkhsh,
-        "final_types": plan, "written_types": written, "gguf_names": {n: e["gguf"] for n, e in entries.items()},
-        "fallbacks": fallbacks, "warnings": warnings, "pending_kquants": pending, "kquant_intermediate": inter,
-        "llama_quantize_args": args, "llama_quantize_command": ("llama-quantize " + shlex.join(args)) if args else "",
-    }
+    final_params = _params_by_type(entries, plan, skip=FLOAT_TYPES)
+    return llama_quantize_args(final_gguf, out_path, out_path.with_name(out_path.stem + "-plan.gguf"),
+                               arch=gguf_arch, n_blocks=block_count, base_type=dominant_type(final_params))
