@@ -331,7 +331,7 @@ def markdown(rows: list, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = ArgumentParser(prog="python bench/llamacpp.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m"), help="Hugging Face checkpoint directory")
     p.add_argument("--out-dir", default=str(REPO / "benchmark_results" / "llamacpp"),
@@ -356,8 +356,12 @@ def main(argv=None) -> int:
     p.add_argument("--reference-type", default="BF16", choices=("BF16", "F16", "F32"),
                    help="type of the reference file the presets are quantized from and KLD is measured against "
                         "(default BF16, llama.cpp's usual; F16 is lossless for an fp16 checkpoint)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def check_args(args) -> tuple[Path, list, list, list]:
+    """(model, presets, --gguf files, --plans), every flag checked before anything is built or written; turns
+    args.threads into a list of thread counts."""
     model = Path(args.model).resolve()
     if not (model / "config.json").is_file():
         raise EWQError(f"--model {model} is not a Hugging Face checkpoint directory (no config.json)")
@@ -384,22 +388,28 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("ewq.export") is None:
             raise EWQError("--plans needs `python -m ewq.export gguf`, which this checkout does not have yet; "
                            "export the plans yourself and pass them with --gguf")
-    out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = corpus_path(args.text)
-    cpu = cpu_info()
-    log(f"CPU: {cpu['model_name']}, {cpu['logical_cpus']} logical CPUs; "
-        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items()))
+    return model, presets, extra, plans
 
-    name = model.name
-    names = [f"{name}-{args.reference_type}.gguf", *(f"{name}-{p}.gguf" for p in presets), *(f.name for f in extra),
+
+def cpu_flags(cpu: dict) -> str:
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+
+
+def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list) -> list:
+    """The rows' file names, the reference first; two rows may not share one."""
+    names = [f"{name}-{reference_type}.gguf", *(f"{name}-{p}.gguf" for p in presets), *(f.name for f in extra),
              *(f"{name}-plan-{p.stem}.gguf" for p in plans)]
     if len(set(names)) != len(names):
         raise EWQError(f"two rows would have the same file name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                        "rename the --gguf files or plans")
+    return names
 
-    # files: what EWQ writes first (a bad plan fails before minutes of building), then the tools and the presets
-    bf16 = export_reference(model, out_dir / names[0], args.reference_type)
+
+def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, extra: list, plans: list) -> tuple:
+    """(reference file, rows, bin_dir, tools): what EWQ writes first (a bad plan fails before minutes of building),
+    then the tools and the presets."""
+    name = model.name
+    bf16 = export_reference(model, out_dir / reference, args.reference_type)
     planned = [{"name": f"{name}-plan-{plan.stem}.gguf", "kind": "plan", "plan": str(plan),
                 "file": export_plan(plan, model, out_dir / f"{name}-plan-{plan.stem}.gguf")} for plan in plans]
     bin_dir, tools = build_tools(args)
@@ -408,19 +418,26 @@ def main(argv=None) -> int:
         rows.append({"name": f"{name}-{preset}.gguf", "kind": "preset", "preset": preset,
                      "file": quantize(bin_dir, bf16, out_dir / f"{name}-{preset}.gguf", preset, max(args.threads))})
     rows += [{"name": f.name, "kind": "gguf", "file": f} for f in extra] + planned
+    return bf16, rows, bin_dir, tools
 
-    # quality: deterministic, once per file
+
+def measure_quality(rows: list, bin_dir: Path, bf16: Path, corpus: Path, model: Path, out_dir: Path, args) -> tuple:
+    """(text slice, base perplexity): deterministic, once per file; each row gets its KLD, same-top and PPL."""
     text = text_slice(corpus, model, out_dir / f"{corpus.stem}.middle.txt", args.chunks * args.ctx)
     log(f"text: {text['corpus']} bytes [{text['start_byte']}, {text['end_byte']}) of {text['corpus_bytes']} "
         f"({text['tokens']} tokens; sha256 {text['sha256'][:16]}) -> {text['file']}")
-    base_logits = out_dir / f"{name}-{args.reference_type}.kld-base.bin"
+    base_logits = out_dir / f"{model.name}-{args.reference_type}.kld-base.bin"
     base = perplexity_base(bin_dir, bf16, Path(text["file"]), base_logits, args)
     for r in rows:
         r.update(perplexity_kld(bin_dir, r["file"], base_logits, args))
     if not args.keep_logits:
         base_logits.unlink(missing_ok=True)
+    return text, base
 
-    # speed: interleaved rounds
+
+def measure_speed(rows: list, bin_dir: Path, args) -> dict:
+    """tg tok/s in interleaved rounds (reverse order on odd ones); each row gets its statistics per thread count,
+    the load averages and its bytes. Returns llama-bench's build facts."""
     samples = {r["name"]: {t: [] for t in args.threads} for r in rows}
     loads = {r["name"]: [] for r in rows}
     build = {}
@@ -444,9 +461,13 @@ def main(argv=None) -> int:
         r.update({**{k: v for k, v in speed[0].items() if k != "tg_tok_s_samples"}, "speed": speed,
                   "loadavg_1m_before": loads[r["name"]], "file_bytes": r["file"].stat().st_size,
                   "tensor_bytes_by_type": file_bytes_by_type(r["file"]), "file": str(r["file"])})
+    return build
 
-    busy = [x for r in rows for x in r["loadavg_1m_before"] if x is not None and x > (cpu["logical_cpus"] or 1)]
-    result = {
+
+def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, base: dict, text: dict,
+            bf16: Path, busy: list) -> dict:
+    """The JSON's content (schema_version 1)."""
+    return {
         "schema_version": SCHEMA_VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(model), "cpu": cpu, "llama_cpp": {**tools, **build, "version": f"llama-cpp-python {VERSION} (vendored)",
                                                         "system_info": base["system_info"]},
@@ -457,15 +478,15 @@ def main(argv=None) -> int:
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),
     }
-    for r in rows:
-        r["file"] = str(r["file"])
-    out = write_json_atomic(out_dir / f"llamacpp_{name}.json", result)
 
+
+def report(rows: list, args, result: dict, cpu: dict, tools: dict, build: dict, bf16: Path, text: dict, busy: list,
+           out: Path) -> None:
+    """The markdown table, how it was measured, a warning when other processes competed, where the JSON is."""
     print()
     print(markdown(rows, args))
     print()
-    print(f"CPU: {cpu['model_name']} ({cpu['logical_cpus']} logical CPUs); flags: "
-          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    print(f"CPU: {cpu['model_name']} ({cpu['logical_cpus']} logical CPUs); flags: " + cpu_flags(cpu)
           + f"; llama.cpp {build.get('build_commit', '?')} ({tools['source']}: {tools['bin_dir']})")
     print(f"threads {','.join(map(str, args.threads))}; tg{args.n_gen}: median of {args.rounds} x {args.repetitions} llama-bench samples "
           f"± sd (max: the best sample, the least disturbed by other processes); KLD vs {bf16.name} on {args.chunks} x {args.ctx} tokens of {text['corpus']} bytes "
@@ -475,8 +496,29 @@ def main(argv=None) -> int:
               f"{len(busy)} of the llama-bench calls (max {max(busy)}): other processes competed and the tok/s are "
               f"low and noisy; rerun on a quiet machine")
     print(f"wrote {out}")
-    return 0
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model, presets, extra, plans = check_args(args)
+    out_dir = Path(args.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_path(args.text)
+    cpu = cpu_info()
+    log(f"CPU: {cpu['model_name']}, {cpu['logical_cpus']} logical CPUs; " + cpu_flags(cpu))
+    names = row_names(model.name, args.reference_type, presets, extra, plans)
+
+    bf16, rows, bin_dir, tools = make_files(args, model, out_dir, names[0], presets, extra, plans)
+    text, base = measure_quality(rows, bin_dir, bf16, corpus, model, out_dir, args)
+    build = measure_speed(rows, bin_dir, args)
+
+    busy = [x for r in rows for x in r["loadavg_1m_before"] if x is not None and x > (cpu["logical_cpus"] or 1)]
+    result = summary(rows, args, model, cpu, tools, build, base, text, bf16, busy)
+    for r in rows:
+        r["file"] = str(r["file"])
+    out = write_json_atomic(out_dir / f"llamacpp_{model.name}.json", result)
+    report(rows, args, result, cpu, tools, build, bf16, text, busy, out)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
