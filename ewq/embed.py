@@ -163,13 +163,16 @@ class Embedder:
             hidden = model(**batch).last_hidden_state
         return pool(hidden, batch["attention_mask"], self.pooling).cpu()
 
+    def length_batches(self, sentences, batch_size: int = 32) -> list:
+        """[indices of the sentences in one batch]: batches in length order (little padding), as `embed` runs them."""
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
     def embed(self, model, sentences, device: str = "cpu", batch_size: int = 32, progress: bool = False,
               desc: str = "embedding") -> torch.Tensor:
         """[n, dim] float32 embeddings. Sentences are batched in length order (little padding), returned in order."""
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         out = [None] * len(sentences)
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            idx = order[start:start + batch_size]
+        for idx in tqdm(self.length_batches(sentences, batch_size), desc=desc, disable=not progress, leave=False):
             for i, e in zip(idx, self.batch(model, [sentences[i] for i in idx], device)):
                 out[i] = e
         return torch.stack(out)
@@ -286,14 +289,20 @@ def quality_inputs(args, path: Path, config: dict, tokenizer, fingerprint: str, 
     if cut:
         print(f"note: {len(cut)} of {len(sentences)} sentences are longer than the model's {limit} tokens and are "
               f"embedded from their first {limit} tokens")
-    key = {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-           "sentences": len(sentences), "sentences_sha256": sentences_digest(sentences),
-           "pooling": embedder.pooling.mode, "normalize": embedder.pooling.normalize, "max_length": limit,
-           "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
+    key = reference_key(fingerprint, corpus, sentences, embedder, dtype, device)
     cache = quality.cache_path(Path(args.out_dir) / ".reference", key)
     reference = quality.load_reference(cache, key, names={"embeddings"})
     return {"corpus": corpus, "sentences": sentences, "embedder": embedder, "truncated": cut,
             "key": key, "path": cache, "reference": reference, "cached": reference is not None}
+
+
+def reference_key(fingerprint: str, corpus, sentences, embedder, dtype, device: str) -> dict:
+    """What the original's cached embeddings depend on: the weights, the exact sentences, how they are pooled and
+    cut (pooling mode, normalisation, max length), the dtype and the device type."""
+    return {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+            "sentences": len(sentences), "sentences_sha256": sentences_digest(sentences),
+            "pooling": embedder.pooling.mode, "normalize": embedder.pooling.normalize, "max_length": embedder.max_length,
+            "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0], "kind": "embeddings"}
 
 
 def make_reference(model, q: dict, device: str, progress: bool) -> dict:

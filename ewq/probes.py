@@ -117,16 +117,27 @@ def busy_cores(device: str) -> float:
         return 0.0
 
 
+def bandwidth_key(device: str) -> dict:
+    """What the read bandwidth depends on: the device and, on the CPU, the threads summing the buffer."""
+    return {"device_name": device_name(device), "threads": torch.get_num_threads()}
+
+
+def bandwidth_cache_path(device: str) -> Path:
+    """One file per bandwidth_key: runs with different thread counts keep their own measurement."""
+    import hashlib
+
+    key = bandwidth_key(device)
+    return cache_dir() / f"bandwidth_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
+
+
 def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
     """The device's memory read bandwidth: torch.sum over a buffer far larger than any cache (1 GiB on the CPU,
     4 GiB on a GPU), median of 5 after a warm-up. Measured once per device and thread count, then cached."""
-    import hashlib
-
-    name = device_name(device)
-    path = cache_dir() / f"bandwidth_{hashlib.sha256(name.encode()).hexdigest()[:12]}.json"
+    key = bandwidth_key(device)
+    name, path = key["device_name"], bandwidth_cache_path(device)
     try:
         cached = json.loads(path.read_text())
-        if cached["device_name"] == name and cached["threads"] == torch.get_num_threads() and not (
+        if all(cached[k] == v for k, v in key.items()) and not (
                 cached.get("busy_cores", 0) >= 0.5 and busy_cores(device) < 0.5):  # (busy then, quiet now: again)
             return cached["read_bandwidth_gb_s"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -144,7 +155,7 @@ def read_bandwidth_gb_s(device: str, progress: bool = True) -> float:
         times.append(time.perf_counter() - start)
     del buf
     gb_s = nbytes / statistics.median(times[1:]) / 1e9
-    write_json_atomic(path, {"device_name": name, "threads": torch.get_num_threads(), "read_bandwidth_gb_s": gb_s,
+    write_json_atomic(path, {**key, "read_bandwidth_gb_s": gb_s,
                              "busy_cores": busy_cores(device),
                              "method": f"torch.sum over {nbytes >> 30} GiB of float32, median of 5",
                              "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

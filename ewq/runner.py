@@ -84,12 +84,14 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="plan JSON from main_cache_model.py, or a built-in baseline: "
                             f"{', '.join(BUILTIN_PLANS)} (default: the newest plan in --plans-dir for this model's weights)")
         p.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="default: the executor and mode a short probe of this machine finds fastest (printed, "
-                            "cached); bitsandbytes (the published proof of concept's executor, eager): LLM.int8 "
-                            "(activations int8 too) / nf4 or fp4; torchao: weight-only int8 per row / int4 with HQQ "
-                            "scales per group (see docs/RESULTS.md); torch-dynamic: torch's dynamic int8 PTQ on the CPU "
-                            "for 8-bit entries (4-bit refused); llama.cpp (optional extra llama-cpp-python, see README): "
-                            "the plan written as a GGUF and run by llama.cpp; 8-bit/4-bit entries become Q8_0/Q4_0")
+                       help="default: a saved model's own executor; else torch-dynamic when one of its options is "
+                            "given, else the executor (torchao or bitsandbytes) and mode a short probe of this machine "
+                            "finds fastest (printed, cached). bitsandbytes (the published proof of concept's executor, "
+                            "eager): LLM.int8 (activations int8 too) / nf4 or fp4; torchao: weight-only int8 per row / "
+                            "int4 with HQQ scales per group (see docs/RESULTS.md); torch-dynamic: torch's dynamic int8 "
+                            "PTQ on the CPU for 8-bit entries (4-bit refused); llama.cpp (optional extra "
+                            "llama-cpp-python, see README): the plan written as a GGUF and run by llama.cpp on the CPU; "
+                            "8-bit/4-bit entries become Q8_0/Q4_0, a llama.cpp plan's ggml types are kept")
         p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
                        help="torchao int4 group size (default: the plan's, else 64; 32/64/128 on the CPU). The embedded "
                             "SmolLM2 went through GGUF Q4_1 with groups of 32, so 32-groups re-find its grid and look "
@@ -110,42 +112,63 @@ def build_parser(kind: str) -> ArgumentParser:
                             "the others are multiplied in fp32 beside the int8 product, chosen per matrix on 128 "
                             "calibration sentences (loads the float model whole). With --weight-scales channel "
                             "--act-bits 8 --outlier-channels 8 MiniLM-L6 keeps cosine 0.998 (see docs/RESULTS.md)")
-        p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="bitsandbytes 4-bit data type (default nf4)")
-        p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax statistics")
+        p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4",
+                       help="bitsandbytes: 4-bit data type (default nf4; the other executors do not read it)")
+        p.add_argument("--double-quant", action="store_true",
+                       help="bitsandbytes: also quantize the 4-bit absmax statistics")
         p.add_argument("--int8-threshold", type=float, default=6.0,
-                       help="LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 outlier path)")
+                       help="bitsandbytes: LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 "
+                            "outlier path)")
         p.add_argument("--plans-dir", default="quantized_models",
-                       help="where plans are looked for and --save writes (default quantized_models/)")
+                       help="where plans are looked for, --save writes and --backend llama.cpp writes (and reuses) "
+                            "the plan's GGUF (default quantized_models/)")
         p.add_argument("--save", action="store_true",
-                       help="also save the quantized model to <plans-dir>/<name>-<plan hash>/ (safetensors, plan, "
-                            "metadata.json); pass that directory as --model later to skip quantizing. Every backend. "
-                            "A torchao save is also a model plain transformers loads (config.json carries its "
-                            "quantization_config; CPU int4 needs `import ewq.hf` first, see README)")
+                       help="also save the quantized model to <plans-dir>/<name>-<plan hash>-<settings digest>/ "
+                            "(safetensors, plan, metadata.json; the digest covers the executor, its settings, the "
+                            "dtype and the device, and is left out for bitsandbytes at its defaults on the CPU); pass "
+                            "that directory as --model later to skip quantizing. bitsandbytes, torchao and "
+                            "torch-dynamic (--backend llama.cpp writes its GGUF to --plans-dir anyway). A torchao save "
+                            "is also a model plain transformers loads (config.json carries its quantization_config; "
+                            "CPU int4 needs `import ewq.hf` first, see README)")
         p.add_argument("--device-map", choices=("auto",), default=None,
                        help="auto: place the model under --max-memory as accelerate does (transformers' device_map): "
                             "quantized blocks fill the run devices in order (GPU after GPU), whole raw blocks go where "
                             "room is left, then to the CPU (GPU runs), then stay on disk and are read at each forward. "
-                            "For checkpoints bigger than the device; default: the whole model on the device")
+                            "For checkpoints bigger than the device; default: the whole model on the device. Not with "
+                            "--backend llama.cpp, which loads its GGUF whole")
         p.add_argument("--max-memory", default=None, metavar="SIZE",
                        help="weights allowed on the run device (8GB, 7.5GiB) or per device (cuda:0=20GB,cuda:1=20GB,"
                             "cpu=60GB: quantized blocks fill GPU after GPU, torchao only); implies --device-map auto. "
-                            "Default: 90%% of what is free")
+                            "Default: 90%% of what is free. Not with --backend llama.cpp")
     if kind == "original":
         p.add_argument("--backend", choices=("llama.cpp",), default=None,
                        help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "
                             "BF16), the same way --backend llama.cpp runs quantized plans, so they compare in one mode; "
                             "default: transformers in torch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available, else cpu")
+    cpu_only = "--backend torch-dynamic and llama.cpp run" if kind == "ewq" else "--backend llama.cpp runs"
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help=f"auto: cuda if available, else cpu ({cpu_only} on the cpu only)")
+    by_executor = ("float32 for --backend torch-dynamic; bfloat16 for --backend torchao on cuda" if kind == "ewq" else
+                   "bfloat16 on cuda where the executor probe picks torchao: the original runs as the quantized "
+                   "variants do")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu for decoders, "
-                        "float32 on cpu for encoders; float32 for --backend torch-dynamic; bfloat16 for --backend "
-                        "torchao on cuda)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt; median, min, max reported (default 3)")
+                   help=f"run dtype of raw blocks and activations (default float16 on cuda, bfloat16 on cpu for "
+                        f"decoders, float32 on cpu for encoders; {by_executor}). With --backend llama.cpp raw tensors "
+                        f"keep the checkpoint's 16-bit type (F16 or BF16) in the GGUF, and --dtype sets only the torch "
+                        f"reference's")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per prompt (decoders) or per batch size (encoders); median, min, max reported "
+                        "(default 3)")
     p.add_argument("--quality", action="store_true",
-                   help="also measure perplexity, KL(original || this) and top-1 agreement on text windows")
-    p.add_argument("--eval-text", default=None, help="UTF-8 text file for --quality (default: lee_background.cor from gensim)")
+                   help="decoders: also measure perplexity, KL(original || this) and top-1 agreement on text windows "
+                        "(encoders always measure cosine and neighbour agreement to the original's embeddings)")
+    p.add_argument("--eval-text", default=None,
+                   help="UTF-8 text file for the quality measurement: decoders' --quality windows, encoders' evaluation "
+                        "sentences (default: lee_background.cor from gensim)")
     p.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
-    p.add_argument("--out-dir", default="benchmark_results", help="where the result JSON goes (default benchmark_results/)")
+    p.add_argument("--out-dir", default="benchmark_results",
+                   help="where the result JSON goes (default benchmark_results/); the original's reference outputs "
+                        "are cached in its .reference/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.kind_flags = {}  # model kind -> [(flag, dest, default)] of the flags only that kind takes
     for model_kind, suite in SUITES.items():
@@ -398,6 +421,11 @@ def prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_pat
     if args.save:
         raise EWQError("--save with --backend llama.cpp: its model is the GGUF file this run writes to "
                        f"{args.plans_dir}/; drop --save")
+    placing = flags_given((("--device-map", getattr(args, "device_map", None), None),
+                           ("--max-memory", getattr(args, "max_memory", None), None)))
+    if placing:
+        raise EWQError(f"{', '.join(placing)} with --backend llama.cpp: llama.cpp loads the GGUF whole on the CPU; "
+                       f"drop {'it' if len(placing) == 1 else 'them'}")
     unknown = sorted(precisions_used(plan) - {"raw"} - set(llamacpp.ACCEPTS))
     if unknown:
         raise EWQError(f"llama.cpp has no {', '.join(unknown)}; use a plan of ggml types or of raw/8-bit/4-bit")
