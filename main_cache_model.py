@@ -12,7 +12,7 @@ from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.plan import format_summary
 from ewq.planning import METHODS, make_plan
 from ewq.sensitivity import SWEEPS
-from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR
+from ewq.source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, ENCODER_MODEL
 
 
 def nonnegative_float(text):
@@ -41,18 +41,26 @@ positive_float.__name__ = "positive number"
 def parse_args(argv):
     p = ArgumentParser(prog="main_cache_model.py", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local directory (config.json + *.safetensors), Hugging Face id, or '{DEFAULT_MODEL}' "
-                        f"(the embedded SmolLM2-135M-Instruct; default)")
+                   help=f"local directory (config.json + *.safetensors), Hugging Face id, '{DEFAULT_MODEL}' "
+                        f"(the embedded SmolLM2-135M-Instruct; default) or '{ENCODER_MODEL}' (the embedded encoder)")
     p.add_argument("--method", choices=METHODS, default="entropy",
                    help="entropy (default): the mu/sigma rule on block entropy, or lowest entropy lowered first under a "
-                        "size target; sensitivity: measure each block's KL when it alone is 8-/4-bit, then the exact "
-                        "minimum-KL plan for the size; position: llama.cpp's rule, first and last blocks keep most bits. "
-                        "sensitivity and position default to the size of the entropy rule's plan")
+                        "size target (always so with --backend llama.cpp); sensitivity: measure the damage of each "
+                        "block (or matrix) alone in each format of the backend (decoders: KL to the original; "
+                        "encoders: 1 - cosine of embeddings), then the exact minimum-damage plan for the size; "
+                        "position: llama.cpp's rule, first and last blocks keep most bits. sensitivity and position "
+                        "default to the size of the entropy rule's plan")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--target-bits", type=positive_float, default=None,
-                      help="average bits per weight over the blocks' matrices (raw 16, 8-bit ~8, 4-bit ~4.5)")
+                      help="average bits per weight over the planned matrices: the blocks', and with --backend "
+                           "llama.cpp the embeddings and output head too (raw: the run dtype's 16 bits, 32 where "
+                           "benchmark.py runs float32: encoders on the CPU, torch-dynamic; 8-bit ~8, Q8_0 8.5; "
+                           "4-bit ~4.5)")
     size.add_argument("--max-weight-gb", type=positive_float, default=None,
-                      help="whole-model weight size in GB (embeddings, norms, lm_head stay 16-bit)")
+                      help="whole-model weight size in GB. What the plan does not quantize counts in the run dtype "
+                           "(16-bit; 32-bit where benchmark.py runs float32: encoders on the CPU, torch-dynamic): "
+                           "norms and biases always, embeddings and lm_head with the torch executors; with "
+                           "--backend llama.cpp the embeddings and lm_head are planned (quantized) too")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="decoders, --method sensitivity: tokens of calibration text (default 512), from the end of the corpus")
     p.add_argument("--calib-sentences", type=int, default=None,
@@ -61,13 +69,16 @@ def parse_args(argv):
     p.add_argument("--calib-text", default=None, help="UTF-8 text file for calibration (default: lee_background.cor from gensim)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="block",
                    help="block (default): one precision per transformer block; matrix: one per weight matrix "
-                        "(q/k/v/o, gate/up/down), written as per-matrix entries in the plan; needs a method that "
+                        "(e.g. q/k/v/o, gate/up/down), written as per-matrix entries in the plan; needs a method that "
                         "allocates (sensitivity, position, or entropy, which then lowers the lowest-entropy matrices first)")
     p.add_argument("--backend", choices=BACKENDS, default="bitsandbytes",
-                   help="the executor --method sensitivity measures with; use the one that will run the plan "
-                        "(bitsandbytes: LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only; "
-                        "llama.cpp: its own formats Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0 with their exact rounding, "
-                        "embeddings and output head planned too: the plan names ggml types, for python -m ewq.export gguf)")
+                   help="the executor that will run the plan: it sets what a raw weight costs (its run dtype) and "
+                        "what --method sensitivity measures with; use the one you will benchmark (bitsandbytes: "
+                        "LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only, so only "
+                        "--method sensitivity keeps to 8-bit, the other methods may choose 4-bit, which it refuses "
+                        "to run; llama.cpp: its own formats Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0 with their exact "
+                        "rounding, for every method, embeddings and output head planned too: the plan names ggml "
+                        "types, for benchmark.py --backend llama.cpp or python -m ewq.export gguf)")
     p.add_argument("--formats", default=None,
                    help="--backend llama.cpp: the ggml types a plan chooses from, comma-separated (default "
                         "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0; Q4_1/Q5_1 are left out by default because they re-find the "
@@ -79,21 +90,28 @@ def parse_args(argv):
                         "full forward per item and format (slow: minutes per hundred items). Whole-plan checks are "
                         "always measured exactly")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
-                   help="torchao int4: weights per scale/zero-point group (default 64; 32/64/128 on the CPU). Sizes in "
+                   help="--backend torchao: int4 weights per scale/zero-point group (default 64; 32/64/128 on the "
+                        "CPU; the other executors' 4-bit uses groups of 64, llama.cpp's its formats' own). Sizes in "
                         "the plan count 4 bytes per group. Careful: the embedded SmolLM2 went through GGUF Q4_1 (groups "
                         "of 32, float zero points), so any 32-group 4-bit format re-finds that grid and looks "
                         "near-lossless on it: draw no conclusion from --group-size 32 on that model")
     p.add_argument("--int8-activations", action="store_true",
                    help="torchao: measure 8-bit as int8 weights and int8 activations per token (Int8DynamicActivation"
                         "Int8WeightConfig) instead of weight-only; benchmark.py then runs the plan the same way")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="bitsandbytes 4-bit type measured by --method sensitivity")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
+                   help="--backend bitsandbytes: the 4-bit type --method sensitivity measures (the other executors do "
+                        "not read it)")
     p.add_argument("--entropy", choices=ENTROPY_KINDS, default="histogram",
                    help="histogram: the PoC's 128-bin Shannon entropy in bits (default); "
                         "softmax: the paper's entropy of softmax(weights), normalised by ln(n)")
     p.add_argument("--k", type=nonnegative_float, default=1.0,
-                   help="blocks with entropy below mu - k*sigma get 4-bit, below mu 8-bit, others stay raw (default 1.0)")
+                   help="the entropy rule: blocks with entropy below mu - k*sigma get 4-bit, below mu 8-bit, others "
+                        "stay raw (default 1.0). Where the plan is allocated instead (a size target, --granularity "
+                        "matrix, --method sensitivity or position, --backend llama.cpp) the rule's plan only sets the "
+                        "default size")
     p.add_argument("--write-hf-config", nargs="?", const="cpu", choices=("cpu", "cuda"), default=None,
-                   help="also write <plan>.quantization_config.json beside the plan: the plan as transformers' "
+                   help="torch plans (8-bit/4-bit entries; a llama.cpp plan's ggml types are refused): also write "
+                        "<plan>.quantization_config.json beside the plan: the plan as transformers' "
                         "TorchAoConfig (one torchao config per quantized weight), for from_pretrained(base, "
                         "quantization_config=TorchAoConfig.from_dict(json.load(...))) in your own code; the same model "
                         "as benchmark.py --backend torchao. cpu (default) or cuda: int4 has a different kernel on each. "
