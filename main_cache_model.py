@@ -86,9 +86,12 @@ def parse_args(argv):
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats)")
     p.add_argument("--sweep", choices=SWEEPS, default="fast",
                    help="decoders, --method sensitivity: fast (default): every item's KL estimated to second order from "
-                        "one forward and a few backward passes (Fisher information of the output, sampled); exact: one "
-                        "full forward per item and format (slow: minutes per hundred items). Whole-plan checks are "
-                        "always measured exactly")
+                        "one forward and a few backward passes (Fisher information of the output, sampled; a block item "
+                        "from its block's output, a matrix from its layer's); exact: every item and format run through "
+                        "the rest of the model (slow: minutes per hundred items). Whole-plan checks are always measured "
+                        "exactly. Either way the model is read one block at a time from the checkpoint (memory: about "
+                        "one float block plus the calibration state, whatever the model's size), and an interrupted "
+                        "sweep resumes where it stopped")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
                    help="--backend torchao: int4 weights per scale/zero-point group (default 64; 32/64/128 on the "
                         "CPU; the other executors' 4-bit uses groups of 64, llama.cpp's its formats' own). Sizes in "

@@ -515,7 +515,7 @@ def _load_then_quantize_blocks(path, dtype, kind, settings, device, targets: dic
         block.to(target)
         model.hf_device_map[name] = target
         del held, layer, block
-        _release_freed_memory()
+        release_freed_memory()
     if len(set(model.hf_device_map.values())) == 1 and "disk" not in model.hf_device_map.values():
         remove_hook_from_module(model, recurse=True)  # nothing offloaded any more: no per-forward hooks
         del model.hf_device_map
@@ -554,7 +554,7 @@ def _heap_trimmed(every_s: float = 0.25):
             helper.join()
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Free the float block just replaced, and give its memory back to the OS. Its layers sit in reference cycles
     (accelerate's hooks set `module.forward` to a method bound to the module itself, and removing them leaves such an
     attribute), which only the cycle collector frees: without gc.collect the float weights of every block stay alive

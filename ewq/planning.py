@@ -10,6 +10,7 @@ byte budget by entropy order, by position, or by measured sensitivity (allocate.
 
 import math
 import statistics
+import time
 
 import torch
 
@@ -168,7 +169,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
     if group_size != DEFAULT_GROUP_SIZE:
         method_info["group_size"] = group_size
-    extra, checks, cached = None, None, None
+    extra, checks, cached, timing = None, None, None, {}
     if settings.backend == "llama.cpp":
         method_info.update(backend=settings.backend, formats=settings.key())
     levels = " then ".join(menu)
@@ -190,31 +191,9 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
         precisions = allocate.ordered_allocation(order, sizes, budget, menu)
         method_info["allocator"] = "ordered: middle blocks lowered first; first and last blocks keep the most bits"
     else:
-        calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
-                                              calib_text, 256, settings, granularity, device,
-                                              calib_sentences or sensitivity.CALIB_SENTENCES, sweep, menu)
-        metric = calibration.metric
-        rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
-        costs = [{p: 0.0 if p == "raw" else r.get(p, math.inf) for p in s} for r, s in zip(rows, sizes)]
-        precisions = allocate.optimal_allocation(costs, sizes, budget)
-        how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
-        method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
-                           allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
-        if calibration.sweep_kind == "fast":
-            method_info["sweep"] = f"fast: single-item {metric} {how}"
-        if settings.backend == "bitsandbytes":
-            method_info["quant_type"] = settings.quant_type
-        randoms = [allocate.random_allocation(sizes, budget, seed, menu) for seed in range(sensitivity.RANDOM_PLANS)]
-        measured = sensitivity.measure_plans(calibration, items, [precisions] + randoms, progress)
-        predicted = sum(c[p] for c, p in zip(costs, precisions))
-        if not math.isfinite(predicted):
-            raise EWQError(f"the {settings.backend} backend has no 4-bit, and this size target needs some; "
-                           f"choose a target of at least 8.1 bits or another --backend")
-        checks = {f"predicted_{metric}": predicted, f"measured_{metric}": measured[0],
-                  f"random_plans_{metric}": measured[1:], f"random_mean_{metric}": sum(measured[1:]) / len(randoms),
-                  "windows": "calibration",
-                  "note": f"predicted = sum of single-item {metric}; random = same size, random order"}
-        extra = rows
+        precisions, checks, extra, cached, timing = sensitivity_allocation(
+            source, ckpt, analysis, items, sizes, budget, menu, settings, granularity, calib_tokens, calib_text,
+            out_dir, device, progress, calib_sentences, sweep, method_info)
     plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
                       analysis.block_entropies, None, analysis.seconds)
     if other_shapes:
@@ -222,6 +201,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
                                                        "quantizes the embeddings and output head too, as llama.cpp does")
     allocate.write_precisions(plan["blocks"], items, precisions, plan["other"])
     if extra is not None:
+        metric = method_info["metric"]
         by_block = {}
         for it, r in zip(items, extra):
             by_block.setdefault(it["block"], []).append((it["matrix"], r))
@@ -244,9 +224,45 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     if checks:
         plan["checks"] = {k: (_round(v) if isinstance(v, float) else [_round(x) for x in v] if isinstance(v, list) else v)
                           for k, v in checks.items()}
-    if cached is not None:
-        plan["run"]["sensitivity_cached"] = cached  # under "run": not part of the plan's identity
+    if cached is not None:  # under "run": not part of the plan's identity
+        plan["run"].update(sensitivity_cached=cached, **timing)
     return plan
+
+
+def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, settings, granularity, calib_tokens,
+                           calib_text, out_dir, device, progress, calib_sentences, sweep, method_info) -> tuple:
+    """Measure every item (sensitivity.measure, cached), pick the minimum-damage plan within the budget, and grade
+    it and random plans of the same size on the calibration text. Returns (precisions, checks, per-item rows, cached?,
+    seconds of the sweep and of the checks); fills method_info."""
+    calibration = sensitivity.Calibration(source, ckpt, analysis.fingerprint, calib_tokens or sensitivity.CALIB_TOKENS,
+                                          calib_text, 256, settings, granularity, device,
+                                          calib_sentences or sensitivity.CALIB_SENTENCES, sweep, menu)
+    metric = calibration.metric
+    start = time.perf_counter()
+    rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
+    sweep_s = time.perf_counter() - start
+    costs = [{p: 0.0 if p == "raw" else r.get(p, math.inf) for p in s} for r, s in zip(rows, sizes)]
+    precisions = allocate.optimal_allocation(costs, sizes, budget)
+    how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
+    method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
+                       allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
+    if calibration.sweep_kind == "fast":
+        method_info["sweep"] = f"fast: single-item {metric} {how}"
+    if settings.backend == "bitsandbytes":
+        method_info["quant_type"] = settings.quant_type
+    predicted = sum(c[p] for c, p in zip(costs, precisions))
+    if not math.isfinite(predicted):
+        raise EWQError(f"the {settings.backend} backend has no 4-bit, and this size target needs some; "
+                       f"choose a target of at least 8.1 bits or another --backend")
+    randoms = [allocate.random_allocation(sizes, budget, seed, menu) for seed in range(sensitivity.RANDOM_PLANS)]
+    start = time.perf_counter()
+    measured = sensitivity.measure_plans(calibration, items, [precisions] + randoms, progress)
+    checks_s = time.perf_counter() - start
+    checks = {f"predicted_{metric}": predicted, f"measured_{metric}": measured[0],
+              f"random_plans_{metric}": measured[1:], f"random_mean_{metric}": sum(measured[1:]) / len(randoms),
+              "windows": "calibration",
+              "note": f"predicted = sum of single-item {metric}; random = same size, random order"}
+    return precisions, checks, rows, cached, {"sensitivity_s": round(sweep_s, 1), "checks_s": round(checks_s, 1)}
 
 
 def _round(v):

@@ -86,20 +86,27 @@ def test_unreachable_target_is_refused_with_the_smallest_size():
         budget_bytes(blocks, 1000, max_weight_gb=1e-6)
 
 
-def test_sweep_restores_every_block(tiny_factory):
+def test_streamed_calibration_is_the_whole_model_and_the_sweep_restores_it(tiny_factory):
+    """The sweep never builds the model: blocks are read one at a time, yet the hidden states and the reference are
+    those of the whole model, bit for bit; after the sweep every block holds its float layers again."""
+    from ewq.apply import load_model, quantizable_layers
     from ewq.checkpoint import open_checkpoint
+    from ewq.quality import compute_reference
     from ewq.source import resolve_model
 
-    model_dir = tiny_factory("llama")
-    calibration = Calibration(resolve_model(str(model_dir)), open_checkpoint(model_dir), "f" * 32, 200, None, 64,
-                              QuantSettings(), "block", "cpu").load(progress=False)
-    model, windows, blocks = calibration.model, calibration.windows, calibration.blocks
-    before = model(windows).logits
-    layers_before = [[id(m) for m in b.modules()] for b in blocks]
-    rows = sweep(calibration, progress=False)
-    assert [[id(m) for m in b.modules()] for b in blocks] == layers_before
-    assert torch.equal(model(windows).logits, before)
-    assert all(r["4-bit"] > r["8-bit"] > 0 for r in rows)
+    for kind in ("llama", "gpt2"):
+        model_dir = tiny_factory(kind)
+        calibration = Calibration(resolve_model(str(model_dir)), open_checkpoint(model_dir), "f" * 32, 200, None, 64,
+                                  QuantSettings(), "block", "cpu").load(progress=False)
+        model = load_model(model_dir, torch.float32)
+        whole = compute_reference(model, calibration.windows, "cpu", progress=False)
+        for name in ("top_logp", "top_index", "top1"):
+            assert torch.equal(calibration.reference[name], whole[name])
+        layers_before = [len(quantizable_layers(calibration.sm.block(i))) for i in range(len(calibration.sm.blocks))]
+        rows = sweep(calibration, progress=False)
+        assert [len(quantizable_layers(calibration.sm.block(i))) for i in range(len(calibration.sm.blocks))] == layers_before
+        assert calibration.score([]) == 0.0
+        assert all(r["4-bit"] > r["8-bit"] > 0 for r in rows)
 
 
 def test_sensitivity_plan_is_cached_and_hits_targets(tiny_factory, tmp_path, capsys):
@@ -171,3 +178,53 @@ def test_fast_sweep_agrees_with_the_exact_one(tiny_factory, tmp_path):
     assert fast_kl <= 1.25 * exact_kl
     assert max(exact_kl, fast_kl) < 0.5 * plans["fast"]["checks"]["random_mean_kl"]
     assert plans["fast"]["method"]["sweep"].startswith("fast") and "sweep" not in plans["exact"]["method"]
+
+
+def test_fast_sweep_resumes_from_the_last_finished_block(tiny_factory, tmp_path, monkeypatch):
+    """Killed half-way (here: Ctrl-C after two of four blocks), the fast sweep starts again at the block it reached,
+    from the gradients it had written, and gives the numbers of an uninterrupted sweep."""
+    from ewq import sensitivity
+
+    model_dir = str(tiny_factory("llama"))
+    kw = dict(method="sensitivity", granularity="matrix", target_bits=6.0, progress=False, calib_tokens=200)
+    whole = make_plan(model_dir, out_dir=tmp_path / "whole", **kw)[1]
+    real_save, real_backward = sensitivity.SweepState.save_progress, sensitivity.block_backward
+    saved = []
+
+    def save_then_stop(self, next_block, rows, grads):
+        real_save(self, next_block, rows, grads)
+        saved.append(next_block)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sensitivity.SweepState, "save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make_plan(model_dir, out_dir=tmp_path / "cut", **kw)
+    assert saved == [2, 1] and not list((tmp_path / "cut").glob("quant_plan_*.json"))
+    assert list((tmp_path / "cut" / ".sensitivity").glob("*.partial/progress.json"))
+    monkeypatch.setattr(sensitivity.SweepState, "save_progress", real_save)
+    blocks_run = []
+    monkeypatch.setattr(sensitivity, "block_backward",
+                        lambda c, i, *a: blocks_run.append(i) or real_backward(c, i, *a))
+    resumed = make_plan(model_dir, out_dir=tmp_path / "cut", **kw)[1]
+    assert blocks_run == [1, 0]  # only the blocks not finished before
+    assert [b["matrix_kl"] for b in resumed["blocks"]] == [b["matrix_kl"] for b in whole["blocks"]]
+    assert not list((tmp_path / "cut" / ".sensitivity").glob("*.partial"))  # the resume state is gone once complete
+
+
+def test_a_machine_too_small_for_one_block_is_refused_before_any_block_is_read(tiny_factory, tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    from ewq import stream
+
+    model_dir = str(tiny_factory("llama"))
+    reads = []
+    real_block = stream.StreamedModel.block
+    monkeypatch.setattr(stream.StreamedModel, "block", lambda self, i: reads.append(i) or real_block(self, i))
+    fake = collections.namedtuple("fake", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(1_000_000))  # 1 MB free
+    with pytest.raises(EWQError, match=r"the sensitivity sweep needs about .* GB at once .* more than the 0\.00 GB free"):
+        make_plan(model_dir, method="sensitivity", out_dir=tmp_path, progress=False, calib_tokens=200)
+    assert reads == [] and not list(tmp_path.glob("quant_plan_*.json"))
