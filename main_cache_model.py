@@ -5,6 +5,8 @@ The last line of stdout is the path of the plan JSON."""
 
 import sys
 
+import torch
+
 from ewq.allocate import GRANULARITIES
 from ewq.backends import BACKENDS, GROUP_SIZES
 from ewq.common import ArgumentParser, EWQError, run_cli
@@ -92,6 +94,10 @@ def parse_args(argv):
                         "exactly. Either way the model is read one block at a time from the checkpoint (memory: about "
                         "one float block plus the calibration state, whatever the model's size), and an interrupted "
                         "sweep resumes where it stopped")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="--method sensitivity: where the sweep runs (default cpu, float32). cuda: blocks stream onto the "
+                        "GPU one at a time (fp16/bf16), so a model larger than the GPU sweeps as long as one block fits; "
+                        "the measured numbers depend on the device, so they are cached per device type")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
                    help="--backend torchao: int4 weights per scale/zero-point group (default 64; 32/64/128 on the "
                         "CPU; the other executors' 4-bit uses groups of 64, llama.cpp's its formats' own). Sizes in "
@@ -128,6 +134,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise EWQError("--device cuda: no CUDA GPU is visible to torch here; drop --device or run on a GPU machine")
     if args.calib_tokens is not None and args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     if args.calib_sentences is not None and args.calib_sentences < 2:
@@ -138,7 +146,7 @@ def main(argv=None):
                                    force=args.force, models_dir=args.models_dir, out_dir=args.out_dir,
                                    progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
                                    granularity=args.granularity, calib_sentences=args.calib_sentences,
-                                   int8_activations=args.int8_activations, sweep=args.sweep,
+                                   int8_activations=args.int8_activations, sweep=args.sweep, device=args.device,
                                    formats=tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ())
     print(format_summary(plan))
     if args.write_hf_config:

@@ -110,6 +110,8 @@ def calibration_key(fingerprint: str, corpus, sample: dict, settings: QuantSetti
     """What the measured numbers depend on; `sample` says which text: {"windows", "window"} or {"sentences"}.
     Fields absent at their old values (exact sweep, layers in the model's dtype) keep older caches valid."""
     fast = {"sweep": "fast", "fisher_samples": FISHER_SAMPLES} if sweep_kind == "fast" else {}
+    if fast and granularity == "block":  # since the streamed sweep a block is measured at its output, not as the
+        fast["fisher_at"] = "block output"  # sum of its matrices: older per-block caches are not reused
     layers = {"layer_dtype": str(layer_dtype).replace("torch.", "")} if layer_dtype not in (None, dtype) else {}
     return {"fingerprint": fingerprint, "corpus": corpus.name, "corpus_sha256": corpus.sha256, **sample,
             "position": "end of corpus", "dtype": str(dtype).replace("torch.", ""), "device_type": device.split(":")[0],
@@ -456,9 +458,9 @@ def head_gradients(c: Calibration, samples: int = FISHER_SAMPLES, seed: int = 0)
         h = h.detach().requires_grad_()
         with torch.enable_grad():
             logp = torch.log_softmax(c.sm.finish(b, h)[:, :-1].float(), dim=-1).flatten(0, 1)  # [W*T, V]
-            probs = logp.detach().exp()
+            probs = logp.detach().exp().cpu()  # sampled on the CPU: one generator, the same tokens on any device
             for s in range(samples):
-                y = torch.multinomial(probs, 1, generator=generator)
+                y = torch.multinomial(probs, 1, generator=generator).to(logp.device)
                 grads[s][b] = torch.autograd.grad(logp.gather(1, y).sum(), h, retain_graph=s + 1 < samples)[0]
     return grads
 
@@ -572,7 +574,7 @@ def other_kl(c: Calibration, item, precision: str, grads0: list) -> float:
         change = c.round_trip(table, precision).float() - table.float()  # only the rows the text uses: rows round alone
         for b, batch in enumerate(sm.batches):
             grads = torch.stack([g[b] for g in c._embedding_grads])
-            total += fisher_kl(change[batch["input_ids"]], grads, c.tokens)
+            total += fisher_kl(change[batch["input_ids"].to(change.device)], grads, c.tokens)
     if sm.head is not None and item["matrix"] == sm.head_info.name:
         total += head_kl(c, precision)
     return total
@@ -610,7 +612,7 @@ def fast_sweep(calibration: Calibration, items, progress: bool = True, state_dir
     block its rows and the gradients entering it are written to `state_dir`, from where an interrupted sweep resumes."""
     c = calibration
     state = SweepState(state_dir, c.key) if state_dir else None
-    resumed = state.load() if state else None
+    resumed = state.load(c.device) if state else None
     if resumed:
         c.open()
         c.hidden, c.reference = resumed["hidden"], resumed["reference"]
@@ -656,36 +658,37 @@ class SweepState:
 
     def save_forward(self, hidden, reference):
         self.path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"hidden.{i}.{b}": h.contiguous() for i, hs in enumerate(hidden) for b, h in enumerate(hs)}
+        tensors = {f"hidden.{i}.{b}": h.cpu().contiguous() for i, hs in enumerate(hidden) for b, h in enumerate(hs)}
         if isinstance(reference, dict):
-            tensors.update({f"reference.{k}": v.contiguous() for k, v in reference.items()})
+            tensors.update({f"reference.{k}": v.cpu().contiguous() for k, v in reference.items()})
         else:
-            tensors["reference"] = reference.contiguous()
+            tensors["reference"] = reference.cpu().contiguous()
         self._write(self.path / "forward.safetensors", tensors)
 
     def save_progress(self, next_block: int, rows: dict, grads: list):
         name = f"grads.{next_block}.safetensors"
-        self._write(self.path / name, {f"g.{s}.{b}": g.contiguous() for s, gs in enumerate(grads) for b, g in enumerate(gs)})
+        self._write(self.path / name, {f"g.{s}.{b}": g.cpu().contiguous() for s, gs in enumerate(grads)
+                                       for b, g in enumerate(gs)})
         write_json_atomic(self.path / "progress.json", {"calibration": self.key, "next_block": next_block,
                                                           "grads": name, "rows": {str(k): v for k, v in rows.items()}})
         for old in self.path.glob("grads.*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def load(self):
+    def load(self, device: str = "cpu"):
         try:
             progress = json.loads((self.path / "progress.json").read_text())
             if progress["calibration"] != self.key:
                 return None
-            forward = load_file(self.path / "forward.safetensors")
-            grads_file = load_file(self.path / progress["grads"])
+            forward = load_file(self.path / "forward.safetensors")  # the reference stays on the CPU, as made
+            grads_file = load_file(self.path / progress["grads"], device=device)
         except (OSError, ValueError, KeyError):
             return None
         hidden, reference, grads = {}, {}, {}
         for name, t in forward.items():
             if name.startswith("hidden."):
                 _, i, b = name.split(".")
-                hidden.setdefault(int(i), {})[int(b)] = t
+                hidden.setdefault(int(i), {})[int(b)] = t.to(device)
             elif name == "reference":
                 reference = t
             else:

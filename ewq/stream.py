@@ -108,14 +108,14 @@ class ChunkedHead(nn.Module):
     `transform` (rows -> rows), when set, is applied to every chunk: a row-wise format's round trip (ggml formats
     quantize each row on its own, so rounding chunk by chunk is rounding the whole)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
-        self.weight_rows, self.bias_values, self.dtype, self.transform = weight, bias, dtype, None
+        self.weight_rows, self.bias_values, self.dtype, self.device, self.transform = weight, bias, dtype, device, None
         self.out_features = weight.shape[0]
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         rows = self.weight_rows[a:b]
-        return (rows if self.transform is None else self.transform(rows)).to(self.dtype)
+        return (rows if self.transform is None else self.transform(rows)).to(device=self.device, dtype=self.dtype)
 
     def chunks(self):
         """The weight's rows, HEAD_CHUNK_ROWS at a time (rounded in threads when a format is being tried)."""
@@ -223,7 +223,7 @@ class StreamedModel:
             self.head_info = info = self._head_info(head)
             bias = getattr(head, "bias", None)
             head_bias = self._read(self._checkpoint_tensor(self._name_of(bias))) if bias is not None else None
-            self.head = ChunkedHead(mapped(info), head_bias, self.dtype)
+            self.head = ChunkedHead(mapped(info), head_bias, self.dtype, self.device)
             model.set_output_embeddings(self.head)
         else:
             self.head = self.head_info = None
