@@ -23,6 +23,20 @@ from plan_speed import REPO, write_checkpoint
 
 CASES = "torchao:uniform-8bit,bitsandbytes:uniform-8bit,bitsandbytes:uniform-4bit,torch-dynamic:uniform-8bit"
 
+# pasted into a measured child process: peaks of owned (RssAnon) and file-backed (RssFile) memory, sampled every 10 ms
+PEAK_SAMPLER = r"""
+import threading
+peak = {"RssAnon": 0, "RssFile": 0}
+done = threading.Event()
+def sample():
+    while not done.wait(0.01):
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+        for k in peak:
+            peak[k] = max(peak[k], int(status[k].split()[0]) * 1024)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+"""
+
 CHILD = r"""
 import json, sys, threading, time
 import torch
@@ -38,16 +52,7 @@ ckpt = open_checkpoint(path)
 dtype = pick_dtype(None, "cpu", backend, ckpt.kind)
 plan = builtin_plan(plan_name, ModelSource(path, ckpt.path), ckpt, fingerprint(ckpt, progress=False),
                     torch.finfo(dtype).bits)
-peak = {"RssAnon": 0, "RssFile": 0}
-done = threading.Event()
-def sample():
-    while not done.wait(0.01):
-        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
-        for k in peak:
-            peak[k] = max(peak[k], int(status[k].split()[0]) * 1024)
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-start = time.perf_counter()
+""" + PEAK_SAMPLER + r"""start = time.perf_counter()
 settings = QuantSettings(backend=backend)
 if how == "whole-then-quantize":
     model = load_model(path, dtype)

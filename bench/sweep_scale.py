@@ -28,22 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from load_memory import PEAK_SAMPLER  # noqa: E402
 from plan_speed import TINYLLAMA  # noqa: E402
 
 LLAMA_3_1_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                     rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", rope_theta=500000.0)
 
-CHILD = r"""
-import json, sys, threading, time
-peak = {"RssAnon": 0, "RssFile": 0}
-done = threading.Event()
-def sample():
-    while not done.wait(0.02):
-        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
-        for k in peak:
-            peak[k] = max(peak[k], int(status[k].split()[0]) * 1024)
-threading.Thread(target=sample, daemon=True).start()
+CHILD = PEAK_SAMPLER + r"""
+import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[4]))
 from ewq.planning import make_plan

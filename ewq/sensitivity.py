@@ -256,10 +256,6 @@ class Calibration:
 
     # ---- variants: quantized layers swapped into a block, rounded embeddings or head ----
 
-    def quantized_layer(self, block: int, name: str, layer, precision: str, keep: bool = True):
-        """The layer quantized to `precision` in the run dtype (kept for reuse until forget_layers, if `keep`)."""
-        return next(self.quantized_layers([(block, name, layer, precision)], keep))[1]
-
     def quantized_layers(self, jobs, keep: bool = True):
         """Yields ((block, name, layer, precision), quantized layer) for every job, in order, made `workers` at a time
         in threads (one torch thread each: ggml's k-quant searches and HQQ are thousands of small tensor ops that keep

@@ -20,6 +20,7 @@ with the blocks replaced by a replay of given final hidden states, so whatever t
 (final norm, head, soft-capping) is done by its own code.
 """
 
+import functools
 import mmap
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,15 +38,23 @@ HEAD_CHUNK_ROWS = 8192  # rows of the output head converted at a time (8192 x 40
 CACHE_BYTES = 512 << 20  # float blocks kept materialised beside the one in use (the exact sweep revisits them)
 
 
+@functools.lru_cache(maxsize=None)
+def _mapped_file(file) -> tuple:
+    """(header, memory map, header length) of one safetensors file: parsed and mapped once, however many of its tensors
+    are read (a block's dozen tensors, every block)."""
+    from .checkpoint import read_header
+
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return read_header(file), mm, n
+
+
 def mapped(info) -> torch.Tensor:
     """A checkpoint tensor (checkpoint.TensorInfo) as a view of its memory-mapped file: nothing is read or copied
     until used. Copy-on-write mapping: torch wants a writable buffer; nothing writes to it."""
-    from .checkpoint import read_header
-
-    header = read_header(info.file)[info.name]
-    with open(info.file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    headers, mm, n = _mapped_file(info.file)
+    header = headers[info.name]
     start, end = header["data_offsets"]
     dtype = SAFETENSORS_DTYPES.get(header["dtype"])
     if dtype is None:
