@@ -424,12 +424,14 @@ def build_report(results, out_dir, allow_mixed: bool = False) -> tuple:
     text, notes = [f"# EWQ report — {title}"], []
     if plt is None:
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+    report_notes = list(notes)
     for n, group in enumerate(groups):
         stem = report_path.stem + (f"_{n + 1}" if len(groups) > 1 else "")
         part, part_notes = report_section(group, report_path.with_name(stem), plt, heading=len(groups) > 1)
-        text += part
+        # a section's notes (busy CPU, missing original) name its own variants: they close that section, not the report
+        text += part + [f"\n- {n}" for n in dict.fromkeys(part_notes)]
         notes += part_notes
-    text += [f"\n- {n}" for n in dict.fromkeys(notes)]
+    text += [f"\n- {n}" for n in report_notes]
     text.append("\nResult files: " + ", ".join(Path(r["_file"]).name for r in results))
     return "\n".join(text) + "\n", report_path, notes
 
