@@ -2,6 +2,7 @@
 
     python bench/check_ggml_quants.py /path/to/llama.cpp            # the tree (finds build/bin/libggml-base.so)
     python bench/check_ggml_quants.py /path/to/libggml-base.so --types Q4_K,Q6_K --timing
+    python bench/check_ggml_quants.py /path/to/llama.cpp --imatrix  # with an importance per column, as --imatrix
 
 For every type it quantizes the same float32 matrices with ggml_quantize_chunk(type, ..., imatrix=NULL) (what
 llama-quantize calls without --imatrix) and dequantizes with ggml's type traits to_float, then prints the max abs
@@ -58,13 +59,15 @@ class Ggml:
         self.lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
         self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
 
-    def quantize(self, w: np.ndarray, name: str) -> np.ndarray:
+    def quantize(self, w: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
         qtype = gguf.GGMLQuantizationType[name]
         w = np.ascontiguousarray(w, dtype=np.float32)
         rows, cols = w.shape
         block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
         out = np.zeros((rows, cols // block * nbytes), dtype=np.uint8)
-        n = self.lib.ggml_quantize_chunk(qtype.value, w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+        imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+        n = self.lib.ggml_quantize_chunk(qtype.value, w.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                         None if imp is None else imp.ctypes.data)
         assert n == out.nbytes, (n, out.nbytes)
         return out
 
@@ -116,6 +119,16 @@ def fit_rows(w: torch.Tensor, block: int):
     return None, True
 
 
+def synthetic_importance(cols: int, seed: int) -> torch.Tensor:
+    """Per-column importance shaped like real ones (mean squared activations): log-normal spread over columns, a
+    few outlier columns 100x larger, and one column at exactly 0 (a dead input)."""
+    g = torch.Generator().manual_seed(seed + cols)
+    imp = torch.exp(torch.randn(cols, generator=g) * 1.5) * 0.01
+    imp[torch.randint(0, cols, (max(1, cols // 100),), generator=g)] *= 100
+    imp[cols // 2] = 0.0
+    return imp
+
+
 def check_gguf_pair(source: Path, quantized: Path):
     """Every quantized tensor of a llama-quantize output vs the emulation of the same type on the source tensor."""
     src = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
@@ -147,6 +160,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--timing", action="store_true", help="also time 576x1536 and 4096x4096 per type")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--imatrix", action="store_true",
+                    help="pass an importance per column (synthetic: log-normal, outlier and zero columns) to both "
+                         "ggml_quantize_chunk and the emulation: llama-quantize --imatrix's rounding")
     ap.add_argument("--gguf-pair", nargs=2, type=Path, metavar=("SOURCE", "QUANTIZED"),
                     help="also compare a llama-quantize output with the emulation of its source, tensor by tensor")
     args = ap.parse_args()
@@ -165,14 +181,15 @@ def main():
             if wf is None:
                 print(f"{name:6} {label[:44]:44} (no row length fits block {block}; skipped)")
                 continue
+            imp = synthetic_importance(wf.shape[1], args.seed) if args.imatrix else None
             t0 = time.perf_counter()
-            mine = G.quantize_dequantize(wf, name).numpy()
+            mine = G.quantize_dequantize(wf, name, importance=imp).numpy()
             t_ewq = time.perf_counter() - t0
             t0 = time.perf_counter()
-            q = ggml.quantize(wf.numpy(), name)
+            q = ggml.quantize(wf.numpy(), name, None if imp is None else imp.numpy())
             ref = ggml.dequantize(q, name, wf.shape)
             t_ggml = time.perf_counter() - t0
-            packed = G.quantize_to_bytes(wf, name)
+            packed = G.quantize_to_bytes(wf, name, importance=imp)
             diff = float(np.abs(mine - ref).max())
             same = float((mine.view(np.uint32) == ref.view(np.uint32)).mean())
             bytes_eq = float((packed == q).mean())
@@ -181,7 +198,7 @@ def main():
             tag = label + (" (reshaped)" if reshaped else "")
             print(f"{name:6} {tag[:44]:44} {mine.size:9d} {diff:10.3g} {same:10.6f} {bytes_eq:9.6f} "
                   f"{t_ewq:7.3f} {t_ggml:7.3f}")
-    print("\nsummary (worst over all matrices):")
+    print(f"\nsummary (worst over all matrices; importance: {'synthetic per column' if args.imatrix else 'none'}):")
     for name, (diff, same) in worst.items():
         verdict = "bit-exact" if same == 1.0 else "DIFFERS"
         print(f"  {name:6} max|diff| {diff:.3g}  identical {same:.6f}  {verdict}")
@@ -194,9 +211,10 @@ def main():
         g = torch.Generator().manual_seed(1)
         for shape in ((576, 1536), (4096, 4096)):
             w = torch.randn(*shape, generator=g) * 0.02
+            imp = synthetic_importance(shape[1], args.seed) if args.imatrix else None
             for name in types:
                 t0 = time.perf_counter()
-                G.quantize_dequantize(w, name)
+                G.quantize_dequantize(w, name, importance=imp)
                 print(f"  {shape[0]}x{shape[1]} {name:6} {time.perf_counter() - t0:7.3f}")
 
 

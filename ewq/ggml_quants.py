@@ -66,7 +66,7 @@ class TypeInfo:
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K")
+EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 
 
 def _type_info(name: str) -> TypeInfo:
@@ -78,7 +78,7 @@ TYPES: dict[str, TypeInfo] = {name: _type_info(name) for name in FLOAT_TYPES + E
 
 # llama-quant.cpp tensor_type_fallback(): what a too-short / misaligned row gets instead of the requested type.
 # A fallback that still does not divide the row length becomes F16.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 def _canonical(type_name: str) -> str:
@@ -337,13 +337,13 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, u
     return scale, -mn, L
 
 
-def _make_qx_quants_rmse1(x, nmax: int):
-    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): symmetric levels -nmax..nmax-1 weighted by x^2.
-    Tries iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9 (not 0), keeping a candidate when
-    sumlx^2/suml2 grows. Returns (scale [B], L [n, B] float in 0..2*nmax-1)."""
+def _make_qx_quants_rmse1(x, nmax: int, w=None):
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw): symmetric levels -nmax..nmax-1 weighted by qw (x^2 when
+    qw is NULL). Tries iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9 (not 0), keeping a candidate
+    when sumlx^2/suml2 grows. Returns (scale [B], L [n, B] float in 0..2*nmax-1; all 0 for an all-zero group)."""
     mx, amax = _first_absmax(x, 0)
     zero = amax < _EPS
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x
     steps = [0] + [s for s in range(-9, 10) if s != 0]
     facs = [np.float32(nmax)] + [np.float32(nmax) + np.float32(0.1) * np.float32(s) for s in steps[1:]]
@@ -394,6 +394,110 @@ def _make_q3_quants_rmse(x, nmax: int):
     L = torch.stack(L) + nmax
     scale = _where0(suml2 > 0, sumlx / suml2)
     return _where0(~zero, scale), _where0(~zero[None], L)
+
+
+def _make_qp_quants(x, nmax: int, w):
+    """ggml make_qp_quants(n, nmax, x, L, quant_weights=w): non-negative levels 0..nmax of the super-block's scales
+    (or mins) x [n, B], weighted by w: the grid nmax/max, then (nmax + 0.1*is)/max for is = -4..4 (not 0) kept on a
+    strictly lower weighted squared error, then up to 5 passes of coordinate descent on each level. L is a uint8_t
+    in C: a negative level (only from a negative scale) wraps, and the wrapped value is what later steps read.
+    Returns (scale [B], L [n, B] float)."""
+    n = x.shape[0]
+    mx = _max_from_zero(x.T)
+    zero = mx < _EPS
+    iscale = _f32(float(nmax)) / mx
+    L = torch.remainder(_nearest_int(iscale * x), 256).float()  # uint8_t L[i] = nearest_int(...)
+    scale = _ONE / iscale
+    diff = x - scale * L
+    best = _seqsum((w * diff) * diff)
+    for s in [s for s in range(-4, 5) if s != 0]:
+        fac = _f32(np.float32(np.float32(0.1) * np.float32(s)) + np.float32(nmax))
+        iscale_s = fac / mx
+        lv = _nearest_int(iscale_s * x).clamp_max(nmax).float()
+        diff = x - (_ONE / iscale_s) * lv
+        mse = _seqsum((w * diff) * diff)
+        take = mse < best
+        best = torch.where(take, mse, best)
+        iscale = torch.where(take, iscale_s, iscale)
+    lv = _nearest_int(iscale * x).clamp_max(nmax).float()
+    wx = w * x
+    sumlx = _seqsum(wx * lv)
+    suml2 = _seqsum((w * lv) * lv)
+    L = list(torch.remainder(lv, 256))
+    for _ in range(5):  # a pass without a change leaves the state as it was: 5 passes equal ggml's early break
+        for i in range(n):
+            slx = sumlx - wx[i] * L[i]
+            sl2 = suml2 - (w[i] * L[i]) * L[i]
+            new_l = _nearest_int(x[i] * sl2 / slx).clamp_max(nmax).float()
+            slx2 = slx + wx[i] * new_l
+            sl22 = sl2 + (w[i] * new_l) * new_l
+            take = ((slx > 0) & (sl2 > 0) & (new_l != L[i])
+                    & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+            L[i] = torch.where(take, torch.remainder(new_l, 256), L[i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = _where0(suml2 > 0, sumlx / suml2)
+    return _where0(~zero, scale), _where0(~zero[None], torch.stack(L))
+
+
+# IQ4_NL / IQ4_XS: 16 non-linear levels (ggml-common.h kvalues_iq4nl)
+_IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                           dtype=torch.float32)
+
+
+def _best_index_iq4(al: torch.Tensor) -> torch.Tensor:
+    """ggml best_index_int8(16, kvalues_iq4nl, al): the nearest level, ties to the upper one; long indices."""
+    v = _IQ4_VALUES
+    mu = torch.searchsorted(v, al.contiguous(), right=True).clamp_(1, 15)
+    lower = (al - v[mu - 1]) < (v[mu] - al)
+    idx = mu - lower.long()
+    idx = torch.where(al <= v[0], 0, idx)
+    return torch.where(al >= v[15], 15, idx)
+
+
+def _iq4_scales(x, w, ntry: int = 7):
+    """The per-32 scale search of quantize_row_iq4_nl_impl (ntry = 7, what ggml_quantize_chunk uses), over
+    element-major sub-blocks x, w [32, B]: d = max/127 grid, least-squares scale, then ntry*2+1 grids
+    (itry - 127)/max, keeping the scale when sumqx^2/sumq2 grows. Returns d [B] (0 for an all-zero sub-block)."""
+    mx, amax = _first_absmax(x, 0)
+    zero = amax < _EPS
+    terms = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=x.dtype)
+
+    def sums(inv):
+        q = _IQ4_VALUES[_best_index_iq4(inv * x)]
+        wq = w * q
+        torch.mul(wq, x, out=terms[:, 0])
+        torch.mul(wq, q, out=terms[:, 1])
+        return _seqsum(terms)
+
+    d = (-mx) / _f32(-127.0)
+    sumqx, sumq2 = sums(_ONE / d)
+    d = _where0(sumq2 > 0, sumqx / sumq2)
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        sumqx, sumq2 = sums(_f32(float(itry - 127)) / mx)
+        take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(take, sumqx / sumq2, d)
+        best = torch.where(take, d * sumqx, best)
+    return _where0(~zero, d)
+
+
+def _safe_inv(d):
+    """`d ? 1/d : 0`"""
+    return _where0(d != 0, _ONE / torch.where(d != 0, d, _ONE))
+
+
+def _row_sigma2(xb, n_per_row: int, factor: float = 1.0):
+    """sum of x^2 over each group of n_per_row consecutive weights, accumulated in order in float32 (np.cumsum is a
+    sequential accumulate, unlike a pairwise reduce), times factor / n_per_row as ggml writes it: [groups]."""
+    x2 = (xb.reshape(-1, n_per_row) ** 2).numpy()
+    total = torch.from_numpy(np.cumsum(x2, axis=1, dtype=np.float32)[:, -1].copy())
+    return (total * _f32(factor) if factor != 1.0 else total) / _f32(float(n_per_row))
+
+
+def _importance_weights(xb, qw, sigma2):
+    """weight = qw * sqrtf(sigma2 + x*x) (the imatrix paths), sigma2 broadcast per row of xb."""
+    return qw * _sqrtf(sigma2[:, None] + xb * xb)
 
 
 # ------------------------------------------------------------------------------------------- k-quant types
@@ -450,13 +554,14 @@ def _quant_q5_k(xb):
     return _quant_qk_min(xb, 31, -0.5, 0.1, 15)
 
 
-def _quant_q6_k(xb):
+def _quant_q6_k(xb, qw=None):
     """quantize_row_q6_K_ref: 16 sub-blocks of 16, make_qx_quants(16, 32, rmse_type=1); the signed scale with the
     largest |scale| sets iscale = -128/max_scale, d = fp16(1/iscale), 8-bit scales MIN(127, nearest_int(.));
-    weights requantized to -32..31 with d*sc. A super-block with max |scale| < GROUP_MAX_EPS is all zeros."""
+    weights requantized to -32..31 with d*sc. A super-block with max |scale| < GROUP_MAX_EPS is all zeros.
+    With an imatrix (quantize_row_q6_K_impl) the same, the importance itself weighting make_qx_quants."""
     nb = xb.shape[0]
     xs = _subblocks(xb, 16)
-    scale, Ls = _make_qx_quants_rmse1(xs, 32)
+    scale, Ls = _make_qx_quants_rmse1(xs, 32, None if qw is None else _subblocks(qw, 16))
     scales = scale.view(nb, 16)
     Ls = Ls.T.reshape(nb, 16, 16)
     max_scale, max_abs = _first_absmax(scales, 1)
@@ -540,6 +645,169 @@ def _dequant_q2_k(f):
     return (dd[..., None] * f["L"].view(nb, 16, 16) - dm[..., None]).reshape(nb, QK_K)
 
 
+# ---------------------------------------------------------------------------------------- with an imatrix
+# ggml_quantize_chunk with importance (llama-quantize --imatrix): quantize_row_<type>_impl. Each takes blocks xb
+# [nb, block], the importance of their columns qw [nb, block] and, for the 32-weight types, the sigma2 of the row
+# each block belongs to ([nb]: sum of the row's x^2 / row length; those types weight by the whole row).
+
+def _quant_q4_0_imatrix(xb, qw, row_sigma2):
+    """make_qx_quants(32, 8, weights = qw*sqrt(sigma2 + x^2)); the search's levels are stored, no requantization."""
+    xs, ws = xb.T.contiguous(), _importance_weights(xb, qw, row_sigma2).T.contiguous()
+    d, L = _make_qx_quants_rmse1(xs, 8, ws)
+    return {"d": _fp16(d), "L": L.T}
+
+
+def _quant_q5_0_imatrix(xb, qw, row_sigma2):
+    xs, ws = xb.T.contiguous(), _importance_weights(xb, qw, row_sigma2).T.contiguous()
+    d, L = _make_qx_quants_rmse1(xs, 16, ws)
+    return {"d": _fp16(d), "L": L.T}
+
+
+def _quant_min_imatrix(xb, qw, row_sigma2, nmax):
+    """Q4_1 / Q5_1: make_qkx3_quants(32, nmax, weights, rmin=-0.9, rdelta=0.05, nstep=36); d = fp16(scale),
+    m = fp16(min)."""
+    xs, ws = xb.T.contiguous(), _importance_weights(xb, qw, row_sigma2).T.contiguous()
+    scale, the_min, L = _make_qkx2_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)
+    return {"d": _fp16(scale), "m": _fp16(-the_min), "L": L.T}
+
+
+def _quant_q4_1_imatrix(xb, qw, row_sigma2):
+    return _quant_min_imatrix(xb, qw, row_sigma2, 15)
+
+
+def _quant_q5_1_imatrix(xb, qw, row_sigma2):
+    return _quant_min_imatrix(xb, qw, row_sigma2, 31)
+
+
+def _k_weights(xb, qw, n, factor):
+    """Element-major sub-blocks of x and of weights qw*sqrt(sigma2 + x^2), sigma2 = factor*sum(x^2)/256 of the
+    super-block, and each sub-block's sum of weights sw [nb*256/n]."""
+    sigma2 = _row_sigma2(xb, QK_K, factor)
+    ws = _subblocks(_importance_weights(xb, qw, sigma2), n)
+    return _subblocks(xb, n), ws, _seqsum(ws)
+
+
+def _unpack_k_scales(q):
+    """get_scale_min_k4 for all 8 sub-blocks: the 6-bit (scale, min) that ggml reads from the 12 bytes."""
+    q = q.to(torch.int64)
+    ls = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], 1)
+    lm = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], 1)
+    return ls, lm
+
+
+def _quant_qk_min_imatrix(xb, qw, nmax, clamp63):
+    """quantize_row_q{4,5}_K_impl: make_qkx3_quants(32, nmax, weights, -0.9, 0.05, 36) per sub-block; the 8 scales
+    and 8 mins each as make_qp_quants(8, 63, ., sw) against fp16 d and dmin; the packed 6-bit scales are read back
+    (get_scale_min_k4) to requantize every weight with (d*sc, dmin*m). Q5_K clamps the levels to 63 first."""
+    nb = xb.shape[0]
+    xs, ws, sw = _k_weights(xb, qw, 32, 2.0)
+    scale, the_min, Ls = _make_qkx2_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)
+    swT = sw.view(nb, 8).T.contiguous()
+    d_block, ls = _make_qp_quants(scale.view(nb, 8).T.contiguous(), 63, swT)
+    m_block, lm = _make_qp_quants(the_min.view(nb, 8).T.contiguous(), 63, swT)
+    ls, lm = ls.T.long(), lm.T.long()
+    if clamp63:
+        ls, lm = ls.clamp_max(63), lm.clamp_max(63)
+    packed = torch.from_numpy(_pack_k_scales(ls, lm).astype(np.int64))
+    ls, lm = _unpack_k_scales(packed)
+    d, dmin = _fp16(d_block), _fp16(m_block)
+    dd = d.float()[:, None] * ls.float()
+    dm = dmin.float()[:, None] * lm.float()
+    Lq = _nearest_int((xb.view(nb, 8, 32) + dm[..., None]) / dd[..., None]).clamp(0, nmax).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls.T.reshape(nb, 8, 32))
+    return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "packed_scales": packed, "L": L.reshape(nb, QK_K)}
+
+
+def _quant_q4_k_imatrix(xb, qw, row_sigma2=None):
+    return _quant_qk_min_imatrix(xb, qw, 15, clamp63=False)
+
+
+def _quant_q5_k_imatrix(xb, qw, row_sigma2=None):
+    return _quant_qk_min_imatrix(xb, qw, 31, clamp63=True)
+
+
+def _quant_q6_k_imatrix(xb, qw, row_sigma2=None):
+    return _quant_q6_k(xb, qw)
+
+
+def _quant_q3_k_imatrix(xb, qw, row_sigma2=None):
+    """quantize_row_q3_K_impl: make_qx_quants(16, 4, weights, rmse_type=1) per sub-block (sigma2 = 2*sum x^2/256),
+    then the 16 scales as make_qx_quants(16, 32, scales, sw) (signed 6-bit levels against fp16 d); weights
+    requantized to -4..3 with d*sc where that is non-zero."""
+    nb = xb.shape[0]
+    xs, ws, sw = _k_weights(xb, qw, 16, 2.0)
+    scale, Ls = _make_qx_quants_rmse1(xs, 4, ws)
+    d_block, l6 = _make_qx_quants_rmse1(scale.view(nb, 16).T.contiguous(), 32, sw.view(nb, 16).T.contiguous())
+    l6 = l6.T.long()
+    d = _fp16(d_block)
+    dd = d.float()[:, None] * (l6 - 32).float()
+    Lq = (_nearest_int(xb.view(nb, 16, 16) / dd[..., None]).clamp(-4, 3) + 4).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls.T.reshape(nb, 16, 16))
+    return {"d": d, "l6": l6, "L": L.reshape(nb, QK_K)}
+
+
+def _quant_q2_k_imatrix(xb, qw, row_sigma2=None):
+    """quantize_row_q2_K_impl: make_qkx3_quants(16, 3, weights, -0.9, 0.05, 36) per sub-block (sigma2 =
+    sum x^2/256), scales and mins as make_qp_quants(16, 15, ., sw) against fp16 d, dmin; weights requantized to
+    0..3 with (d*sc, dmin*m) where d*sc is non-zero."""
+    nb = xb.shape[0]
+    xs, ws, sw = _k_weights(xb, qw, 16, 1.0)
+    scale, the_min, Ls = _make_qkx2_quants(xs, ws, 3, -0.9, 0.05, 36, use_mad=False)
+    swT = sw.view(nb, 16).T.contiguous()
+    dm, ls = _make_qp_quants(scale.view(nb, 16).T.contiguous(), 15, swT)
+    mm, lm = _make_qp_quants(the_min.view(nb, 16).T.contiguous(), 15, swT)
+    byte = _to_u8(ls.T.long() | (lm.T.long() << 4))
+    d, dmin = _fp16(dm), _fp16(mm)
+    dd = d.float()[:, None] * (byte & 0xF).float()
+    dmn = dmin.float()[:, None] * (byte >> 4).float()
+    Lq = _nearest_int((xb.view(nb, 16, 16) + dmn[..., None]) / dd[..., None]).clamp(0, 3).float()
+    L = torch.where(dd[..., None] != 0, Lq, Ls.T.reshape(nb, 16, 16))
+    return {"d": d, "dmin": dmin, "sc": byte, "L": L.reshape(nb, QK_K)}
+
+
+# ------------------------------------------------------------------------------------------ IQ4_NL / IQ4_XS
+# quantize_iq4_nl / quantize_iq4_xs (what ggml_quantize_chunk calls, with or without an imatrix; ntry = 7):
+# weights x^2 without an imatrix, qw*sqrt(sigma2 + x^2) with one (sigma2 = 2*sum x^2/super-block length).
+
+def _iq4_weights(xb, qw):
+    if qw is None:
+        return xb * xb
+    return _importance_weights(xb, qw, _row_sigma2(xb, xb.shape[1], 2.0))
+
+
+def _quant_iq4_nl(xb, qw=None, row_sigma2=None):
+    """One scale per 32: the search's d stored as fp16; levels the nearest of d*kvalues with the float d."""
+    d = _iq4_scales(xb.T.contiguous(), _iq4_weights(xb, qw).T.contiguous())
+    L = _best_index_iq4(_safe_inv(d)[:, None] * xb)
+    return {"d": _fp16(d), "L": L}
+
+
+def _dequant_iq4_nl(f):
+    return f["d"].float()[:, None] * _IQ4_VALUES[f["L"]]
+
+
+def _quant_iq4_xs(xb, qw=None, row_sigma2=None):
+    """Super-blocks of 256: 8 sub-block scales from the search, d = -max_scale/32 (max_scale: the first scale of
+    largest |scale|; +0 if none is non-zero, so an all-zero block stores -0.0), 6-bit signed scale levels
+    nearest_int(scale/d), levels the nearest of (d*l)*kvalues with the float d."""
+    nb = xb.shape[0]
+    xs = _subblocks(xb, 32)
+    d_sub = _iq4_scales(xs, _subblocks(_iq4_weights(xb, qw), 32)).view(nb, 8)
+    max_scale, amax = _first_absmax(d_sub, 1)
+    max_scale = _where0(amax > 0, max_scale)
+    d = -max_scale / _f32(32.0)
+    l = _nearest_int(_safe_inv(d)[:, None] * d_sub).clamp(-32, 31)
+    dl = d[:, None] * l.float()
+    L = _best_index_iq4(_safe_inv(dl)[..., None] * xb.view(nb, 8, 32))
+    return {"d": _fp16(d), "ls": l + 32, "L": L.reshape(nb, QK_K)}
+
+
+def _dequant_iq4_xs(f):
+    nb = f["d"].shape[0]
+    dl = f["d"].float()[:, None] * (f["ls"] - 32).float()
+    return (dl[..., None] * _IQ4_VALUES[f["L"]].view(nb, 8, 32)).reshape(nb, QK_K)
+
+
 # ------------------------------------------------------------------------------------------------- packing
 
 def _u8(t) -> np.ndarray:
@@ -598,11 +866,14 @@ def _pack_k_scales(ls, lm):
     return _u8(out)
 
 
+def _k_scales_bytes(f):
+    return _u8(f["packed_scales"]) if "packed_scales" in f else _pack_k_scales(f["ls"], f["lm"])
+
+
 def _pack_q4_k(f):
     L = _packed_levels(f).reshape(-1, 4, 2, 32)  # 64-weight chunks: low nibble first 32, high nibble next 32
     qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _pack_k_scales(f["ls"], f["lm"]),
-                           _u8(qs)], axis=1)
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _k_scales_bytes(f), _u8(qs)], axis=1)
 
 
 def _pack_q5_k(f):
@@ -611,8 +882,8 @@ def _pack_q5_k(f):
     hi = (L >> 4) & 1  # [nb, chunk, half, 32]: bit 2*chunk + half of qh[l]
     shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, :, :, None]
     qh = (hi << shifts).sum(axis=(1, 2))
-    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _pack_k_scales(f["ls"], f["lm"]),
-                           _u8(qh), _u8(qs)], axis=1)
+    return np.concatenate([_fp16_bytes(f["d"]), _fp16_bytes(f["dmin"]), _k_scales_bytes(f), _u8(qh), _u8(qs)],
+                          axis=1)
 
 
 def _pack_q6_k(f):
@@ -648,6 +919,18 @@ def _pack_q2_k(f):
                            _fp16_bytes(f["dmin"])], axis=1)
 
 
+def _pack_iq4_nl(f):
+    return np.concatenate([_fp16_bytes(f["d"]), _pack_nibbles(_packed_levels(f))], axis=1)
+
+
+def _pack_iq4_xs(f):
+    ls = f["ls"].numpy().astype(np.int64)  # [nb, 8] in 0..63
+    scales_h = ((ls >> 4) << (2 * np.arange(8))).sum(1).astype("<u2").view(np.uint8).reshape(-1, 2)
+    scales_l = _u8((ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4))
+    qs = _pack_nibbles(_packed_levels(f).reshape(-1, 32)).reshape(-1, 128)
+    return np.concatenate([_fp16_bytes(f["d"]), scales_h, scales_l, qs], axis=1)
+
+
 _IMPL = {
     "Q8_0": (_quant_q8_0, _dequant_q8_0, _pack_q8_0),
     "Q4_0": (_quant_q4_0, _dequant_q4_0, _pack_q4_0),
@@ -659,27 +942,69 @@ _IMPL = {
     "Q4_K": (_quant_q4_k, _dequant_qk_min, _pack_q4_k),
     "Q3_K": (_quant_q3_k, _dequant_q3_k, _pack_q3_k),
     "Q2_K": (_quant_q2_k, _dequant_q2_k, _pack_q2_k),
+    "IQ4_NL": (_quant_iq4_nl, _dequant_iq4_nl, _pack_iq4_nl),
+    "IQ4_XS": (_quant_iq4_xs, _dequant_iq4_xs, _pack_iq4_xs),
+}
+# with an imatrix: fn(xb, qw, row_sigma2). Q8_0 ignores the importance (quantize_q8_0 never reads it).
+_IMPL_IMATRIX = {
+    "Q4_0": _quant_q4_0_imatrix, "Q5_0": _quant_q5_0_imatrix, "Q4_1": _quant_q4_1_imatrix,
+    "Q5_1": _quant_q5_1_imatrix, "Q6_K": _quant_q6_k_imatrix, "Q5_K": _quant_q5_k_imatrix,
+    "Q4_K": _quant_q4_k_imatrix, "Q3_K": _quant_q3_k_imatrix, "Q2_K": _quant_q2_k_imatrix,
+    "IQ4_NL": _quant_iq4_nl, "IQ4_XS": _quant_iq4_xs,
 }
 
 
 # ------------------------------------------------------------------------------------------------- public
 
-def _prepare(weight, type_name):
+def uses_importance(type_name: str) -> bool:
+    """Whether an importance matrix changes how llama-quantize rounds the type (not for Q8_0 and the float types,
+    whose quantize_* never read it)."""
+    return _canonical(type_name) in _IMPL_IMATRIX
+
+
+def _prepare(weight, type_name, importance=None):
     name = _canonical(type_name)
     if not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight)
     check_shape(weight.shape, name)
     # llama-quantize converts F16/BF16 sources to F32 first (exact), then quantizes the F32 rows
-    return name, weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    x = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if importance is None or name not in _IMPL_IMATRIX:
+        return name, x, None
+    qw = torch.as_tensor(importance).detach().to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
+    if qw.numel() != x.shape[1]:
+        raise EWQError(f"the importance has {qw.numel()} values; the matrix has {x.shape[1]} columns "
+                       f"(one importance per input column)")
+    return name, x, qw
 
 
-def _chunks(x, name):
-    """Yield [nb, block] views of consecutive blocks, a chunk of weights at a time."""
+def _chunks(x, name, qw=None):
+    """Yield (blocks [nb, block], their importance [nb, block] or None, their row's sigma2 [nb] or None), a chunk of
+    weights at a time. With importance the chunks are whole rows (the 32-weight types weight by the whole row)."""
     block = TYPES[name].block_size
-    blocks = x.reshape(-1, block)
-    step = max(1, _CHUNK_WEIGHTS_BY_TYPE.get(name, _CHUNK_WEIGHTS) // block)
-    for start in range(0, blocks.shape[0], step):
-        yield blocks[start:start + step]
+    budget = _CHUNK_WEIGHTS_BY_TYPE.get(name, _CHUNK_WEIGHTS)
+    if qw is None:
+        blocks = x.reshape(-1, block)
+        step = max(1, budget // block)
+        for start in range(0, blocks.shape[0], step):
+            yield blocks[start:start + step], None, None
+        return
+    rows, cols = x.shape
+    per_row = cols // block
+    step = max(1, budget // cols)
+    qw_blocks = qw.view(per_row, block)
+    for start in range(0, rows, step):
+        xr = x[start:start + step]
+        n = xr.shape[0]
+        sigma2 = _row_sigma2(xr, cols).repeat_interleave(per_row) if block == 32 else None
+        yield xr.reshape(-1, block), qw_blocks.repeat(n, 1), sigma2
+
+
+def _quantized_blocks(x, name, qw):
+    """The stored fields of every chunk (a generator): the imatrix path where importance is given."""
+    quant = _IMPL_IMATRIX[name] if qw is not None else _IMPL[name][0]
+    for xb, qwb, sigma2 in _chunks(x, name, qw):
+        yield quant(xb, qwb, sigma2) if qw is not None else quant(xb)
 
 
 @contextmanager
@@ -695,30 +1020,35 @@ def _torch_threads(n):
         torch.set_num_threads(before)
 
 
-def quantize_dequantize(weight: torch.Tensor, type_name: str, *, threads: int | None = 1) -> torch.Tensor:
-    """The weight [rows, cols] after one round trip through the ggml type, as llama-quantize (no imatrix) writes
-    it and ggml's dequantize_row_* reads it back. float32, same shape, on the CPU. F32/F16/BF16 are plain
-    round-to-nearest-even casts.
+def quantize_dequantize(weight: torch.Tensor, type_name: str, *, importance=None,
+                        threads: int | None = 1) -> torch.Tensor:
+    """The weight [rows, cols] after one round trip through the ggml type, as llama-quantize writes it and ggml's
+    dequantize_row_* reads it back. float32, same shape, on the CPU. F32/F16/BF16 are plain round-to-nearest-even
+    casts.
 
+    importance: None (llama-quantize without --imatrix) or the importance of each input column, float [cols] (what
+    llama-quantize --imatrix passes for the tensor: the mean of the squared inputs, ewq.imatrix); Q8_0 and the float
+    types ignore it, as ggml does.
     threads: torch intra-op threads during the call (restored afterwards; None leaves the setting alone). The
     k-quant searches are thousands of small tensor ops; on a busy machine each op with 2+ threads waits for a
     free core, measured 10-100x slower than 1 thread on the shared 2-core box."""
-    name, x = _prepare(weight, type_name)
+    name, x, qw = _prepare(weight, type_name, importance)
     if name == "F32":
         return x.clone()
     if name in ("F16", "BF16"):
         return x.to(torch.float16 if name == "F16" else torch.bfloat16).to(torch.float32)
-    quant, dequant, _ = _IMPL[name]
+    dequant = _IMPL[name][1]
     with torch.no_grad(), _torch_threads(threads):
-        out = torch.cat([dequant(quant(xb)).reshape(-1) for xb in _chunks(x, name)])
+        out = torch.cat([dequant(f).reshape(-1) for f in _quantized_blocks(x, name, qw)])
     return out.view(x.shape)
 
 
-def quantize_to_bytes(weight: torch.Tensor, type_name: str, *, threads: int | None = 1) -> np.ndarray:
+def quantize_to_bytes(weight: torch.Tensor, type_name: str, *, importance=None,
+                      threads: int | None = 1) -> np.ndarray:
     """ggml's packed blocks for the weight: uint8 [rows, cols/block*bytes_per_block], byte for byte what
-    ggml_quantize_chunk writes (no imatrix); the layout gguf.quants.quantize returns and a GGUF writer stores
-    (gguf.quants.dequantize reads it back). threads: as in quantize_dequantize."""
-    name, x = _prepare(weight, type_name)
+    ggml_quantize_chunk writes (with the importance, if given: as in quantize_dequantize); the layout
+    gguf.quants.quantize returns and a GGUF writer stores (gguf.quants.dequantize reads it back)."""
+    name, x, qw = _prepare(weight, type_name, importance)
     rows = x.shape[0]
     if name == "F32":
         return x.numpy().astype("<f4").view(np.uint8).reshape(rows, -1)
@@ -726,7 +1056,7 @@ def quantize_to_bytes(weight: torch.Tensor, type_name: str, *, threads: int | No
         return x.to(torch.float16).numpy().astype("<f2").view(np.uint8).reshape(rows, -1)
     if name == "BF16":
         return x.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").view(np.uint8).reshape(rows, -1)
-    quant, _, pack = _IMPL[name]
+    pack = _IMPL[name][2]
     with torch.no_grad(), _torch_threads(threads):
-        packed = np.concatenate([pack(quant(xb)) for xb in _chunks(x, name)])
+        packed = np.concatenate([pack(f) for f in _quantized_blocks(x, name, qw)])
     return packed.reshape(rows, -1)
