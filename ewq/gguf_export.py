@@ -72,23 +72,23 @@ from .common import EWQError
 # types
 
 NUMPY_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")  # gguf.quants.quantize can write them
-KQUANT_TYPES = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+KQUANT_TYPES = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")  # gguf-py cannot write these
 TYPES = NUMPY_TYPES + KQUANT_TYPES
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 # llama-quantize's tensor_type_fallback (src/llama-quant.cpp): the type used when a row does not fit the block
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 # general.file_type of a file whose matrices are mostly of one type (llama-quantize's QUANT_OPTIONS aliases)
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
               "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
               "Q6_K": "MOSTLY_Q6_K", "Q5_K": "MOSTLY_Q5_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q3_K": "MOSTLY_Q3_K_M",
-              "Q2_K": "MOSTLY_Q2_K"}
+              "Q2_K": "MOSTLY_Q2_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS"}
 
 # ggml_type_name() spellings, as llama-quantize prints and parses them (it compares case-insensitively)
 GGML_NAMES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q5_0": "q5_0", "Q5_1": "q5_1",
               "Q4_0": "q4_0", "Q4_1": "q4_1", "Q6_K": "q6_K", "Q5_K": "q5_K", "Q4_K": "q4_K", "Q3_K": "q3_K",
-              "Q2_K": "q2_K"}
+              "Q2_K": "q2_K", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}
 
 SLAB_BYTES = 64 << 20  # float32 bytes converted / quantized at a time
 
@@ -661,8 +661,9 @@ def _to_bytes(out, nbytes: int, name: str) -> np.ndarray:
     return arr
 
 
-def _write_tensor(fout, data, written_type: str, name: str, quantize_fn, progress_bar) -> int:
-    """Convert / quantize `data` (torch, [rows, cols] or 1-D) in slabs of rows; returns bytes written."""
+def _write_tensor(fout, data, written_type: str, name: str, quantize_fn, progress_bar, importance=None) -> int:
+    """Convert / quantize `data` (torch, [rows, cols] or 1-D) in slabs of rows; returns bytes written. With
+    `importance` (float32 [cols]) the type is rounded as llama-quantize --imatrix does (ewq.ggml_quants)."""
     import torch
 
     gguf = _gguf()
@@ -673,7 +674,11 @@ def _write_tensor(fout, data, written_type: str, name: str, quantize_fn, progres
     total = 0
     for r0 in range(0, rows, per_slab):
         slab = arr2[r0:r0 + per_slab]
-        if written_type in NUMPY_TYPES:
+        if importance is not None:
+            from .ggml_quants import quantize_to_bytes
+
+            buf = quantize_to_bytes(slab.to(torch.float32), written_type, importance=importance).reshape(-1)
+        elif written_type in NUMPY_TYPES:
             # the converter: float16 / float32 kept, anything else (bf16) through float32, then gguf.quants
             if slab.dtype not in (torch.float16, torch.float32):
                 slab = slab.to(torch.float32)
@@ -693,7 +698,8 @@ def _write_tensor(fout, data, written_type: str, name: str, quantize_fn, progres
 
 def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_type: str | None = "BF16",
                 progress: bool = True, *, kquant_intermediate: str = "auto", quantize_fn: Callable | None = None,
-                strict: bool = False, pre_tokenizer: str | None = None, model_name: str | None = None) -> dict:
+                strict: bool = False, pre_tokenizer: str | None = None, model_name: str | None = None,
+                importance: dict | None = None, imatrix_metadata: dict | None = None) -> dict:
     """Write `out_path` (GGUF) from the safetensors checkpoint `model_dir`, each matrix in its planned type.
 
     tensor_types: HF tensor name -> ggml type (see TYPES); matrices not named get default_type (None: all
@@ -703,6 +709,10 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
     quantize_fn: optional fn(weight float32 [rows, cols], type) -> bytes for types gguf-py cannot quantize.
     strict: refuse a matrix whose rows do not fit its type's block instead of falling back as llama-quantize does.
     pre_tokenizer: force tokenizer.ggml.pre (else found from the tokenizer's hash, see the module doc).
+    importance: {GGUF tensor name: float32 [cols]} (ewq.imatrix): every matrix named there whose type reads an
+        importance (all quantized types but Q8_0) is rounded as llama-quantize --imatrix rounds it; others as without.
+        Needs quantize_fn (the types are written here, not left to llama-quantize).
+    imatrix_metadata: key-values written into the file, llama-quantize's quantize.imatrix.* (Imatrix.gguf_metadata).
 
     Returns a dict: path, arch, bytes, pre_tokenizer (+ how it was found), final_types {HF: type of the plan,
     after fallbacks}, written_types {HF: type in the file}, gguf_names {HF: GGUF}, fallbacks, warnings,
@@ -731,8 +741,12 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
     tmp = Path(tmp_name)
     warnings: list[str] = []
     try:
+        if importance is not None and quantize_fn is None:
+            raise EWQError("rounding with an importance matrix is done here: it needs quantize_fn (not "
+                           "--llama-quantize-args; give llama-quantize the --imatrix file instead)")
         result = _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tensor_types,
-                         default_type, progress, inter, quantize_fn, strict, pre_tokenizer, model_name, warnings)
+                         default_type, progress, inter, quantize_fn, strict, pre_tokenizer, model_name, warnings,
+                         importance or {}, imatrix_metadata or {})
         os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
@@ -742,7 +756,7 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
 
 
 def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tensor_types, default_type, progress,
-            inter, quantize_fn, strict, pre_override, model_name, warnings) -> dict:
+            inter, quantize_fn, strict, pre_override, model_name, warnings, importance, imatrix_metadata) -> dict:
     gguf = _gguf()
     block_count = find_hparam(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], optional=False)
     n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"], optional=False)
@@ -758,9 +772,12 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
     order = _add_tensor_infos(writer, entries, written, extra)
     _add_metadata(writer, model_dir, model_name, hparams, gguf_arch, block_count, ftype, warnings)
     pre, pre_how, chkhsh = _add_vocab(writer, model_dir, hparams, gguf_arch, pre_override, warnings)
+    used = _importance_used(entries, written, importance)
+    for key, value in imatrix_metadata.items() if used else ():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)  # as llama-quant.cpp
     for w in warnings:
         sys.stderr.write(f"warning: {w}\n")
-    _write_file(writer, tmp, order, entries, extra, heads, quantize_fn, progress)
+    _write_file(writer, tmp, order, entries, extra, heads, quantize_fn, progress, used)
 
     args = _llama_quantize_rest(entries, plan, pending, out_path, gguf_arch, block_count)
     if args and progress:
@@ -773,7 +790,43 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
         "final_types": plan, "written_types": written, "gguf_names": {n: e["gguf"] for n, e in entries.items()},
         "fallbacks": fallbacks, "warnings": warnings, "pending_kquants": pending, "kquant_intermediate": inter,
         "llama_quantize_args": args, "llama_quantize_command": ("llama-quantize " + shlex.join(args)) if args else "",
+        "imatrix_tensors": sorted(used), "imatrix_metadata": imatrix_metadata if used else {},
     }
+
+
+def _importance_used(entries: dict, written: dict, importance: dict) -> dict:
+    """{GGUF name: importance} of the matrices whose written type reads it (llama-quantize: any tensor the imatrix
+    names, with exactly ne0 values; Q8_0 and the float types ignore it)."""
+    from .ggml_quants import uses_importance
+
+    used = {}
+    for name, e in entries.items():
+        imp = importance.get(e["gguf"])
+        if imp is None or e["float_only"] or written[name] in FLOAT_TYPES or not uses_importance(written[name]):
+            continue
+        if len(imp) != e["shape"][-1]:
+            raise EWQError(f"the importance of {e['gguf']} has {len(imp)} values, its rows {e['shape'][-1]}: an "
+                           f"importance matrix of another model")
+        used[e["gguf"]] = imp
+    return used
+
+
+def tensor_names(model_dir) -> dict:
+    """{checkpoint tensor name: llama.cpp (GGUF) tensor name} of a checkpoint this module can write."""
+    entries = _entries_of(Path(model_dir))
+    return {name: e["gguf"] for name, e in entries.items()}
+
+
+def tensor_shapes(model_dir) -> dict:
+    """{GGUF name: shape as the checkpoint stores it ([rows, cols], cols = ggml's ne0)} of every matrix."""
+    return {e["gguf"]: tuple(e["shape"]) for e in _entries_of(Path(model_dir)).values() if not e["float_only"]}
+
+
+def _entries_of(model_dir: Path) -> dict:
+    hparams = load_hparams(model_dir)
+    _, gguf_arch, _ = detect_arch(model_dir, hparams)
+    block_count = find_hparam(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], optional=False)
+    return _checkpoint_entries(model_dir, gguf_arch, block_count)
 
 
 def _checkpoint_entries(model_dir: Path, gguf_arch: str, block_count: int) -> dict:
@@ -885,7 +938,8 @@ def _add_vocab(writer, model_dir: Path, hparams: dict, gguf_arch: str, pre_overr
     return pre, pre_how, chkhsh
 
 
-def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, quantize_fn, progress: bool) -> None:
+def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, quantize_fn, progress: bool,
+                importance: dict) -> None:
     """Header, key-values, tensor infos; then the data, one tensor at a time, one safetensors file open at a time.
     heads: (n_head, n_kv_head) where q and k are permuted to llama.cpp's rotary layout, else None."""
     from safetensors import safe_open
@@ -907,7 +961,7 @@ def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, qua
                 if entries[name]["part"] != part:
                     part, f = entries[name]["part"], safe_open(entries[name]["part"], framework="pt")
                 data = _source_tensor(f, name, heads)
-            n = _write_tensor(fout, data, t, gname, quantize_fn, bar)
+            n = _write_tensor(fout, data, t, gname, quantize_fn, bar, importance.get(gname))
             if n != nbytes:
                 raise EWQError(f"{gname}: wrote {n} bytes, expected {nbytes}")
             writer.write_padding(fout, n)

@@ -26,11 +26,18 @@ GOLDEN = {
     False: {"Q8_0": "27922422a3790327", "Q6_K": "944ba89ba80d0a31", "Q5_K": "5fe3f266f1939086",
             "Q4_K": "47ceea10901bcef4", "Q4_0": "dbb71cd61c3bc89d", "Q5_0": "6e823f74347b4edd",
             "Q4_1": "88257073b5ba15a4", "Q5_1": "e5bebd32aac2583e", "Q3_K": "cc8e1de805b8b888",
-            "Q2_K": "92e39830ab150c2e"},
+            "Q2_K": "92e39830ab150c2e", "IQ4_NL": "03d990889c40df99", "IQ4_XS": "7033c02f4f38772a"},
     True: {"Q8_0": "48ec5ea7bae2ea8a", "Q6_K": "d66327187a7c008f", "Q5_K": "95f2fbcce35a4167",
            "Q4_K": "dc4ce3af29eb0fa1", "Q4_0": "f70f9ea609f5bb75", "Q5_0": "1076b6340072ceed",
            "Q4_1": "a637d41a6411a90e", "Q5_1": "f9cafe2e42d127c6", "Q3_K": "f7c21118666769a7",
-           "Q2_K": "66b9db4cc04d0fba"},
+           "Q2_K": "66b9db4cc04d0fba", "IQ4_NL": "660a8c33f76a3b95", "IQ4_XS": "567375b347e09e45"},
+}
+# sha256[:16] of ggml_quantize_chunk(type, det_matrix(32, 4096), imatrix=det_importance(4096)): llama-quantize
+# --imatrix's rounding (quantize_row_*_impl), same ggml build
+GOLDEN_IMATRIX = {
+    "Q8_0": "47374645e7e8ef52", "Q6_K": "ce37d4966d65ea64", "Q5_K": "1369815ca13e6daa", "Q4_K": "cf4d729f1aed9614",
+    "Q4_0": "545e3e70f059184c", "Q5_0": "5c0ae5028cc36a0f", "Q4_1": "20b88ec765436142", "Q5_1": "f875d48f3f9148e6",
+    "Q3_K": "3f86cfdf02f6bb6b", "Q2_K": "71d2b442e5f65708", "IQ4_NL": "9b03ca07af871904", "IQ4_XS": "e85c0cc98c313352",
 }
 
 
@@ -54,6 +61,15 @@ def det_matrix(rows, cols, coarse=False):
     return torch.from_numpy(x.astype(np.float32))
 
 
+def det_importance(cols):
+    """Deterministic per-column importance with a 64x spread, outlier columns and one dead (0) column."""
+    i = np.arange(cols, dtype=np.float64)
+    v = (np.exp(np.sin(i * 0.37) * 3.0) * 2.0 ** -8).astype(np.float32)
+    v[::53] *= 64
+    v[7] = 0.0
+    return v
+
+
 def gauss(rows, cols, seed=0, scale=0.02):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
 
@@ -75,7 +91,8 @@ def one_thread():
 
 def test_type_table_bits_per_weight():
     expected = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0,
-                "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
+                "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "F16": 16.0, "BF16": 16.0,
+                "F32": 32.0}
     assert {k: v.bits_per_weight for k, v in G.TYPES.items()} == expected
     assert G.TYPES["Q6_K"] == G.TypeInfo(256, 210, 6.5625)
     assert G.TYPES["Q8_0"] == G.TypeInfo(32, 34, 8.5)
@@ -90,6 +107,7 @@ def test_shape_rules_and_llama_quantize_fallback():
     assert G.llama_quantize_fallback("Q6_K", 576) == "Q8_0"
     assert G.llama_quantize_fallback("Q3_K", 576) == "Q4_0"
     assert G.llama_quantize_fallback("Q2_K", 576) == "Q4_0"
+    assert G.llama_quantize_fallback("IQ4_XS", 576) == "IQ4_NL"
     assert G.llama_quantize_fallback("Q4_K", 4096) == "Q4_K"
     assert G.llama_quantize_fallback("Q4_K", 100) == "F16"
     assert G.llama_quantize_fallback("Q8_0", 100) == "F16"
@@ -124,6 +142,25 @@ def test_bytes_match_ggml_golden(name, coarse):
     info = G.TYPES[name]
     assert packed.dtype == np.uint8 and packed.shape == (64, 4096 // info.block_size * info.bytes_per_block)
     assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN[coarse][name]
+
+
+@pytest.mark.parametrize("name", G.EMULATED_TYPES)
+def test_bytes_with_importance_match_ggml_golden(name):
+    packed = G.quantize_to_bytes(det_matrix(32, 4096), name, importance=det_importance(4096))
+    assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_IMATRIX[name]
+
+
+def test_importance_changes_rounding_where_ggml_reads_it():
+    w = gauss(16, 512, seed=4)
+    imp = torch.from_numpy(det_importance(512))
+    for name in G.EMULATED_TYPES:
+        plain, weighted = G.quantize_dequantize(w, name), G.quantize_dequantize(w, name, importance=imp)
+        assert torch.equal(plain, weighted) == (not G.uses_importance(name)), name  # Q8_0 ignores it
+        err = lambda q: float((((q - w) ** 2) * imp).sum())  # noqa: E731 -- the error the importance weights
+        if G.uses_importance(name):
+            assert err(weighted) < err(plain), name
+    with pytest.raises(EWQError, match="importance has 256 values; the matrix has 512 columns"):
+        G.quantize_dequantize(w, "Q4_K", importance=torch.ones(256))
 
 
 def _special_rows(cols):
