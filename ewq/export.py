@@ -1,6 +1,7 @@
 """Models that leave the tool: a plan written in a format another runtime loads.
 
     python -m ewq.export gguf --plan PLAN --model M --out OUT.gguf [--llama-quantize-args]
+    python -m ewq.export onnx --plan PLAN --model M --out DIR
 
 gguf: the checkpoint as a GGUF file llama.cpp loads (ewq.gguf_export), one ggml type per tensor from the
 plan. A llama.cpp plan (main_cache_model.py --backend llama.cpp) names ggml types for every matrix and for
@@ -14,6 +15,7 @@ finishes the file with llama.cpp's own quantizer.
 import sys
 from pathlib import Path
 
+from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
 from .backends.llamacpp import ggml_type
 from .checkpoint import open_checkpoint
@@ -82,7 +84,10 @@ def main(argv=None):
                         "arguments) with which llama.cpp's own quantizer turns this file into the plan")
     g.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    onnx_export.add_parser(formats)
     args = p.parse_args(argv)
+    if args.format == "onnx":
+        return onnx_export.main(args)
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise EWQError(f"--out {out} is a directory; give the .gguf file's path")

@@ -91,7 +91,9 @@ def build_parser(kind: str) -> ArgumentParser:
                             "int4 with HQQ scales per group (see docs/RESULTS.md); torch-dynamic: torch's dynamic int8 "
                             "PTQ on the CPU for 8-bit entries (4-bit refused); llama.cpp (optional extra "
                             "llama-cpp-python, see README): the plan written as a GGUF and run by llama.cpp on the CPU; "
-                            "8-bit/4-bit entries become Q8_0/Q4_0, a llama.cpp plan's ggml types are kept")
+                            "8-bit/4-bit entries become Q8_0/Q4_0, a llama.cpp plan's ggml types are kept; onnxruntime "
+                            "(encoders, CPU): the plan exported as an ONNX file (python -m ewq.export onnx: int8 "
+                            "per-channel, dynamic 8-bit activations) and run by ONNX Runtime")
         p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
                        help="torchao int4 group size (default: the plan's, else 64; 32/64/128 on the CPU). The embedded "
                             "SmolLM2 went through GGUF Q4_1 with groups of 32, so 32-groups re-find its grid and look "
@@ -120,8 +122,8 @@ def build_parser(kind: str) -> ArgumentParser:
                        help="bitsandbytes: LLM.int8 outlier threshold on activations (default 6.0; 0 disables the fp16 "
                             "outlier path)")
         p.add_argument("--plans-dir", default="quantized_models",
-                       help="where plans are looked for, --save writes and --backend llama.cpp writes (and reuses) "
-                            "the plan's GGUF (default quantized_models/)")
+                       help="where plans are looked for, --save writes and --backend llama.cpp / onnxruntime write "
+                            "(and reuse) the plan's GGUF / ONNX directory (default quantized_models/)")
         p.add_argument("--save", action="store_true",
                        help="also save the quantized model to <plans-dir>/<name>-<plan hash>-<settings digest>/ "
                             "(safetensors, plan, metadata.json; the digest covers the executor, its settings, the "
@@ -141,10 +143,11 @@ def build_parser(kind: str) -> ArgumentParser:
                             "cpu=60GB: quantized blocks fill GPU after GPU, torchao only); implies --device-map auto. "
                             "Default: 90%% of what is free. Not with --backend llama.cpp")
     if kind == "original":
-        p.add_argument("--backend", choices=("llama.cpp",), default=None,
+        p.add_argument("--backend", choices=("llama.cpp", "onnxruntime"), default=None,
                        help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "
                             "BF16), the same way --backend llama.cpp runs quantized plans, so they compare in one mode; "
-                            "default: transformers in torch")
+                            "onnxruntime (encoders): the original exported to ONNX (float32) and run by ONNX Runtime, "
+                            "as --backend onnxruntime runs plans; default: transformers in torch")
     cpu_only = "--backend torch-dynamic and llama.cpp run" if kind == "ewq" else "--backend llama.cpp runs"
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help=f"auto: cuda if available, else cpu ({cpu_only} on the cpu only)")
@@ -332,7 +335,9 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
     """A checkpoint: the original loaded whole, or a plan applied while loading (one float block at a time, so the
     float model never exists whole; see apply.load_for_plan)."""
     in_llamacpp = args.backend == "llama.cpp"  # a quantized variant's executor, or how the original runs
-    backend_name = (args.backend if kind == "ewq" or in_llamacpp else getattr(args, "backend_for_dtype", None)) \
+    in_onnxruntime = args.backend == "onnxruntime"  # (the same: a file exported once, run by ONNX Runtime)
+    backend_name = (args.backend if kind == "ewq" or in_llamacpp or in_onnxruntime
+                    else getattr(args, "backend_for_dtype", None)) \
         or QuantSettings.backend
     if kind == "ewq":
         if args.int8_activations and backend_name != "torchao":
@@ -366,9 +371,14 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
                                  else args.outlier_channels)
     else:
         plan, plan_path = builtin_plan("raw", source, ckpt, fp, raw_bits), None
-        settings = QuantSettings("llama.cpp") if in_llamacpp else QuantSettings()
+        settings = QuantSettings(args.backend) if in_llamacpp or in_onnxruntime else QuantSettings()
     if in_llamacpp:
         return prepare_llamacpp(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings)
+    if in_onnxruntime:
+        from .backends.onnxruntime import prepare_run
+
+        return prepare_run(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings,
+                           SUITES[ckpt.kind])
     if kind == "ewq":
         backend = check_backend(plan, settings, dtype, device)
         refusal = args.save and backend.cannot_save(precisions_used(plan), device)
@@ -498,8 +508,8 @@ def prepare_saved(args, kind, source, ckpt, meta: dict, tokenizer, device) -> di
 def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
     """original / the plan's label, with the executor when it is not bitsandbytes and +compile when compiled."""
     label = "original" if kind == "original" else plan_label(plan)
-    if settings.backend == "llama.cpp":
-        return label + "@llama.cpp"
+    if settings.backend in ("llama.cpp", "onnxruntime"):
+        return f"{label}@{settings.backend}"
     if kind == "ewq" and settings.backend != "bitsandbytes":
         label += f"@{settings.backend}" + ("-a8" if settings.int8_activations else "")
         if settings.backend == "torch-dynamic" and settings.key() != {"backend": "torch-dynamic"}:

@@ -38,7 +38,8 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
-BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic", "llama.cpp": "llamacpp"}
+BACKEND_MODULES = {"bitsandbytes": "bnb", "torchao": "ao", "torch-dynamic": "torch_dynamic", "llama.cpp": "llamacpp",
+                   "onnxruntime": "onnxruntime"}
 BACKENDS = tuple(BACKEND_MODULES)
 QUANT_TYPES = ("nf4", "fp4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -66,7 +67,7 @@ class QuantSettings:
             extra = {"int8_activations": True} if self.int8_activations else {}  # absent when off: older keys stay valid
             return {"backend": self.backend, "group_size": self.group_size, **extra,
                     **get_backend(self.backend).formats(self)}
-        if self.backend == "llama.cpp":
+        if self.backend in ("llama.cpp", "onnxruntime"):
             return {"backend": self.backend, **get_backend(self.backend).formats(self)}
         if self.backend == "torch-dynamic":  # its options are absent at their defaults: older keys stay valid
             return {"backend": self.backend, **get_backend(self.backend).key(self)}

@@ -63,7 +63,8 @@ def parser() -> ArgumentParser:
                    help="on SIGTERM: seconds the requests in flight get to finish before they are cancelled "
                         "(default 30)")
     p.add_argument("--threads", type=int, default=cores,
-                   help=f"torch intra-op threads of the model worker (default: all {cores} cores this process may "
+                   help=f"torch intra-op threads of the model worker, ONNX Runtime's for an ONNX export (default: "
+                        f"all {cores} cores this process may "
                         f"use). On a machine busy with other work fewer (even 1) can be faster: threads that wait "
                         f"for a core stall every operation")
     return p

@@ -50,6 +50,10 @@ def batching_policy(meta: dict | None, kind: str) -> dict:
     counts = [meta.get("counts"), meta.get("matrix_counts")]
     has_8bit = any(c.get("8-bit", 0) > 0 for c in counts if isinstance(c, dict)) or not any(
         isinstance(c, dict) for c in counts)  # counts unknown: assume the 8-bit layers are there
+    if method == "ewq-onnxruntime" and has_8bit:
+        return policy(False, "ONNX Runtime's dynamic int8 (DynamicQuantizeLinear) quantizes each layer's input with one "
+                             "scale and zero point per tensor, i.e. per batch: a sentence's vector would depend on the "
+                             "other requests in its forward pass, so each request's inputs run on their own")
     if method == "dynamic-ptq-int8":
         return policy(False, "torch dynamic int8 quantizes each layer's input with one scale per tensor, i.e. per "
                              "batch: a sentence's vector would depend on the other requests in its forward pass "
@@ -66,6 +70,26 @@ def batching_policy(meta: dict | None, kind: str) -> dict:
                         "on its batch-mates", float_noise)
 
 
+@dataclasses.dataclass
+class ExportedEncoder:
+    """What the service reads of a checkpoint, for an ONNX export (no safetensors): its config and block count."""
+    config: dict
+    kind: str = "encoder"
+    architecture: str = "onnx"
+    blocks: tuple = ()
+
+    @classmethod
+    def of(cls, path: Path) -> "ExportedEncoder":
+        import json
+
+        try:
+            config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EWQError(f"{path}/config.json is missing or not JSON ({e}); export the model again") from None
+        arch = (config.get("architectures") or [config.get("model_type", "encoder")])[0]
+        return cls(config, architecture=f"{arch} (ONNX, ONNX Runtime)",
+                   blocks=tuple(range(int(config.get("num_hidden_layers") or 0))))
+
 
 class Service:
     """The loaded model and what running it needs. The HTTP layer runs every model call on one worker thread; the
@@ -77,15 +101,22 @@ class Service:
         from ..artifact import load_quantized, read_metadata
         from ..checkpoint import open_checkpoint
         from ..device import pick_dtype
-        from ..source import load_tokenizer, resolve_model
+        from ..onnx_export import onnx_file
+        from ..source import ModelSource, load_tokenizer, resolve_model
 
-        source = resolve_model(model_spec, models_dir)
+        exported = onnx_file(model_spec) if Path(model_spec).is_dir() else None  # python -m ewq.export onnx's
+        # directory (no safetensors): ONNX Runtime runs it
+        source = ModelSource(Path(model_spec).name, Path(model_spec)) if exported else resolve_model(model_spec, models_dir)
         self.path, self.device, self.max_inputs = source.path, device, max_inputs
-        self.ckpt = open_checkpoint(source.path)
+        self.ckpt = ExportedEncoder.of(source.path) if exported else open_checkpoint(source.path)
         self.kind = self.ckpt.kind
         self.tokenizer = load_tokenizer(source.path)
         meta = read_metadata(source.path)
-        if meta and meta.get("is_quantized"):
+        if exported:
+            from ..backends.onnxruntime import OrtEncoder
+
+            self.model = OrtEncoder(exported)  # intra-op threads: torch's, which --threads set
+        elif meta and meta.get("is_quantized"):
             self.model = load_quantized(source.path, self.kind)[0]
         else:
             # a float checkpoint runs in the benchmarks' default dtype for its kind and device
