@@ -11,6 +11,7 @@ trust_remote_code is never turned on here.
 """
 
 import importlib.metadata
+import os
 import re
 import shutil
 import time
@@ -155,17 +156,23 @@ def ensure_embedded_model(models_dir: Path) -> Path:
 
 def build_dir(target: Path, build) -> Path:
     """Run build(tmp) on a fresh temporary directory beside `target`, then rename it to `target`: a crash or
-    Ctrl-C leaves nothing that looks finished."""
-    tmp = target.parent / f".{target.name}.partial"
+    Ctrl-C leaves nothing that looks finished. Two processes converting at once (two commands on a first run, the
+    test workers) each build their own copy; the first rename wins and the other copy is dropped, so a finished
+    directory is never deleted under a process that reads it."""
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         build(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    except BaseException:
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left unfinished by an older version of this function
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
