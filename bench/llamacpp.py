@@ -68,6 +68,7 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED
                "-DLLAMA_BUILD_UI=OFF"]
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 CORPUS = ("gensim", "gensim/test/test_data/lee_background.cor")
+DEFAULT_CACHE = f"~/.cache/ewq/llama.cpp-{VERSION}"
 
 
 def log(msg: str) -> None:
@@ -351,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--text", default=None, help="corpus to slice (default gensim's lee_background.cor)")
     p.add_argument("--llama-bin", default=None, help="use llama.cpp binaries already built in DIR")
     p.add_argument("--sdist", default=None, help=f"the llama-cpp-python {VERSION} sdist (else downloaded with pip)")
-    p.add_argument("--cache-dir", default=f"~/.cache/ewq/llama.cpp-{VERSION}", help="where the tools are built")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the tools are built")
     p.add_argument("--keep-logits", action="store_true", help="keep the reference's logits file (about 200 MB)")
     p.add_argument("--reference-type", default="BF16", choices=("BF16", "F16", "F32"),
                    help="type of the reference file the presets are quantized from and KLD is measured against "
