@@ -170,3 +170,34 @@ def layer_error_probe(dtype):
         return float((yq.float() - y).norm() / y.norm())
 
     return err, lin
+
+
+@pytest.fixture
+def script(capsys, monkeypatch):
+    """script("benchmark.py", *args, cwd=D) or script("-m", "ewq.report", *args, cwd=D): the command run as
+    `python ...` would run it (argv, working directory, `if __name__ == "__main__"`, exit code, stdout and stderr),
+    but in this process, so each call does not pay for importing torch and transformers again (5-7 s on 2 cores).
+    Returns an object with returncode, stdout, stderr, like subprocess.run(capture_output=True, text=True)."""
+    import runpy
+    import sys
+    from types import SimpleNamespace
+
+    def run(*argv, cwd):
+        argv = [str(a) for a in argv]
+        module = argv[1] if argv[0] == "-m" else None
+        args = argv[2:] if module else argv[1:]
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [module or str(REPO / argv[0]), *args])
+        capsys.readouterr()
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run

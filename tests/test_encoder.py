@@ -2,9 +2,6 @@
 scripts. The HTTP service's tests are in test_serve.py."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +17,6 @@ from ewq.source import ModelSource
 from conftest import REPO, TINY_ENCODERS
 
 SMALL = ["--eval-sentences", "40", "--speed-sentences", "8", "--repeats", "1", "--no-progress"]
-
-
-def run_script(script, *args, cwd):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.mark.parametrize("kind", list(TINY_ENCODERS))
@@ -77,9 +69,9 @@ def test_sentences_are_real_sentences():
 
 
 @pytest.mark.slow
-def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp_path):
+def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp_path, script):
     model = tiny_encoder("bert")
-    r = run_script("benchmark_original.py", "--model", model, *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
+    r = script("benchmark_original.py", "--model", model, *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     original = json.loads(open(r.stdout.strip().splitlines()[-1]).read())
     assert original["model"]["model_kind"] == "encoder" and original["speed"] is None and original["tests"] == []
@@ -90,7 +82,7 @@ def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp
     assert original["environment"]["dtype"] == "float32"  # encoders keep fp32 on the CPU
     assert original["quality"] is None  # the original is the reference, not compared with itself
 
-    r = run_script("benchmark.py", "--model", model, "--plan", "uniform-8bit", "--backend", "torch-dynamic", *SMALL,
+    r = script("benchmark.py", "--model", model, "--plan", "uniform-8bit", "--backend", "torch-dynamic", *SMALL,
                    "--out-dir", tmp_path / "res", "--plans-dir", tmp_path / "qm", "--save", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = json.loads(open(r.stdout.strip().splitlines()[-1]).read())
@@ -102,21 +94,20 @@ def test_benchmark_scripts_measure_an_encoder_and_its_fidelity(tiny_encoder, tmp
 
     saved = Path(result["load"]["saved_to"])  # <model>-<plan hash>-<settings digest>: torch-dynamic is not the default executor
     assert (saved / "1_Pooling" / "config.json").is_file()  # the pooling travels with the saved encoder
-    r = run_script("benchmark.py", "--model", saved, *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
+    r = script("benchmark.py", "--model", saved, *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     reloaded = json.loads(open(r.stdout.strip().splitlines()[-1]).read())
     assert reloaded["load"]["path_taken"] == "saved-quantized"
     assert reloaded["quality"]["cosine_mean"] == pytest.approx(q["cosine_mean"], abs=1e-6)
 
-    r = subprocess.run([sys.executable, "-m", "ewq.report", str(tmp_path / "res"), "--out-dir", str(tmp_path / "rep")],
-                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = script("-m", "ewq.report", tmp_path / "res", "--out-dir", tmp_path / "rep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "sent/s batch 32" in r.stdout and "uniform-8bit@torch-dynamic" in r.stdout
 
 
 @pytest.mark.slow
-def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path):
-    r = run_script("main_cache_model.py", "--model", tiny_encoder("roberta"), "--method", "sensitivity",
+def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path, script):
+    r = script("main_cache_model.py", "--model", tiny_encoder("roberta"), "--method", "sensitivity",
                    "--target-bits", "10", "--backend", "torch-dynamic", "--granularity", "matrix",
                    "--calib-sentences", "16", "--out-dir", tmp_path, "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -129,7 +120,7 @@ def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path):
     # an fp32 encoder keeps its raw matrices in fp32 on the CPU: the plan counts them at 32 bits, so its size is
     # the size the benchmark measures (at 16 bits it read about 30 % small)
     assert plan["size"]["raw_bits"] == 32 and plan["matrix_counts"]["raw"] >= 1
-    bench = run_script("benchmark.py", "--model", tiny_encoder("roberta"), "--plan", r.stdout.strip().splitlines()[-1],
+    bench = script("benchmark.py", "--model", tiny_encoder("roberta"), "--plan", r.stdout.strip().splitlines()[-1],
                        "--backend", "torch-dynamic", *SMALL, "--out-dir", tmp_path / "res", cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
     result = json.loads(open(bench.stdout.strip().splitlines()[-1]).read())
@@ -139,32 +130,32 @@ def test_encoder_sensitivity_plan_uses_cosine_loss(tiny_encoder, tmp_path):
     assert plan["matrix_counts"]["raw"] > 0 and plan["matrix_counts"]["4-bit"] == 0  # torch-dynamic has no 4-bit
     assert "1 - cosine on the calibration text" in r.stdout
 
-    r = run_script("main_cache_model.py", "--model", tiny_encoder("roberta"), "--method", "sensitivity",
+    r = script("main_cache_model.py", "--model", tiny_encoder("roberta"), "--method", "sensitivity",
                    "--target-bits", "7", "--backend", "torch-dynamic", "--out-dir", tmp_path, "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "no 4-bit" in r.stderr and "ask for at least" in r.stderr
 
 
 @pytest.mark.parametrize("case", ["encoder-plan-on-decoder", "decoder-plan-on-encoder", "decoder-flag-on-encoder",
                                   "encoder-flag-on-decoder", "calib-tokens-on-encoder"])
-def test_kind_mismatches_are_refused(case, tiny_encoder, tiny_factory, tmp_path):
+def test_kind_mismatches_are_refused(case, tiny_encoder, tiny_factory, tmp_path, script):
     encoder, decoder = tiny_encoder("bert"), tiny_factory("llama")
     out = tmp_path / "res"
     if case.endswith("plan-on-decoder") or case.endswith("plan-on-encoder"):
         source, target = (encoder, decoder) if case.startswith("encoder") else (decoder, encoder)
-        r = run_script("main_cache_model.py", "--model", source, "--out-dir", tmp_path / "qm", "--no-progress", cwd=tmp_path)
+        r = script("main_cache_model.py", "--model", source, "--out-dir", tmp_path / "qm", "--no-progress", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         plan = r.stdout.strip().splitlines()[-1]
-        r = run_script("benchmark.py", "--model", target, "--plan", plan, "--backend", "bitsandbytes", "--out-dir", out,
+        r = script("benchmark.py", "--model", target, "--plan", plan, "--backend", "bitsandbytes", "--out-dir", out,
                        "--no-progress", cwd=tmp_path)
         assert "is a plan for " + ("an encoder" if case.startswith("encoder") else "a decoder") in r.stderr
     elif case == "decoder-flag-on-encoder":
-        r = run_script("benchmark_original.py", "--model", encoder, "--max-new-tokens", "8", "--out-dir", out, cwd=tmp_path)
+        r = script("benchmark_original.py", "--model", encoder, "--max-new-tokens", "8", "--out-dir", out, cwd=tmp_path)
         assert "is an encoder; --max-new-tokens does not apply" in r.stderr
     elif case == "encoder-flag-on-decoder":
-        r = run_script("benchmark_original.py", "--model", decoder, "--eval-sentences", "50", "--out-dir", out, cwd=tmp_path)
+        r = script("benchmark_original.py", "--model", decoder, "--eval-sentences", "50", "--out-dir", out, cwd=tmp_path)
         assert "is a decoder; --eval-sentences does not apply" in r.stderr
     else:
-        r = run_script("main_cache_model.py", "--model", encoder, "--method", "sensitivity", "--calib-tokens", "64",
+        r = script("main_cache_model.py", "--model", encoder, "--method", "sensitivity", "--calib-tokens", "64",
                        "--out-dir", tmp_path / "qm", cwd=tmp_path)
         assert "--calib-tokens does not apply" in r.stderr
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
