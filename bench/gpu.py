@@ -52,8 +52,8 @@ VARIANTS = ("ewq", "uniform-4bit", "uniform-8bit")
 class Steps:
     """Runs the set's steps against one deadline; records what finished, failed or was skipped, and why."""
 
-    def __init__(self, budget_s: float, log):
-        self.start, self.budget_s, self.log = time.perf_counter(), budget_s, log
+    def __init__(self, budget_s: float, log, in_process: bool = False):
+        self.start, self.budget_s, self.log, self.in_process = time.perf_counter(), budget_s, log, in_process
         self.longest_s = 0.0  # a step not yet run is assumed to take as long as the longest one so far
         self.failed, self.skipped = [], []
 
@@ -76,8 +76,12 @@ class Steps:
         start = time.perf_counter()
         timeout = None if self.left_s() == float("inf") else max(self.left_s(), 1)
         try:
-            proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-            stdout, stderr, error = proc.stdout, proc.stderr, proc.returncode and f"exit {proc.returncode}"
+            if self.in_process:
+                stdout, stderr, code = run_here(argv)
+            else:
+                proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+            error = code and f"exit {code}"
         except subprocess.TimeoutExpired as e:
             stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
             error = f"timed out at the end of --budget-s ({timeout:.0f} s left when it started)"
@@ -105,6 +109,32 @@ class Steps:
         finally:
             self.longest_s = max(self.longest_s, time.perf_counter() - start)
             free_gpu_memory()
+
+
+def run_here(argv: list) -> tuple:
+    """(stdout, stderr, exit code) of `python *argv` run in this process, from the repository root: what the dry run
+    uses (--in-process), with no time limit but the budget check made before the step starts."""
+    import contextlib
+    import io
+    import runpy
+
+    stdout, stderr, saved_argv, saved_cwd = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    module = argv[1] if argv[0] == "-m" else None
+    sys.argv = [module or argv[0], *argv[2 if module else 1:]]
+    os.chdir(REPO)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return stdout.getvalue(), stderr.getvalue(), code
 
 
 def free_gpu_memory():
@@ -288,6 +318,10 @@ def main():
     p.add_argument("--budget-s", type=float, default=480,
                    help="seconds this set may take; a step that would not fit is skipped and listed (0: no limit). "
                         "480: three sets back to back fit a session's 30 minutes of device time, each call its 600 s")
+    p.add_argument("--in-process", action="store_true",
+                   help="run each step's script in this process, not in a process of its own (the CPU dry run of the "
+                        "tests: it saves importing torch again per step; on a GPU keep the default, a step's own "
+                        "process gives all its memory back to the device when it ends)")
     args = p.parse_args()
     the_set = SETS[args.set]
     variants = [v for v in args.variants.split(",") if v]
@@ -304,7 +338,7 @@ def main():
     summary = {"schema_version": 1, "set": args.set, **the_set, "dtype": dtype_name, "command": " ".join(sys.argv),
                "environment": preflight(args.device), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
     log = open(out / "gpu_log.txt", "w")
-    steps = Steps(args.budget_s, log)
+    steps = Steps(args.budget_s, log, args.in_process)
     files = {}
 
     def save_outputs():

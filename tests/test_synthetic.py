@@ -37,7 +37,7 @@ def run_gpu_script(tmp_path, *flags):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(REPO / "bench/gpu.py"), "--config", str(config), "--device", "cpu",
                         "--work", str(tmp_path / "work"), "--out", str(out), "--max-new-tokens", "4", "--repeats", "1",
-                        *flags], capture_output=True, text=True, env=env, cwd=tmp_path)
+                        "--in-process", *flags], capture_output=True, text=True, env=env, cwd=tmp_path)
     return r, out
 
 
