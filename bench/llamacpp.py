@@ -3,9 +3,16 @@
 
     python bench/llamacpp.py [--model models/smollm2-135m] [--out-dir benchmark_results/llamacpp]
                              [--threads 2 | --threads 1,2] [--chunks 8] [--ctx 512] [--llama-bin DIR | --sdist FILE]
-                             [--gguf FILE ...] [--plans PLAN ...]
+                             [--presets Q8_0,Q6_K,...] [--calib-text FILE] [--eval-text FILE] [--no-imatrix]
+                             [--no-ewq] [--gguf FILE ...] [--plans PLAN ...]
 
-1. Tools: llama-quantize, llama-perplexity, llama-bench, built once from the llama-cpp-python 0.3.36 sdist (its
+The ladder (default): at each preset of --presets (Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M, Q2_K) four files:
+llama.cpp's preset without and with an importance matrix (llama-imatrix on the same calibration text EWQ measures
+on), and EWQ at that preset's file size without and with importance (`python -m ewq.export gguf --model M --target
+PRESET --out F [--no-imatrix]`: the plan made from scratch, the file no larger than the preset's); compared at file
+size, never by preset name (a preset's rows that are not whole blocks fall back to bigger formats).
+
+1. Tools: llama-quantize, llama-perplexity, llama-bench, llama-imatrix, built once from the llama-cpp-python 0.3.36 sdist (its
    vendored llama.cpp; cmake, Release, -DGGML_NATIVE=ON) into --cache-dir (default ~/.cache/ewq/llama.cpp-0.3.36)
    and reused while the binaries are there; the sdist is --sdist, else the copy in the cache dir, else
    `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`. --llama-bin DIR uses binaries already built.
@@ -13,11 +20,14 @@
    time is printed and kept in the cache's build.json).
 2. Files: the BF16 GGUF of --model written by EWQ's exporter (ewq.gguf_export; byte-identical to llama.cpp's
    convert_hf_to_gguf --outtype bf16, without its sentencepiece dependency; --reference-type F16 for the lossless
-   file of an fp16 checkpoint: BF16 drops 3 mantissa bits, KLD ~2e-4 on SmolLM2), then the presets (--presets, default
-   Q8_0 Q6_K Q4_K_M Q4_0) from it with llama-quantize (no imatrix); --gguf FILE adds GGUF files as they are, and
-   --plans PLAN adds EWQ plans, each exported once with `python -m ewq.export gguf --plan PLAN --model M --out F`.
-3. Quality: llama-perplexity on a slice of lee_background.cor (gensim's test corpus) from the MIDDLE of the file
-   (the JSON and the printout give its exact bytes [start, end) and sha256; it is written to the out dir):
+   file of an fp16 checkpoint: BF16 drops 3 mantissa bits, KLD ~2e-4 on SmolLM2), then the presets from it with
+   llama-quantize, without and (unless --no-imatrix) with `--imatrix` from `llama-imatrix -c 256` run on the
+   calibration text: exactly the --calib-tokens tokens EWQ's sweep calibrates on (the end of --calib-text, default
+   lee_background.cor), decoded and written to the out dir; the EWQ rows (unless --no-ewq); --gguf FILE adds GGUF
+   files as they are, and --plans PLAN adds EWQ plans, each exported with `python -m ewq.export gguf --plan PLAN`.
+3. Quality: llama-perplexity on a slice from the MIDDLE of --eval-text (default lee_background.cor, gensim's test
+   corpus), refused when it shares any 64 characters with the calibration text (the JSON and the printout give its
+   exact bytes [start, end) and sha256; it is written to the out dir):
    first `--kl-divergence-base` with the reference file (BF16 unless --reference-type; saves its logits and gives
    its PPL), then `--kl-divergence` for every file, the reference included (a self-check: its KLD must be 0): mean
    KL(reference || file) in nats, the
@@ -58,11 +68,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
+from ewq.presets import file_stats
 
 SCHEMA_VERSION = 1
 VERSION = "0.3.36"
-PRESETS = ("Q8_0", "Q6_K", "Q4_K_M", "Q4_0")
-TOOLS = ("llama-quantize", "llama-perplexity", "llama-bench")
+PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")  # the ladder people download
+OVERLAP_CHARS = 64  # evaluation text sharing this many characters in a row with the calibration text is refused
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-bench", "llama-imatrix")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_MTMD=OFF",
                "-DLLAMA_BUILD_UI=OFF"]
@@ -190,12 +202,38 @@ def export_reference(model: Path, out: Path, gguf_type: str) -> Path:
     return out
 
 
-def quantize(bin_dir: Path, src: Path, out: Path, preset: str, threads: int) -> Path:
+def quantize(bin_dir: Path, src: Path, out: Path, preset: str, threads: int, imatrix: Path | None = None) -> Path:
     start = time.perf_counter()
-    run([bin_dir / "llama-quantize", src, out, preset, threads], f"llama-quantize {preset}")
-    log(f"wrote {out.name} ({out.stat().st_size / 1e6:.0f} MB) with llama-quantize {preset} in "
-        f"{time.perf_counter() - start:.0f} s")
+    extra = ["--imatrix", imatrix] if imatrix else []
+    run([bin_dir / "llama-quantize", *extra, src, out, preset, threads], f"llama-quantize {' '.join(map(str, extra))} {preset}")
+    log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with llama-quantize {preset}"
+        f"{' and an importance matrix' if imatrix else ''} in {time.perf_counter() - start:.0f} s")
     return out
+
+
+def make_imatrix(bin_dir: Path, reference: Path, calib_file: Path, out: Path, threads: int) -> Path:
+    """llama-imatrix on the calibration text, in chunks of 256 tokens (EWQ's calibration windows), against the
+    reference file the presets are quantized from."""
+    start = time.perf_counter()
+    run([bin_dir / "llama-imatrix", "-m", reference, "-f", calib_file, "-o", out, "-c", 256, "-b", 256,
+         "-t", threads, "--no-ppl"], "llama-imatrix")
+    log(f"wrote {out.name} with llama-imatrix in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, weighted: bool) -> dict:
+    """EWQ at a preset's file size: `python -m ewq.export gguf --model M --target PRESET --out F`, the plan made from
+    scratch (with its own importance from the calibration text, or --no-imatrix). Returns the row's file and plan."""
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
+           "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
+           *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"])]
+    p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
+    plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
+    log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
+        f"{' with importance' if weighted else ''} in {time.perf_counter() - start:.0f} s (plan {plan})")
+    return {"file": out, "plan": plan, "export_s": round(time.perf_counter() - start, 1),
+            "command": " ".join(map(str, cmd[1:]))}
 
 
 def export_plan(plan: Path, model: Path, out: Path) -> Path:
@@ -224,10 +262,39 @@ def corpus_path(given) -> Path:
     try:
         return Path(importlib.metadata.distribution(CORPUS[0]).locate_file(CORPUS[1]))
     except importlib.metadata.PackageNotFoundError:
-        raise EWQError("the default corpus needs gensim: pip install --no-deps gensim==4.4.0 (or pass --text FILE)") from None
+        raise EWQError("the default corpus needs gensim: pip install --no-deps gensim==4.4.0 (or pass --eval-text FILE)") from None
 
 
-def text_slice(corpus: Path, model: Path, out: Path, n_tokens: int) -> dict:
+def calibration_slice(calib_text, model: Path, n_tokens: int) -> dict:
+    """The text EWQ's sweep calibrates on (ewq.quality.make_windows from the end of the corpus, windows of 256 tokens,
+    as ewq.sensitivity.Calibration takes them), decoded ("text": what llama-imatrix reads)."""
+    from transformers import AutoTokenizer
+
+    from ewq.quality import load_corpus, make_windows
+
+    corpus = load_corpus(calib_text)
+    tok = AutoTokenizer.from_pretrained(model)
+    windows = make_windows(tok, corpus, n_tokens, 256, from_end=True)
+    text = tok.decode(windows.reshape(-1).tolist())
+    return {"corpus": corpus.name, "corpus_sha256": corpus.sha256, "position": "end of corpus",
+            "tokens": int(windows.numel()), "windows": int(windows.shape[0]),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(), "text": text}
+
+
+def check_overlap(calib: str, evaluation: str, eval_name: str) -> None:
+    """Refuse evaluation text that shares OVERLAP_CHARS characters in a row (whitespace runs counted as one space)
+    with the calibration text: quality must be judged on text neither the sweep nor the importance matrix saw."""
+    squash = lambda t: " ".join(t.split())
+    c, e = squash(calib), squash(evaluation)
+    seen = {c[i:i + OVERLAP_CHARS] for i in range(max(0, len(c) - OVERLAP_CHARS + 1))}
+    hit = next((i for i in range(max(0, len(e) - OVERLAP_CHARS + 1)) if e[i:i + OVERLAP_CHARS] in seen), None)
+    if hit is not None:
+        raise EWQError(f"the evaluation text ({eval_name}) overlaps the calibration text (\"{e[hit:hit + 40]}...\"): "
+                       f"judge quality on text neither calibration nor the importance matrix used; pass another "
+                       f"--eval-text or --calib-text")
+
+
+def text_slice(corpus: Path, model: Path, n_tokens: int) -> tuple[dict, bytes]:
     """Whole lines from the middle of the corpus holding at least n_tokens tokens (+2%) by the model's tokenizer."""
     from transformers import AutoTokenizer
 
@@ -249,11 +316,10 @@ def text_slice(corpus: Path, model: Path, out: Path, n_tokens: int) -> dict:
         if got >= want or (start == 0 and end == len(raw)):
             break
         nbytes = int(nbytes * 1.1)
-    out.write_bytes(piece)
     return {"corpus": corpus.name, "corpus_path": str(corpus), "corpus_bytes": len(raw),
             "corpus_sha256": hashlib.sha256(raw).hexdigest(), "corpus_tokens": total,
             "start_byte": start, "end_byte": end, "bytes": end - start, "sha256": hashlib.sha256(piece).hexdigest(),
-            "tokens": got, "file": str(out)}
+            "tokens": got}, piece
 
 
 # ---- measurements ----
@@ -327,8 +393,25 @@ def markdown(rows: list, args) -> str:
     for r in rows:
         tg = [f"{s['tg_tok_s_median']:.1f} ± {s['tg_tok_s_sd']:.1f} (max {s['tg_tok_s_max']:.1f})" for s in r["speed"]]
         kld = f"{r['kld_mean']:.4f}".replace("-0.0000", "0.0000")  # the reference's self-check prints -0.000000
-        lines.append(f"| {r['name']} | {r['file_bytes'] / 1e6:.0f} | {' | '.join(tg)} | {kld} | "
+        lines.append(f"| {r['name']} | {r['file_bytes'] / 1e6:.1f} | {' | '.join(tg)} | {kld} | "
                      f"{r['same_top_pct']:.1f}% | {r['ppl']:.3f} |")
+    return "\n".join(lines)
+
+
+def ladder_markdown(rows: list, args) -> str:
+    """Rung by rung: the preset, with an importance matrix, and EWQ's files at its size; KLD as a multiple of the
+    importance-matrix preset's (the GGUFs people download for 4-5 bits are made with one)."""
+    heads = [f"tg{args.n_gen} tok/s -t {t}" for t in args.threads]
+    lines = [f"| rung | file | MB | bpw | mean KLD | × preset+imatrix | same top | {' | '.join(heads)} |",
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(heads)]
+    for preset in dict.fromkeys(r["preset"] for r in rows if r.get("preset")):
+        rung = [r for r in rows if r.get("preset") == preset]
+        ref = next((r["kld_mean"] for r in rung if r["kind"] == "preset+imatrix"), None)
+        for r in rung:
+            ratio = f"{r['kld_mean'] / ref:.2f}×" if ref and r["kind"] != "preset+imatrix" else ""
+            tg = [f"{sp['tg_tok_s_median']:.1f}" for sp in r["speed"]]
+            lines.append(f"| {preset} | {r['kind']} | {r['file_bytes'] / 1e6:.1f} | {r['bpw']:.3f} | "
+                         f"{r['kld_mean']:.4f} | {ratio} | {r['same_top_pct']:.1f}% | {' | '.join(tg)} |")
     return "\n".join(lines)
 
 
@@ -345,11 +428,20 @@ def parse_args(argv=None):
     p.add_argument("--repetitions", type=int, default=3, help="llama-bench -r (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="llama-bench calls per file, interleaved (default 2)")
     p.add_argument("--presets", default=",".join(PRESETS), help=f"llama-quantize presets (default {','.join(PRESETS)}; "
-                   "empty for none)")
+                   "empty for none); each also with an importance matrix and as EWQ files of its size")
+    p.add_argument("--calib-text", default=None,
+                   help="calibration text of EWQ's sweep and importance and of llama-imatrix (default gensim's "
+                        "lee_background.cor; its end is used)")
+    p.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens (default 512, EWQ's default)")
+    p.add_argument("--eval-text", default=None,
+                   help="text KLD is measured on, a slice from its middle (default gensim's lee_background.cor); "
+                        "refused when it overlaps the calibration text")
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="no importance-matrix rows (neither llama-imatrix + llama-quantize --imatrix nor EWQ's)")
+    p.add_argument("--no-ewq", action="store_true", help="no EWQ rows at the presets' sizes")
     p.add_argument("--gguf", nargs="+", default=[], metavar="FILE", help="more GGUF files, measured as they are")
     p.add_argument("--plans", nargs="+", default=[], metavar="PLAN",
                    help="EWQ plans, each exported with python -m ewq.export gguf")
-    p.add_argument("--text", default=None, help="corpus to slice (default gensim's lee_background.cor)")
     p.add_argument("--llama-bin", default=None, help="use llama.cpp binaries already built in DIR")
     p.add_argument("--sdist", default=None, help=f"the llama-cpp-python {VERSION} sdist (else downloaded with pip)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where the tools are built")
@@ -375,6 +467,15 @@ def check_args(args) -> tuple[Path, list, list, list]:
     if min(*args.threads, args.chunks, args.n_gen, args.repetitions, args.rounds) < 1 or args.ctx < 8:
         raise EWQError("--threads, --chunks, --n-gen, --repetitions, --rounds must be positive and --ctx at least 8")
     presets = [s.strip().upper() for s in args.presets.split(",") if s.strip()]
+    from ewq.presets import preset_ftype
+
+    for preset in presets:
+        preset_ftype(preset)  # an unknown name is one line before anything is built
+    if args.calib_tokens < 2:
+        raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    for flag, f in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
+        if f is not None and not Path(f).is_file():
+            raise EWQError(f"{flag} {f} does not exist")
     extra = [Path(f).resolve() for f in args.gguf]
     for f in extra:
         if not f.is_file():
@@ -396,44 +497,75 @@ def cpu_flags(cpu: dict) -> str:
     return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
 
 
-def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list) -> list:
+def ladder_rows(name: str, presets: list, args) -> list:
+    """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix."""
+    kinds = [k for k in ("preset", "preset+imatrix", "ewq", "ewq+imatrix")
+             if not (args.no_imatrix and k.endswith("imatrix")) and not (args.no_ewq and k.startswith("ewq"))]
+    return [(f"{name}-{'ewq-' if k.startswith('ewq') else ''}{p}{'-imatrix' if k.endswith('imatrix') else ''}.gguf",
+             k, p) for p in presets for k in kinds]
+
+
+def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:
     """The rows' file names, the reference first; two rows may not share one."""
-    names = [f"{name}-{reference_type}.gguf", *(f"{name}-{p}.gguf" for p in presets), *(f.name for f in extra),
-             *(f"{name}-plan-{p.stem}.gguf" for p in plans)]
+    names = [f"{name}-{reference_type}.gguf", *(n for n, _, _ in ladder_rows(name, presets, args)),
+             *(f.name for f in extra), *(f"{name}-plan-{p.stem}.gguf" for p in plans)]
     if len(set(names)) != len(names):
         raise EWQError(f"two rows would have the same file name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
                        "rename the --gguf files or plans")
     return names
 
 
-def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, extra: list, plans: list) -> tuple:
-    """(reference file, rows, bin_dir, tools): what EWQ writes first (a bad plan fails before minutes of building),
-    then the tools and the presets."""
+def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, extra: list, plans: list,
+               calib_file: Path) -> tuple:
+    """(reference file, rows, bin_dir, tools, imatrix file): what EWQ writes first (a bad plan or flag fails before
+    minutes of building), then the tools, llama-imatrix's importance matrix and the presets."""
     name = model.name
     bf16 = export_reference(model, out_dir / reference, args.reference_type)
     planned = [{"name": f"{name}-plan-{plan.stem}.gguf", "kind": "plan", "plan": str(plan),
                 "file": export_plan(plan, model, out_dir / f"{name}-plan-{plan.stem}.gguf")} for plan in plans]
+    ladder = ladder_rows(name, presets, args)
+    ewq = {file: export_target(model, preset, out_dir / file, out_dir / "plans", args, kind == "ewq+imatrix")
+           for file, kind, preset in ladder if kind.startswith("ewq")}
     bin_dir, tools = build_tools(args)
+    threads = max(args.threads)
+    imatrix = None if args.no_imatrix else make_imatrix(bin_dir, bf16, calib_file, out_dir / f"{name}.imatrix.gguf",
+                                                        threads)
     rows = [{"name": bf16.name, "kind": "reference", "file": bf16}]
-    for preset in presets:
-        rows.append({"name": f"{name}-{preset}.gguf", "kind": "preset", "preset": preset,
-                     "file": quantize(bin_dir, bf16, out_dir / f"{name}-{preset}.gguf", preset, max(args.threads))})
+    for file, kind, preset in ladder:
+        made = ewq[file] if kind.startswith("ewq") else \
+            {"file": quantize(bin_dir, bf16, out_dir / file, preset, threads, imatrix if kind.endswith("imatrix") else None)}
+        rows.append({"name": file, "kind": kind, "preset": preset, **made})
     rows += [{"name": f.name, "kind": "gguf", "file": f} for f in extra] + planned
-    return bf16, rows, bin_dir, tools
+    return bf16, rows, bin_dir, tools, imatrix
 
 
-def measure_quality(rows: list, bin_dir: Path, bf16: Path, corpus: Path, model: Path, out_dir: Path, args) -> tuple:
-    """(text slice, base perplexity): deterministic, once per file; each row gets its KLD, same-top and PPL."""
-    text = text_slice(corpus, model, out_dir / f"{corpus.stem}.middle.txt", args.chunks * args.ctx)
-    log(f"text: {text['corpus']} bytes [{text['start_byte']}, {text['end_byte']}) of {text['corpus_bytes']} "
-        f"({text['tokens']} tokens; sha256 {text['sha256'][:16]}) -> {text['file']}")
+def measure_quality(rows: list, bin_dir: Path, bf16: Path, text: dict, model: Path, out_dir: Path, args) -> dict:
+    """The base perplexity: deterministic, once per file; each row gets its KLD, same-top and PPL."""
     base_logits = out_dir / f"{model.name}-{args.reference_type}.kld-base.bin"
     base = perplexity_base(bin_dir, bf16, Path(text["file"]), base_logits, args)
     for r in rows:
         r.update(perplexity_kld(bin_dir, r["file"], base_logits, args))
     if not args.keep_logits:
         base_logits.unlink(missing_ok=True)
-    return text, base
+    return base
+
+
+def texts(args, model: Path, out_dir: Path) -> tuple[dict, dict]:
+    """(calibration, evaluation) texts, checked not to overlap before anything is written, then written to out_dir."""
+    calib = calibration_slice(args.calib_text, model, args.calib_tokens)
+    corpus = corpus_path(args.eval_text)
+    text, piece = text_slice(corpus, model, args.chunks * args.ctx)
+    calib_text = calib.pop("text")
+    check_overlap(calib_text, piece.decode("utf-8", "replace"), corpus.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calib_file, text["file"] = out_dir / "calibration.txt", str(out_dir / f"{corpus.stem}.middle.txt")
+    calib_file.write_text(calib_text, encoding="utf-8")
+    calib["file"] = str(calib_file)
+    Path(text["file"]).write_bytes(piece)
+    log(f"calibration: the last {calib['tokens']} tokens of {calib['corpus']} -> {calib_file}")
+    log(f"evaluation text: {text['corpus']} bytes [{text['start_byte']}, {text['end_byte']}) of {text['corpus_bytes']} "
+        f"({text['tokens']} tokens; sha256 {text['sha256'][:16]}) -> {text['file']}")
+    return calib, text
 
 
 def measure_speed(rows: list, bin_dir: Path, args) -> dict:
@@ -461,6 +593,7 @@ def measure_speed(rows: list, bin_dir: Path, args) -> dict:
         # the first --threads count also flat on the row, for readers that want one number
         r.update({**{k: v for k, v in speed[0].items() if k != "tg_tok_s_samples"}, "speed": speed,
                   "loadavg_1m_before": loads[r["name"]], "file_bytes": r["file"].stat().st_size,
+                  "bpw": file_stats(r["file"])["bpw"],
                   "tensor_bytes_by_type": file_bytes_by_type(r["file"]), "file": str(r["file"])})
     return build
 
@@ -487,6 +620,12 @@ def report(rows: list, args, result: dict, cpu: dict, tools: dict, build: dict, 
     print()
     print(markdown(rows, args))
     print()
+    if any(r.get("preset") for r in rows):
+        print(ladder_markdown(rows, args))
+        print()
+        print(f"importance: llama-imatrix and EWQ on the last {result['calibration']['tokens']} tokens of "
+              f"{result['calibration']['corpus']}; EWQ rows: python -m ewq.export gguf --model M --target PRESET "
+              f"--out F [--no-imatrix], each no larger than the preset's file as computed by ewq.presets")
     print(f"CPU: {cpu['model_name']} ({cpu['logical_cpus']} logical CPUs); flags: " + cpu_flags(cpu)
           + f"; llama.cpp {build.get('build_commit', '?')} ({tools['source']}: {tools['bin_dir']})")
     print(f"threads {','.join(map(str, args.threads))}; tg{args.n_gen}: median of {args.rounds} x {args.repetitions} llama-bench samples "
@@ -503,18 +642,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, presets, extra, plans = check_args(args)
     out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = corpus_path(args.text)
+    names = row_names(model.name, args.reference_type, presets, extra, plans, args)
+    calib, text = texts(args, model, out_dir)
     cpu = cpu_info()
     log(f"CPU: {cpu['model_name']}, {cpu['logical_cpus']} logical CPUs; " + cpu_flags(cpu))
-    names = row_names(model.name, args.reference_type, presets, extra, plans)
 
-    bf16, rows, bin_dir, tools = make_files(args, model, out_dir, names[0], presets, extra, plans)
-    text, base = measure_quality(rows, bin_dir, bf16, corpus, model, out_dir, args)
+    bf16, rows, bin_dir, tools, imatrix = make_files(args, model, out_dir, names[0], presets, extra, plans,
+                                                     Path(calib["file"]))
+    base = measure_quality(rows, bin_dir, bf16, text, model, out_dir, args)
     build = measure_speed(rows, bin_dir, args)
 
     busy = [x for r in rows for x in r["loadavg_1m_before"] if x is not None and x > (cpu["logical_cpus"] or 1)]
     result = summary(rows, args, model, cpu, tools, build, base, text, bf16, busy)
+    result.update(calibration=calib, imatrix=str(imatrix) if imatrix else None)
     for r in rows:
         r["file"] = str(r["file"])
     out = write_json_atomic(out_dir / f"llamacpp_{model.name}.json", result)

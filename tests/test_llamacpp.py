@@ -23,6 +23,32 @@ gguf = pytest.importorskip("gguf")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# ---- bench/llamacpp.py: what it refuses before building anything ----
+
+def test_bench_refuses_evaluation_text_that_overlaps_the_calibration_text(tiny_factory, tmp_path, capsys):
+    """Quality is judged on text neither the sweep nor the importance matrix saw: an --eval-text sharing a passage
+    with the calibration text is one line, exit 2, before any file or tool is made."""
+    from bench import llamacpp as bench
+    from ewq.common import run_cli
+
+    lines = [f"Sentence number {i} says something of its own about the weather in town {i * 7}." for i in range(120)]
+    (tmp_path / "calib.txt").write_text("\n".join(lines) + "\n")
+    other = [f"Another line, {i}, on trains and timetables that run late on Sundays {i * 3}." for i in range(60)]
+    # the evaluation slice (the middle of the file) holds the calibration's passage (the end of calib.txt)
+    (tmp_path / "eval.txt").write_text("\n".join(other[:30] + lines[110:] + other[30:]) + "\n")
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_factory("llama")), "--out-dir", str(out), "--calib-text", str(tmp_path / "calib.txt"),
+            "--calib-tokens", "200", "--eval-text", str(tmp_path / "eval.txt"), "--chunks", "2", "--ctx", "256",
+            "--presets", "", "--no-ewq", "--llama-bin", str(tmp_path / "no-tools")]  # a missed refusal fails fast
+    assert run_cli(bench.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "overlaps the calibration text" in err and err.count("\n") == 1 and not out.exists()
+    # the check itself: whitespace does not hide an overlap; disjoint texts pass
+    with pytest.raises(EWQError, match="overlaps"):
+        bench.check_overlap(" ".join(lines[:3]), "x " + "\n\n".join(lines[1:3]), "e")
+    bench.check_overlap("\n".join(lines[:60]), "\n".join(lines[60:]), "e")
+
+
 # ---- without llama-cpp-python ----
 
 def test_module_imports_and_refuses_with_one_install_line_without_llama_cpp():
