@@ -176,3 +176,22 @@ def test_sentence_transformers_loads_the_export(bert_export):
     ours = ort_embed(out, SENTENCES, alone=False)  # one padded batch, as encode() runs four sentences
     cos = torch.nn.functional.cosine_similarity(theirs.double(), ours.double(), dim=-1)
     assert cos.min() > 0.999, cos
+
+
+def test_benchmark_runs_the_plan_through_onnxruntime(bert_export, tmp_path, capsys):
+    """benchmark.py --backend onnxruntime: the plan exported once and run by ONNX Runtime in the encoder suite;
+    a second run reuses the export."""
+    import benchmark
+
+    model, plan_path, _ = bert_export
+    argv = ["--model", str(model), "--plan", str(plan_path), "--backend", "onnxruntime", "--eval-sentences", "40",
+            "--speed-sentences", "4", "--repeats", "1", "--no-progress", "--out-dir", str(tmp_path / "res"),
+            "--plans-dir", str(tmp_path / "plans")]
+    assert run_cli(benchmark.main, argv) == 0
+    result = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert result["variant"].endswith("@onnxruntime") and result["load"]["path_taken"] == "onnxruntime-onnx"
+    by_precision = result["memory"]["weight_bytes_by_precision"]
+    assert by_precision["8-bit"] > 0 and by_precision["raw"] > 0
+    assert result["quality"]["cosine_mean"] > 0.99 and result["encoder"]["batch_32"]["sentences_per_s"] > 0
+    assert run_cli(benchmark.main, argv) == 0
+    assert "reusing" in capsys.readouterr().out
