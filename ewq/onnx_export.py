@@ -226,6 +226,7 @@ def export_onnx(plan: dict, source, ckpt, out, fingerprint: str) -> dict:
             "base_model": source.id, "base_path": str(source.path), "base_fingerprint": fingerprint,
             "fingerprint": fingerprint, "plan_hash": plan_hash(plan), "counts": plan["counts"],
             "matrix_counts": counts, "formats": {"8-bit": FORMAT_8BIT, "raw": "float32"},
+            "avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],  # the plan's estimate, raw at its raw_bits
             "quantized_nodes": sorted(eight), "opset": OPSET,
             "matrix_nodes": {f"{index}.{matrix}": node for (index, matrix), node in nodes.items()},
             "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
