@@ -18,7 +18,8 @@ End to end, against a whole llama-quantize run (the type choices and fallbacks i
     python bench/check_ggml_quants.py LLAMA_CPP --gguf-pair model-f16.gguf model-Q4_K_M.gguf --real 0
 
 checks every quantized tensor of the output file, byte for byte, against the emulation of the type llama-quantize
-chose, applied to the same tensor of the source file.
+chose, applied to the same tensor of the source file; for a file made with `llama-quantize --imatrix I.gguf`, add
+`--imatrix-file I.gguf` (the emulation then gets the same importance per tensor).
 """
 
 import argparse
@@ -129,26 +130,32 @@ def synthetic_importance(cols: int, seed: int) -> torch.Tensor:
     return imp
 
 
-def check_gguf_pair(source: Path, quantized: Path):
-    """Every quantized tensor of a llama-quantize output vs the emulation of the same type on the source tensor."""
+def check_gguf_pair(source: Path, quantized: Path, imatrix_file: Path | None = None):
+    """Every quantized tensor of a llama-quantize output vs the emulation of the same type on the source tensor (with
+    the importance llama-quantize --imatrix FILE gave each tensor the file names, as ewq.imatrix reads it)."""
+    from ewq.imatrix import load_imatrix
+
+    importance = load_imatrix(imatrix_file).importance if imatrix_file else {}
     src = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
-    counts, bad = {}, []
+    counts, bad, with_imp = {}, [], 0
     for t in gguf.GGUFReader(str(quantized)).tensors:
         name = t.tensor_type.name
         if name not in G.EMULATED_TYPES:
             continue
         s = src[t.name]
         w = torch.from_numpy(np.asarray(s.data).astype(np.float32)).reshape(int(s.shape[1]), int(s.shape[0]))
-        mine = G.quantize_to_bytes(w, name)
+        imp = importance.get(t.name)
+        mine = G.quantize_to_bytes(w, name, importance=imp)
         raw = np.asarray(t.data).view(np.uint8).reshape(mine.shape)
-        values = G.quantize_dequantize(w, name).numpy()
+        values = G.quantize_dequantize(w, name, importance=imp).numpy()
         ref = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32).reshape(values.shape)
         ok = np.array_equal(mine, raw) and np.array_equal(values.view(np.uint32), ref.view(np.uint32))
         counts[name] = counts.get(name, 0) + 1
+        with_imp += imp is not None and G.uses_importance(name)
         if not ok:
             bad.append(f"{t.name} ({name})")
-    print(f"\n{quantized.name}: quantized tensors per type {counts}; differing from the emulation: "
-          f"{len(bad)} {bad[:10]}")
+    print(f"\n{quantized.name}: quantized tensors per type {counts} ({with_imp} rounded with importance); "
+          f"differing from the emulation: {len(bad)} {bad[:10]}")
 
 
 def main():
@@ -165,6 +172,8 @@ def main():
                          "ggml_quantize_chunk and the emulation: llama-quantize --imatrix's rounding")
     ap.add_argument("--gguf-pair", nargs=2, type=Path, metavar=("SOURCE", "QUANTIZED"),
                     help="also compare a llama-quantize output with the emulation of its source, tensor by tensor")
+    ap.add_argument("--imatrix-file", type=Path, default=None,
+                    help="with --gguf-pair: the imatrix file llama-quantize was given (--imatrix FILE)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ggml = Ggml(find_lib(args.llama_cpp))
@@ -204,7 +213,7 @@ def main():
         print(f"  {name:6} max|diff| {diff:.3g}  identical {same:.6f}  {verdict}")
 
     if args.gguf_pair:
-        check_gguf_pair(*args.gguf_pair)
+        check_gguf_pair(*args.gguf_pair, args.imatrix_file)
 
     if args.timing:
         print("\nemulation time per matrix (s), torch threads =", args.threads)

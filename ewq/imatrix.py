@@ -228,7 +228,8 @@ def _save_gguf(im: Imatrix, tmp: Path) -> None:
 
     w = gguf.GGUFWriter(str(tmp), arch="imatrix")  # gguf-py always writes general.architecture; llama.cpp ignores it
     w.add_type("imatrix")
-    w.add_array("imatrix.datasets", [str(d) for d in im.datasets])
+    # llama-quantize needs the key; gguf-py writes no empty array, so "no dataset" is one empty name
+    w.add_array("imatrix.datasets", [str(d) for d in im.datasets] or [""])
     w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
     w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
     for name in sorted(im.sums):

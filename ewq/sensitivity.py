@@ -159,7 +159,11 @@ class Calibration:
         self.layer_dtype = getattr(backend, "LAYER_DTYPE", None) or pick_dtype(None, device, settings.backend, self.kind)
         self.key = calibration_key(fingerprint, corpus, sample, settings, self.dtype, device, granularity,
                                    self.sweep_kind, self.layer_dtype)
+        self.corpus_name = corpus.name
         self.sm = self.reference = self.hidden = None
+        # llama.cpp: the importance matrix the file's rounding uses, so each matrix is measured rounded as it will be
+        # written (prepare_importance); {checkpoint weight name: float32 [cols]}
+        self.imatrix = self.importance = self.imatrix_file = None
         self._layers = {}  # quantized layers of the block being worked on, {(block, name, precision): layer}
         self._kept, self._kept_bytes = {}, 0  # quantized layers kept across blocks, up to KEPT_BYTES
 
@@ -254,6 +258,57 @@ class Calibration:
                            f"{where}; free memory, use fewer --calib-tokens, or run on a larger machine")
         self.memory_needed_bytes = int(need)
 
+    # ---- the importance matrix (llama.cpp plans) ----
+
+    def uses_importance(self) -> bool:
+        return self.settings.backend == "llama.cpp" and (self.settings.imatrix or "none") != "none"
+
+    def prepare_importance(self, cache_file: Path, progress: bool = True):
+        """Load or make the importance matrix (llama.cpp plans with settings.imatrix on): a user's imatrix file, or
+        EWQ's own from the calibration windows (llama-imatrix's statistic: per input column of every block matrix,
+        the mean of the squared inputs), written once as a llama.cpp GGUF imatrix at `cache_file` (the sensitivity
+        cache's name: keyed like it). Refuses one of another model. Returns the file, or None when not used."""
+        if not self.uses_importance():
+            return None
+        if self.importance is None:
+            from .gguf_export import tensor_names, tensor_shapes
+            from .imatrix import check_imatrix, importance_by_checkpoint_name, load_imatrix, save_imatrix
+
+            names = tensor_names(self.source.path)
+            if self.settings.imatrix != "calibration":
+                self.imatrix_file = Path(self.settings.imatrix).resolve()
+                im = load_imatrix(self.imatrix_file)
+            elif Path(cache_file).is_file():
+                self.imatrix_file, im = Path(cache_file), load_imatrix(cache_file)
+            else:
+                im = self._collect_importance(names, progress)
+                self.imatrix_file = save_imatrix(im, cache_file)
+            check_imatrix(im, tensor_shapes(self.source.path), self.source.id)
+            self.imatrix, self.importance = im, importance_by_checkpoint_name(im, names)
+        return self.imatrix_file
+
+    def _collect_importance(self, names: dict, progress: bool):
+        """One streamed pass over the calibration windows with every block's linear layers watched."""
+        from .imatrix import ImportanceCollector
+
+        collector = ImportanceCollector()
+        states = self.open(progress)
+        with torch.no_grad():
+            for i in tqdm(range(len(self.sm.blocks)), desc="importance matrix", disable=not progress, leave=False):
+                with collector.watching(self.sm.block(i), f"{self.ckpt.block_prefix}.{i}"):
+                    states = [self.sm.run_block(i, h, b) for b, h in enumerate(states)]
+        return collector.imatrix(names, datasets=[self.corpus_name], chunk_count=int(self.windows.shape[0]),
+                                 chunk_size=int(self.windows.shape[1]))
+
+    def _quantize(self, job):
+        """quantize_layer for a job (block, name, layer, precision), the layer carrying its importance if any."""
+        i, name, layer, precision = job
+        if self.importance is not None:
+            from .backends.llamacpp import IMPORTANCE_ATTR
+
+            setattr(layer, IMPORTANCE_ATTR, self.importance.get(f"{self.ckpt.block_prefix}.{i}.{name}.weight"))
+        return quantize_layer(layer, precision, self.settings, self.layer_dtype, self.device)
+
     # ---- variants: quantized layers swapped into a block, rounded embeddings or head ----
 
     def quantized_layers(self, jobs, keep: bool = True):
@@ -263,15 +318,14 @@ class Calibration:
         set if `keep`, and across blocks while KEPT_BYTES allow (the whole-plan checks reuse them)."""
         jobs = list(jobs)
         todo = list({_job_key(job): job for job in jobs if self._known(job) is None}.values())
-        made_now = zip(todo, in_threads(lambda job: quantize_layer(job[2], job[3], self.settings, self.layer_dtype,
-                                                                   self.device), todo))
+        made_now = zip(todo, in_threads(self._quantize, todo))
         made = {}
         for job in jobs:
             key = _job_key(job)
             while self._known(job) is None and key not in made:
                 done = next(made_now, None)
                 if done is None:  # asked for a second time and not kept: made again
-                    done = (job, quantize_layer(job[2], job[3], self.settings, self.layer_dtype, self.device))
+                    done = (job, self._quantize(job))
                 made[_job_key(done[0])] = self._remember(*done, keep)
             yield job, self._known(job) or made.pop(key)
 
@@ -385,9 +439,11 @@ def cache_path(calibration: Calibration, cache_dir) -> Path:
 
 
 def measure(calibration: Calibration, items, cache_dir, progress: bool = True):
-    """(per-item sensitivities, calibration key, cached?)."""
+    """(per-item sensitivities, calibration key, cached?). A llama.cpp calibration with importance first loads or makes
+    its importance matrix (calibration.imatrix_file, beside the cache), so every matrix is rounded as it will be."""
     key = calibration.key
     path = cache_path(calibration, cache_dir)
+    calibration.prepare_importance(path.with_suffix(".imatrix.gguf"), progress)
     done = []
     if path.is_file():
         try:

@@ -54,6 +54,7 @@ class QuantSettings:
     group_size: int = 64        # torchao int4: weights per (scale, zero point) group along the input dimension
     int8_activations: bool = False  # torchao 8-bit: also quantize activations per token (int8 x int8 matmul)
     formats: tuple = ()         # llama.cpp: the ggml types a plan may choose from (empty: the backend's menu)
+    imatrix: str = "calibration"  # llama.cpp: rounding weighted by "calibration" importance, "none", or an imatrix file
     weight_scales: str = "tensor"  # torch-dynamic: one weight scale per matrix ("tensor") or per output row ("channel")
     act_bits: int = 7              # torch-dynamic: activation range, 7 (torch's reduce_range) or 8 (needs VNNI)
     outlier_channels: int = 0      # torch-dynamic: up to this many input channels per matrix kept in fp32

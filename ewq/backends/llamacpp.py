@@ -65,12 +65,16 @@ TOKEN_NULL = -1  # LLAMA_TOKEN_NULL
 
 _backend_ready = False
 
-# the sweep's menu: Q4_1/Q5_1 (float minimum per 32) are left out by default: they re-find the grid of a checkpoint
-# that went through GGUF Q4_1 (the embedded SmolLM2 did) and would look falsely lossless there
-PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0")
+# the sweep's menu, the whole ladder from 8.5 down to 2.625 bits per weight (each offered only to matrices whose rows
+# are whole blocks of it: IQ4_NL and the legacy types blocks of 32, the k-quants and IQ4_XS 256). Q4_1/Q5_1 (float
+# minimum per 32) are left out by default: they re-find the grid of a checkpoint that went through GGUF Q4_1 (the
+# embedded SmolLM2 did) and would look falsely lossless there.
+PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
 TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
 # what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
-ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1", "Q3_K", "Q2_K") + tuple(TORCH_MENU_AS)
+ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + tuple(TORCH_MENU_AS)
+# the attribute a float layer carries its importance in while the sweep quantizes it (ewq.sensitivity sets it)
+IMPORTANCE_ATTR = "ewq_importance"
 COMPILES = False
 COMPILE_NOTE = "llama.cpp runs its own kernels; nothing to compile in torch"
 SAVE_METHOD = None
@@ -97,16 +101,19 @@ def unsupported(shape, precision: str, settings):
     return None
 
 
-def round_trip(weight: torch.Tensor, precision: str, settings=None) -> torch.Tensor:
-    """The weight after one trip through the ggml format (float32), exactly as llama-quantize writes it."""
+def round_trip(weight: torch.Tensor, precision: str, settings=None, importance=None) -> torch.Tensor:
+    """The weight after one trip through the ggml format (float32), exactly as llama-quantize writes it (with
+    --imatrix when `importance`, float [cols], is given)."""
     from ..ggml_quants import quantize_dequantize
 
-    return quantize_dequantize(weight.detach().float().cpu(), ggml_type(precision))
+    return quantize_dequantize(weight.detach().float().cpu(), ggml_type(precision), importance=importance)
 
 
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
+    """The layer with the format's round trip as its weight; rounded with the importance the layer carries
+    (IMPORTANCE_ATTR), if any, as the file will be."""
     lin = as_linear(module, torch.float32, "cpu")
-    lin.weight.data = round_trip(lin.weight.data, precision).to(dtype)
+    lin.weight.data = round_trip(lin.weight.data, precision, importance=getattr(module, IMPORTANCE_ATTR, None)).to(dtype)
     if lin.bias is not None:
         lin.bias.data = lin.bias.data.to(dtype)
     return lin.to(device)
@@ -133,9 +140,25 @@ def menu(settings) -> tuple:
     return chosen
 
 
+def imatrix_key(settings) -> dict:
+    """What the rounding's importance is, for caches and plans: absent for plain rounding (older keys stay valid)."""
+    source = getattr(settings, "imatrix", "none") or "none"
+    if source == "none":
+        return {}
+    if source == "calibration":
+        return {"imatrix": "calibration: mean squared input per column of each block matrix on the calibration text"}
+    from hashlib import sha256
+
+    path = Path(source)
+    if not path.is_file():
+        raise EWQError(f"--imatrix {source}: no such file")
+    return {"imatrix": {"file": path.name, "sha256": sha256(path.read_bytes()).hexdigest()}}
+
+
 def formats(settings) -> dict:
+    how = "with the importance matrix (llama-quantize --imatrix)" if imatrix_key(settings) else "no importance matrix"
     return {"menu": list(menu(settings)), "8-bit": "Q8_0", "4-bit": "Q4_0",
-            "emulation": "ewq.ggml_quants: ggml's reference quantizers (no importance matrix), bit-exact on x86-64"}
+            "emulation": f"ewq.ggml_quants: ggml's quantizers ({how}), bit-exact on x86-64", **imatrix_key(settings)}
 
 
 def require():
