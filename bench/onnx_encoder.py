@@ -8,7 +8,7 @@ Rows, all run by ONNX Runtime in this process (CPU provider, all graph optimizat
   ORT int8 per-channel  ONNX Runtime's own all-int8 model: quantize_dynamic(fp32, per_channel=True, QInt8) with its
                         defaults (every MatMul with a constant weight, and the embedding Gathers), what
                         sentence-transformers' export_dynamic_quantized_onnx_model and optimum make
-  EWQ <plan>            python -m ewq.export onnx of --plan (int8 where it says 8-bit, float32 where raw)
+  EWQ <plan hash>       python -m ewq.export onnx of each --plan (int8 where it says 8-bit, float32 where raw)
 Speed: sentences/s on the first --speed-sentences corpus sentences in corpus order, batches of 1 and 32 padded to their
 longest (as benchmark.py's encoder suite), for each thread count; every (threads, batch, row) once per round, rounds
 interleaved, the median round reported. Fidelity: cosine to torch fp32's embeddings and top-10 neighbour agreement on
@@ -33,8 +33,9 @@ warnings.filterwarnings("ignore")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", required=True, help="the EWQ plan to export (raw and 8-bit; e.g. from main_cache_model.py "
-                                                 "--method sensitivity --backend onnxruntime)")
+    p.add_argument("--plan", required=True, action="append",
+                   help="an EWQ plan to export (raw and 8-bit; e.g. from main_cache_model.py --method sensitivity "
+                        "--backend onnxruntime); repeat for more rows")
     p.add_argument("--model", default="minilm-l6", help="the encoder (default minilm-l6)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, every row once per round (default 5)")
     p.add_argument("--threads", default="1,2", help="ONNX Runtime intra-op thread counts, comma-separated (default 1,2)")
@@ -55,9 +56,9 @@ def make_files(args, source, ckpt, fp) -> dict:
     from ewq.plan import builtin_plan, load_plan, plan_hash
 
     work = Path(args.work)
-    plan = load_plan(args.plan)
+    plans = [load_plan(p) for p in args.plan]
     dirs = {"fp32": (work / f"{source.path.name}-fp32", builtin_plan("raw", source, ckpt, fp, 32)),
-            "ewq": (work / f"{source.path.name}-{plan_hash(plan)}", plan)}
+            **{i: (work / f"{source.path.name}-{plan_hash(p)}", p) for i, p in enumerate(plans)}}
     for directory, p in dirs.values():
         if not directory.is_dir():
             export_onnx(p, source, ckpt, directory, fp)
@@ -66,9 +67,12 @@ def make_files(args, source, ckpt, fp) -> dict:
     if not ort_channel.is_file():
         logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" note is for static quantization
         quantize_dynamic(fp32, ort_channel, per_channel=True, weight_type=QuantType.QInt8)
-    counts = plan["matrix_counts"]
-    return {"ORT fp32": fp32, "ORT int8 per-channel (its own)": ort_channel,
-            f"EWQ plan ({counts.get('8-bit', 0)} int8, {counts.get('raw', 0)} fp32)": onnx_file(dirs["ewq"][0])}
+    files = {"ORT fp32": fp32, "ORT int8 per-channel (its own)": ort_channel}
+    for i, p in enumerate(plans):
+        counts = p["matrix_counts"]
+        files[f"EWQ {plan_hash(p)} ({counts.get('8-bit', 0)} int8, {counts.get('raw', 0)} fp32)"] = \
+            onnx_file(dirs[i][0])
+    return files
 
 
 def measure_speed(args, files, embedder, sentences) -> dict:
