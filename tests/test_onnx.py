@@ -129,9 +129,17 @@ def test_refusals_write_nothing(bert_export, tiny_encoder, tmp_path, capsys):
     assert export(model, plan_path, out) == 2 and "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
     other = tiny_encoder("roberta")  # a plan made for other weights
-    assert export(other, plan_path, tmp_path / "other") == 2
+    assert export(other, plan_path, tmp_path / "other") == 2 and "other weights" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and not (tmp_path / "other").exists()
     assert not list(tmp_path.glob(".*partial*"))
+    saved = tmp_path / "saved"  # a saved quantized model is exported from its base, which must be at hand
+    saved.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (saved / name).write_bytes((model / name).read_bytes())
+    (saved / "metadata.json").write_text(json.dumps({"is_quantized": True, "method": "dynamic-ptq-int8",
+                                                     "base_path": str(tmp_path / "gone")}))
+    assert export(saved, plan_path, tmp_path / "from-saved") == 2
+    assert "base model" in capsys.readouterr().err and not (tmp_path / "from-saved").exists()
 
 
 def test_service_serves_the_export_per_request(bert_export, tmp_path):
