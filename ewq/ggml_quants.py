@@ -55,7 +55,9 @@ GROUP_MAX_EPS = 1e-15
 # enough to amortise Python overhead; Q6_K's [16 elements, 19 candidates, sub-blocks] tensors want to stay
 # cache-sized (measured on 1 thread: 2^16 is ~2x faster than 2^18 for Q6_K, 2^18 ~2x faster than 2^16 for Q4_K).
 _CHUNK_WEIGHTS = 1 << 18
-_CHUNK_WEIGHTS_BY_TYPE = {"Q6_K": 1 << 16}
+_CHUNK_WEIGHTS_BY_TYPE = {"Q6_K": 1 << 16, "IQ4_NL": 1 << 16, "IQ4_XS": 1 << 16}
+# with an importance matrix Q4_0/Q5_0 run make_qx_quants' 19 grids at once ([32, 19, blocks] tensors): small chunks
+_CHUNK_WEIGHTS_IMATRIX = {"Q4_0": 1 << 14, "Q5_0": 1 << 14}
 
 
 @dataclass(frozen=True)
@@ -458,27 +460,24 @@ def _best_index_iq4(al: torch.Tensor) -> torch.Tensor:
 def _iq4_scales(x, w, ntry: int = 7):
     """The per-32 scale search of quantize_row_iq4_nl_impl (ntry = 7, what ggml_quantize_chunk uses), over
     element-major sub-blocks x, w [32, B]: d = max/127 grid, least-squares scale, then ntry*2+1 grids
-    (itry - 127)/max, keeping the scale when sumqx^2/sumq2 grows. Returns d [B] (0 for an all-zero sub-block)."""
+    (itry - 127)/max, keeping the scale when sumqx^2/sumq2 grows. The grids' sums are independent of one another, so
+    all are computed at once (one sequential sum over the 32 elements); only the keep/replace walk is in order.
+    Returns d [B] (0 for an all-zero sub-block)."""
     mx, amax = _first_absmax(x, 0)
     zero = amax < _EPS
-    terms = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=x.dtype)
-
-    def sums(inv):
-        q = _IQ4_VALUES[_best_index_iq4(inv * x)]
-        wq = w * q
-        torch.mul(wq, x, out=terms[:, 0])
-        torch.mul(wq, q, out=terms[:, 1])
-        return _seqsum(terms)
-
-    d = (-mx) / _f32(-127.0)
-    sumqx, sumq2 = sums(_ONE / d)
-    d = _where0(sumq2 > 0, sumqx / sumq2)
-    best = d * sumqx
-    for itry in range(-ntry, ntry + 1):
-        sumqx, sumq2 = sums(_f32(float(itry - 127)) / mx)
-        take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = torch.where(take, sumqx / sumq2, d)
-        best = torch.where(take, d * sumqx, best)
+    # inverse scales [T, B]: first 1/d with d = -max/-127, then (itry - 127)/max for itry = -ntry..ntry
+    first = _ONE / ((-mx) / _f32(-127.0))
+    grids = torch.tensor([float(t - 127) for t in range(-ntry, ntry + 1)], dtype=torch.float32)[:, None] / mx[None]
+    inv = torch.cat([first[None], grids])
+    q = _IQ4_VALUES[_best_index_iq4(inv[None] * x[:, None])]  # [32, T, B]
+    wq = w[:, None] * q
+    sumqx, sumq2 = _seqsum(torch.stack([wq * x[:, None], wq * q], 1))  # each [T, B]
+    d = _where0(sumq2[0] > 0, sumqx[0] / sumq2[0])
+    best = d * sumqx[0]
+    for t in range(1, inv.shape[0]):
+        take = (sumq2[t] > 0) & (sumqx[t] * sumqx[t] > best * sumq2[t])
+        d = torch.where(take, sumqx[t] / sumq2[t], d)
+        best = torch.where(take, d * sumqx[t], best)
     return _where0(~zero, d)
 
 
@@ -991,7 +990,7 @@ def _chunks(x, name, qw=None):
         return
     rows, cols = x.shape
     per_row = cols // block
-    step = max(1, budget // cols)
+    step = max(1, _CHUNK_WEIGHTS_IMATRIX.get(name, budget) // cols)
     qw_blocks = qw.view(per_row, block)
     for start in range(0, rows, step):
         xr = x[start:start + step]
