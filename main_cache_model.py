@@ -63,6 +63,14 @@ def parse_args(argv):
                            "(16-bit; 32-bit where benchmark.py runs float32: encoders on the CPU, torch-dynamic): "
                            "norms and biases always, embeddings and lm_head with the torch executors; with "
                            "--backend llama.cpp the embeddings and lm_head are planned (quantized) too")
+    size.add_argument("--target", default=None, metavar="PRESET",
+                      help="--backend llama.cpp: a llama-quantize preset name (Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, "
+                           "Q3_K_M, Q2_K, ...): the GGUF EWQ writes is no larger than the file that preset gives this "
+                           "checkpoint (computed from llama-quantize's own per-tensor rules and fallbacks, header and "
+                           "padding included; llama.cpp is not run)")
+    size.add_argument("--target-bpw", type=positive_float, default=None, metavar="B",
+                      help="--backend llama.cpp: bits per weight in llama.cpp's sense, as llama-quantize prints it: "
+                           "the bytes of all the file's tensors x 8 / all their elements, norms included")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="decoders, --method sensitivity: tokens of calibration text (default 512), from the end of the corpus")
     p.add_argument("--calib-sentences", type=int, default=None,
@@ -78,14 +86,23 @@ def parse_args(argv):
                         "what --method sensitivity measures with; use the one you will benchmark (bitsandbytes: "
                         "LLM.int8 + nf4/fp4; torchao: weight-only int8 + int4 HQQ; torch-dynamic: int8 only, so only "
                         "--method sensitivity keeps to 8-bit, the other methods may choose 4-bit, which it refuses "
-                        "to run; llama.cpp: its own formats Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0 with their exact "
+                        "to run; llama.cpp: its own formats Q8_0 to Q2_K and IQ4_NL/IQ4_XS with their exact "
                         "rounding, for every method, embeddings and output head planned too: the plan names ggml "
                         "types, for benchmark.py --backend llama.cpp or python -m ewq.export gguf)")
     p.add_argument("--formats", default=None,
                    help="--backend llama.cpp: the ggml types a plan chooses from, comma-separated (default "
-                        "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0; Q4_1/Q5_1 are left out by default because they re-find the "
+                        "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0,IQ4_NL,IQ4_XS,Q3_K,Q2_K, each only where a matrix's rows are "
+                        "whole blocks of it; Q4_1/Q5_1 are left out by default because they re-find the "
                         "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats)")
+    imatrix = p.add_mutually_exclusive_group()
+    imatrix.add_argument("--imatrix", default=None, metavar="FILE",
+                         help="--backend llama.cpp: weight the rounding with this llama.cpp importance matrix "
+                              "(llama-imatrix's GGUF or legacy .dat), as llama-quantize --imatrix does (default: EWQ's "
+                              "own, the mean squared input of each matrix's columns on the calibration text, written "
+                              "beside the sensitivity cache as a GGUF imatrix; one extra forward pass)")
+    imatrix.add_argument("--no-imatrix", action="store_true",
+                         help="--backend llama.cpp: plain rounding (llama-quantize without --imatrix)")
     p.add_argument("--sweep", choices=SWEEPS, default="fast",
                    help="decoders, --method sensitivity: fast (default): every item's KL estimated to second order from "
                         "one forward and a few backward passes (Fisher information of the output, sampled; a block item "
@@ -147,6 +164,8 @@ def main(argv=None):
                                    progress=not args.no_progress, backend=args.backend, group_size=args.group_size,
                                    granularity=args.granularity, calib_sentences=args.calib_sentences,
                                    int8_activations=args.int8_activations, sweep=args.sweep, device=args.device,
+                                   target=args.target, target_bpw=args.target_bpw,
+                                   imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
                                    formats=tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ())
     print(format_summary(plan))
     if args.write_hf_config:

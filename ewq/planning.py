@@ -11,6 +11,7 @@ byte budget by entropy order, by position, or by measured sensitivity (allocate.
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,11 +71,16 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
               device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast",
-              formats=()):
+              formats=(), target=None, target_bpw=None, imatrix: str = "calibration"):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
-    (and granularity) aims at the size of that rule's plan, so methods compare at equal size by default."""
+    (and granularity) aims at the size of that rule's plan, so methods compare at equal size by default.
+    llama.cpp plans also take the targets llama.cpp names: `target` a llama-quantize preset (the GGUF EWQ writes is
+    no larger than the file that preset gives this checkpoint) or `target_bpw` (bits per weight of the file's
+    tensors, as llama-quantize prints it). `imatrix` (llama.cpp): the importance the rounding is weighted with, as
+    llama-quantize --imatrix: "calibration" (EWQ's own from the calibration text), a llama.cpp imatrix file, or
+    "none" (plain rounding)."""
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if not math.isfinite(k) or k < 0:
@@ -91,8 +97,14 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
         raise EWQError(f"unknown sweep '{sweep}'; choose one of {', '.join(sensitivity.SWEEPS)}")
     if formats and backend != "llama.cpp":
         raise EWQError("--formats applies to --backend llama.cpp only (the torch executors' menu is 8-bit and 4-bit)")
+    if imatrix not in ("calibration", "none"):
+        if backend != "llama.cpp":
+            raise EWQError("--imatrix applies to --backend llama.cpp only (it weights ggml's rounding)")
+        if not Path(imatrix).is_file():
+            raise EWQError(f"--imatrix {imatrix}: no such file (an importance matrix from llama-imatrix)")
+    file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
-                             int8_activations=int8_activations)
+                             int8_activations=int8_activations, imatrix=imatrix if backend == "llama.cpp" else "none")
     if method == "sensitivity":
         get_backend(backend)  # an unknown backend is refused before any weight is read
     if backend == "llama.cpp":
@@ -110,13 +122,13 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     # sizes count a raw weight in the dtype the benchmark will run it in here: an encoder's float32 on the CPU
     # costs 32 bits, not 16
     rule_plan = entropy_plan(source, ckpt, analysis, entropy, k, bins, default_raw_bits(ckpt.kind, backend))
-    has_target = target_bits is not None or max_weight_gb is not None
+    has_target = target_bits is not None or max_weight_gb is not None or file_target is not None
     if method == "entropy" and not has_target and granularity == "block" and backend != "llama.cpp":
         plan = rule_plan
     else:
         plan = allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb,
                               settings, granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences,
-                              sweep)
+                              sweep, file_target)
     path = out_dir / plan_filename(plan)
     if path.exists() and not force:
         try:
@@ -125,6 +137,69 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             pass  # an unreadable old file is replaced below
     write_json_atomic(path, plan)
     return path, plan, False
+
+
+def llamacpp_target(preset, target_bpw, target_bits, max_weight_gb, backend: str) -> dict | None:
+    """The plan's record of a target named as llama.cpp names it ({"preset": "Q4_K_M"} or {"target_bpw": 4.5}), None
+    without one; refuses, before any weight is read, a second target, another backend, an unknown preset."""
+    if preset is None and target_bpw is None:
+        return None
+    given = [f for f, v in (("--target", preset), ("--target-bpw", target_bpw), ("--target-bits", target_bits),
+                            ("--max-weight-gb", max_weight_gb)) if v is not None]
+    if len(given) > 1:
+        raise EWQError(f"give one size target, not {' and '.join(given)}")
+    if backend != "llama.cpp":
+        raise EWQError(f"{given[0]} sizes a GGUF file: it applies to --backend llama.cpp only; use --target-bits or "
+                       f"--max-weight-gb with --backend {backend}")
+    if preset is not None:
+        from .presets import preset_ftype
+
+        preset_ftype(preset)  # an unknown name is one line
+        return {"preset": str(preset).strip().upper()}
+    if not (math.isfinite(target_bpw) and target_bpw > 0):
+        raise EWQError(f"--target-bpw must be a positive number of bits per weight, got {target_bpw}")
+    return {"target_bpw": target_bpw}
+
+
+# the quantize.imatrix.* keys an importance-weighted GGUF carries (llama-quantize's four), reserved at 256 characters
+# a string value so the file stays within its target whatever file and dataset names they record
+IMATRIX_KV_RESERVE = {"quantize.imatrix.file": "x" * 256, "quantize.imatrix.dataset": "x" * 256,
+                      "quantize.imatrix.entries_count": 0, "quantize.imatrix.chunks_count": 0}
+
+
+def llamacpp_budget(source, items, sizes, target: dict, menu, imatrix: bool = False) -> float:
+    """Bytes the planned matrices (`items`, whole tensors) may take so that the GGUF EWQ writes meets `target`:
+    a preset's file (header and 32-byte padding of every tensor counted; `target` gains the preset's file_bytes,
+    bits per weight and whether it was sized with an importance matrix) or bits per weight of all the file's tensors
+    (llama-quantize's figure: tensor bytes x 8 / every element, norms included). Refuses a target below the smallest
+    file the menu allows, in one line."""
+    from . import presets
+
+    shape = presets.model_shape(source.path)
+    fixed = [t for t in shape.tensors if t.type == "F32"]  # norms, biases, rope factors: F32 in every file
+    fixed_bytes = sum(4 * t.numel for t in fixed)
+    n_elements = sum(t.numel for t in shape.tensors)
+    if sum(it["params"] for it in items) + sum(t.numel for t in fixed) != n_elements:
+        raise EWQError(f"{source.id}: the plan's matrices and the GGUF's tensors do not add up; a llama.cpp target "
+                       f"needs every matrix planned")
+    smallest = sum(min(s[p] for p in s if p != "raw") if len(s) > 1 else s["raw"] for s in sizes)
+    if "preset" in target:
+        preset = presets.preset_size(source.path, target["preset"], imatrix, shape=shape)
+        target.update(file_bytes=preset.file_bytes, preset_bpw=round(preset.bpw, 4), imatrix=imatrix)
+        header = presets.header_bytes(source.path, extra_kv=IMATRIX_KV_RESERVE if imatrix else None)
+        # every tensor is padded to 32 bytes: the F32 ones exactly, the planned ones at most 31 bytes each
+        overhead = header + sum(presets.pad(4 * t.numel) for t in fixed) + (presets.GGUF_ALIGNMENT - 1) * len(items)
+        budget, what = preset.file_bytes - overhead, f"--target {target['preset']} ({preset.file_bytes} bytes)"
+        least = f"{math.ceil(smallest + overhead)} bytes"
+    else:
+        budget = target["target_bpw"] * n_elements / 8 - fixed_bytes
+        what = f"--target-bpw {target['target_bpw']:g}"
+        least = f"{8 * (smallest + fixed_bytes) / n_elements:.4f} bits per weight"
+    if budget < smallest:
+        raise EWQError(f"the size target cannot be met: the smallest GGUF the formats {', '.join(menu)} allow (every "
+                       f"matrix in its smallest format) is {least}, more than {what}; ask for at least that, or add "
+                       f"smaller formats with --formats")
+    return budget
 
 
 def menu_of(settings, method: str) -> tuple:
@@ -150,11 +225,13 @@ def planned_other_shapes(ckpt, backend: str) -> dict:
 
 def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, target_bits, max_weight_gb, settings,
                    granularity, calib_tokens, calib_text, out_dir, device, progress, calib_sentences=None,
-                   sweep: str = "fast") -> dict:
+                   sweep: str = "fast", file_target: dict | None = None) -> dict:
     """A plan that fits a size target, chosen per block or per matrix by entropy order, position or measured KL."""
     blocks, other = rule_plan["blocks"], rule_plan["other"]["params"]
     group_size, raw_bits = settings.group_size, raw_bits_of(rule_plan)
-    if target_bits is not None or max_weight_gb is not None:
+    if file_target is not None:
+        target = dict(file_target)
+    elif target_bits is not None or max_weight_gb is not None:
         target = {"target_bits": target_bits} if target_bits is not None else {"max_weight_gb": max_weight_gb}
     else:
         target = {"target_bits": rule_plan["size"]["avg_bits_per_weight"],
@@ -162,10 +239,16 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     menu = menu_of(settings, method)
     other_shapes = planned_other_shapes(ckpt, settings.backend)
     items = allocate.plan_items(blocks, granularity, other_shapes)
-    # a target the executor cannot reach is refused before anything is measured
-    budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"), group_size,
-                                   menu, settings.backend, raw_bits, items)
     sizes = allocate.item_sizes(items, group_size, raw_bits, menu)
+    # a target the executor cannot reach is refused before anything is measured
+    if file_target is not None:
+        # an importance-weighted plan ("calibration" or a file; "none": plain rounding) aims at the preset as
+        # llama-quantize makes it with an importance matrix: some presets choose other types then
+        weighted = getattr(settings, "imatrix", "none") not in ("none", None)
+        budget = llamacpp_budget(source, items, sizes, target, menu, weighted)
+    else:
+        budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"),
+                                       group_size, menu, settings.backend, raw_bits, items)
     method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
     if group_size != DEFAULT_GROUP_SIZE:
         method_info["group_size"] = group_size
@@ -244,6 +327,9 @@ def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, s
     costs = [{p: 0.0 if p == "raw" else r.get(p, math.inf) for p in s} for r, s in zip(rows, sizes)]
     precisions = allocate.optimal_allocation(costs, sizes, budget)
     how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
+    if calibration.imatrix_file is not None:  # the file export rounds with by default (python -m ewq.export gguf)
+        method_info["imatrix"] = {"file": str(Path(calibration.imatrix_file).resolve()),
+                                  "entries": len(calibration.imatrix.sums)}
     method_info.update(calibration=key, backend=settings.backend, formats=settings.key(), metric=metric,
                        allocator=f"exact: minimum summed {granularity} {metric} within the byte budget (Pareto DP)")
     if calibration.sweep_kind == "fast":

@@ -9,10 +9,12 @@ import torch
 from safetensors import safe_open
 
 from ewq import export
+from ewq import presets
 from ewq.checkpoint import open_checkpoint
-from ewq.common import run_cli
+from ewq.common import EWQError, run_cli, write_json_atomic
 from ewq.ggml_quants import quantize_dequantize
 from ewq.gguf_export import llama_unpermute
+from ewq.imatrix import load_imatrix
 from ewq.plan import load_plan
 from ewq.planning import make_plan
 
@@ -44,6 +46,13 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
     written = tensors(out)
     types = export.tensor_types(load_plan(path), open_checkpoint(model))
     gnames = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight"}
+    # rounded with the importance matrix the sweep measured with (EWQ's own, from the calibration text), as
+    # llama-quantize --imatrix rounds; recorded in the file as llama-quantize records it
+    importance = load_imatrix(plan["method"]["imatrix"]["file"]).importance
+    assert set(importance) == {n for n in written if n.startswith("blk.") and n.endswith(("_q.weight", "_k.weight",
+                               "_v.weight", "_output.weight", "_gate.weight", "_up.weight", "_down.weight"))}
+    meta = gguf.GGUFReader(str(out)).fields
+    assert meta["quantize.imatrix.entries_count"].parts[-1][0] == len(importance)
     with torch.no_grad():
         with safe_open(model / "model.safetensors", framework="pt") as f:
             for hf, ggml_type in types.items():
@@ -61,9 +70,79 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
                 else:
                     got = torch.from_numpy(dequant(t))
                 # exactly the emulated rounding the sweep measured (the same quantizer, bit for bit)
-                want = w if ggml_type in ("F16", "BF16") else quantize_dequantize(w, ggml_type)
+                want = w if ggml_type in ("F16", "BF16") else quantize_dequantize(w, ggml_type,
+                                                                                   importance=importance.get(name))
                 assert torch.allclose(got, want.to(got.dtype), atol=1e-3 if ggml_type in ("F16", "BF16") else 0), hf
     assert "wrote" in io.out and io.out.strip().splitlines()[-1] == str(out)
+
+    # one command from checkpoint to GGUF (the sweep above is cached in tmp_path and reused): no larger than the file
+    # llama-quantize's Q4_K_M would give, and it says its size, bits per weight and plan
+    out = tmp_path / "F.gguf"
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(out),
+                                 "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
+    io = capsys.readouterr()
+    assert code == 0, io.err
+    plan_line = next(line for line in io.out.splitlines() if line.startswith("plan: "))
+    plan = load_plan(plan_line[len("plan: "):])
+    # importance-weighted rounding (the default) aims at the preset as llama-quantize makes it with --imatrix
+    stats = presets.file_stats(out)
+    target = presets.preset_size(model, "Q4_K_M", plan["method"]["target"]["imatrix"])
+    assert 0.95 * target.file_bytes < stats["file_bytes"] <= target.file_bytes
+    assert plan["method"]["name"] == "sensitivity" and plan["method"]["target"]["file_bytes"] == target.file_bytes
+    assert f"{stats['bpw']:.4f} bits per weight" in io.out and io.out.strip().splitlines()[-1] == str(out)
+
+
+def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, capsys):
+    """--target PRESET / --target-bpw B: the GGUF EWQ writes is within the file llama-quantize would write (header,
+    padding and norms counted) and within B bits per weight as llama-quantize counts them."""
+    model = tiny_factory("llama", **KQ)
+    for preset in ("Q6_K", "Q4_K_M"):
+        path = make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp", target=preset,
+                         out_dir=tmp_path, progress=False)[0]
+        code, io = run_export(path, model, tmp_path / f"{preset}.gguf", capsys)
+        assert code == 0, io.err
+        size = (tmp_path / f"{preset}.gguf").stat().st_size
+        assert 0.9 * presets.preset_size(model, preset).file_bytes < size <= presets.preset_size(model, preset).file_bytes
+    path = make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp", target_bpw=5.0,
+                     out_dir=tmp_path, progress=False)[0]
+    assert run_export(path, model, tmp_path / "bpw.gguf", capsys)[0] == 0
+    assert 4.8 < presets.file_stats(tmp_path / "bpw.gguf")["bpw"] <= 5.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target-bpw", "1.0"], "the size target cannot be met: the smallest GGUF the formats"),
+    (["--target", "Q4_K_M", "--formats", "Q8_0"], "the smallest GGUF the formats Q8_0 allow"),
+    (["--target", "Q9_K"], "unknown llama-quantize preset 'Q9_K'"),
+    (["--target-bpw", "-1"], "--target-bpw must be a positive number"),
+    ([], "give --plan PLAN, or --target PRESET"),
+    (["--target", "Q4_K_M", "--llama-quantize-args"], "cannot meet a size target"),
+])
+def test_a_target_that_cannot_be_met_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys, args, message):
+    model = tiny_factory("llama", **KQ)
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--out", str(tmp_path / "x.gguf"), "--no-progress",
+                                 "--plans-dir", str(tmp_path / "plans"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*part"))
+    assert not (tmp_path / "plans").exists() or not list((tmp_path / "plans").glob("quant_plan_*.json"))
+
+
+def test_a_format_a_tensor_cannot_take_is_refused(tiny_factory, tmp_path, capsys):
+    """A plan (edited by hand) naming Q4_K for a matrix whose rows of 128 are not whole 256-blocks: one line, exit 2,
+    no file; and --target with a torch backend or beside --plan is refused the same way."""
+    model = tiny_factory("llama")
+    path = make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp", target_bpw=6.0,
+                     out_dir=tmp_path, progress=False)[0]
+    plan = load_plan(path)
+    plan["blocks"][0]["matrices"] = {**(plan["blocks"][0].get("matrices") or {}), "self_attn.q_proj": "Q4_K"}
+    edited = write_json_atomic(tmp_path / "edited.json", plan)
+    code, io = run_export(edited, model, tmp_path / "x.gguf", capsys)
+    assert code == 2 and "are not whole blocks of 256" in io.err and io.err.count("\n") == 1
+    code, io = run_export(path, model, tmp_path / "x.gguf", capsys, "--target", "Q4_K_M")
+    assert code == 2 and "--plan already fixes every tensor's type" in io.err
+    assert not list(tmp_path.glob("*.gguf"))
+    with pytest.raises(EWQError, match="applies to --backend llama.cpp only"):
+        make_plan(str(model), target="Q4_K_M", backend="torchao", out_dir=tmp_path, progress=False)
 
 
 def dequant(t) -> np.ndarray:
