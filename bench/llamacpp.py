@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
-from ewq.presets import file_stats
+from ewq.presets import file_stats, preset_size
 
 SCHEMA_VERSION = 1
 VERSION = "0.3.36"
@@ -534,6 +534,11 @@ def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, 
     for file, kind, preset in ladder:
         made = ewq[file] if kind.startswith("ewq") else \
             {"file": quantize(bin_dir, bf16, out_dir / file, preset, threads, imatrix if kind.endswith("imatrix") else None)}
+        if not kind.startswith("ewq"):  # what ewq.presets computes for it, without llama.cpp (--target's figure)
+            made["computed_file_bytes"] = preset_size(model, preset, kind.endswith("imatrix"),
+                                                      args.reference_type).file_bytes
+            log(f"  ewq.presets computes {made['computed_file_bytes']} bytes for it; the file has "
+                f"{made['file'].stat().st_size}")
         rows.append({"name": file, "kind": kind, "preset": preset, **made})
     rows += [{"name": f.name, "kind": "gguf", "file": f} for f in extra] + planned
     return bf16, rows, bin_dir, tools, imatrix
