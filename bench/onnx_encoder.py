@@ -8,7 +8,8 @@ Rows, all run by ONNX Runtime in this process (CPU provider, all graph optimizat
   ORT int8 per-channel  ONNX Runtime's own all-int8 model: quantize_dynamic(fp32, per_channel=True, QInt8) with its
                         defaults (every MatMul with a constant weight, and the embedding Gathers), what
                         sentence-transformers' export_dynamic_quantized_onnx_model and optimum make
-  EWQ <plan hash>       python -m ewq.export onnx of each --plan (int8 where it says 8-bit, float32 where raw)
+  EWQ <plan hash>       python -m ewq.export onnx of each --plan (int8 where it says 8-bit, float32 where raw), and
+                        with --outlier-channels K the same exported with --outlier-channels K
 Speed: sentences/s on the first --speed-sentences corpus sentences in corpus order, batches of 1 and 32 padded to their
 longest (as benchmark.py's encoder suite), for each thread count; every (threads, batch, row) once per round, rounds
 interleaved, the median round reported. Fidelity: cosine to torch fp32's embeddings and top-10 neighbour agreement on
@@ -37,6 +38,8 @@ def parse_args(argv=None):
                    help="an EWQ plan to export (raw and 8-bit; e.g. from main_cache_model.py --method sensitivity "
                         "--backend onnxruntime); repeat for more rows")
     p.add_argument("--model", default="minilm-l6", help="the encoder (default minilm-l6)")
+    p.add_argument("--outlier-channels", type=int, default=0,
+                   help="also a row per plan exported with python -m ewq.export onnx --outlier-channels K")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, every row once per round (default 5)")
     p.add_argument("--threads", default="1,2", help="ONNX Runtime intra-op thread counts, comma-separated (default 1,2)")
     p.add_argument("--batches", default="32,1", help="batch sizes, comma-separated (default 32,1)")
@@ -57,11 +60,13 @@ def make_files(args, source, ckpt, fp) -> dict:
 
     work = Path(args.work)
     plans = [load_plan(p) for p in args.plan]
-    dirs = {"fp32": (work / f"{source.path.name}-fp32", builtin_plan("raw", source, ckpt, fp, 32)),
-            **{i: (work / f"{source.path.name}-{plan_hash(p)}", p) for i, p in enumerate(plans)}}
-    for directory, p in dirs.values():
+    ks = [0] + ([args.outlier_channels] if args.outlier_channels else [])
+    dirs = {"fp32": (work / f"{source.path.name}-fp32", builtin_plan("raw", source, ckpt, fp, 32), 0),
+            **{(i, k): (work / f"{source.path.name}-{plan_hash(p)}{f'-o{k}' if k else ''}", p, k)
+               for i, p in enumerate(plans) for k in ks}}
+    for directory, p, k in dirs.values():
         if not directory.is_dir():
-            export_onnx(p, source, ckpt, directory, fp)
+            export_onnx(p, source, ckpt, directory, fp, k)
     fp32 = onnx_file(dirs["fp32"][0])
     ort_channel = work / f"{source.path.name}-ort-int8-per-channel.onnx"
     if not ort_channel.is_file():
@@ -70,8 +75,9 @@ def make_files(args, source, ckpt, fp) -> dict:
     files = {"ORT fp32": fp32, "ORT int8 per-channel (its own)": ort_channel}
     for i, p in enumerate(plans):
         counts = p["matrix_counts"]
-        files[f"EWQ {plan_hash(p)} ({counts.get('8-bit', 0)} int8, {counts.get('raw', 0)} fp32)"] = \
-            onnx_file(dirs[i][0])
+        for k in ks:
+            files[f"EWQ {plan_hash(p)} ({counts.get('8-bit', 0)} int8, {counts.get('raw', 0)} fp32)"
+                  f"{f' +{k} outl.' if k else ''}"] = onnx_file(dirs[(i, k)][0])
     return files
 
 

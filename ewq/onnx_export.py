@@ -153,6 +153,44 @@ def matrix_nodes(graph, model, plan: dict, precisions: dict) -> dict:
     return out
 
 
+def split_outliers(graph, node_name: str, channels) -> None:
+    """Take input `channels` of MatMul `node_name` (constant weight [in, out]) out of its int8 product, in place:
+        x @ W = (x * mask) @ W_rest + Gather(x, channels, axis=-1) @ W[channels]
+    exactly in float; the first product is what ONNX Runtime's quantizer makes int8 (the outliers no longer set its
+    per-tensor activation scale, nor the weight scales of W_rest, whose rows are zeroed), the second stays float32
+    (a small MatMul, never quantized: it is not in nodes_to_quantize). Standard ONNX ops only, so every runtime that
+    loads the file runs it. The outputs' names do not change: consumers are untouched."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    index = next(i for i, n in enumerate(graph.node) if n.name == node_name)
+    node = graph.node[index]
+    inits = {i.name: i for i in graph.initializer}
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    idx = np.asarray(sorted(int(c) for c in channels), dtype=np.int64)
+    rest = weight.copy()
+    rest[idx, :] = 0.0
+    mask = np.ones(weight.shape[0], dtype=np.float32)
+    mask[idx] = 0.0
+    tag = f"{node_name}/ewq_outliers"
+    graph.initializer.extend([numpy_helper.from_array(rest, f"{tag}/weight_rest"),
+                              numpy_helper.from_array(mask, f"{tag}/mask"),
+                              numpy_helper.from_array(idx, f"{tag}/channels"),
+                              numpy_helper.from_array(np.ascontiguousarray(weight[idx, :]), f"{tag}/weight")])
+    x, out, old = node.input[0], node.output[0], node.input[1]
+    before = [helper.make_node("Mul", [x, f"{tag}/mask"], [f"{tag}/x_rest"], name=f"{tag}/mask_mul"),
+              helper.make_node("Gather", [x, f"{tag}/channels"], [f"{tag}/x"], name=f"{tag}/gather", axis=-1)]
+    after = [helper.make_node("MatMul", [f"{tag}/x", f"{tag}/weight"], [f"{tag}/product"], name=f"{tag}/matmul"),
+             helper.make_node("Add", [f"{tag}/int8_product", f"{tag}/product"], [out], name=f"{tag}/add")]
+    node.input[0], node.input[1], node.output[0] = f"{tag}/x_rest", f"{tag}/weight_rest", f"{tag}/int8_product"
+    for offset, n in enumerate(after):
+        graph.node.insert(index + 1 + offset, n)
+    for n in reversed(before):
+        graph.node.insert(index, n)
+    if not any(old in n.input for n in graph.node):  # the whole weight is no longer read: not kept in the file
+        graph.initializer.remove(inits[old])
+
+
 def quantize(float_path: Path, out_path: Path, nodes: list) -> None:
     """ONNX Runtime's own dynamic quantizer on exactly `nodes` (MatMul names): per-channel QInt8 weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -183,9 +221,40 @@ def write_layout(directory: Path, source, ckpt, tokenizer) -> None:
             shutil.copy2(source.path / name, directory / name)
 
 
-def export_onnx(plan: dict, source, ckpt, out, fingerprint: str) -> dict:
+def choose_outliers(model, plan: dict, path, max_channels: int) -> dict:
+    """{(block, matrix): [input channels]} kept out of each 8-bit matrix's int8 product, chosen on calibration
+    sentences as --backend onnxruntime --outlier-channels measures them (ewq/outliers.py: each count tried with
+    ONNX Runtime's own kernel, kept only where it halves the matrix's error); matrices that keep none are left out."""
+    from .apply import prepare_for_plan
+    from .backends import QuantSettings
+
+    if not max_channels:
+        return {}
+    chosen = prepare_for_plan(model, plan, QuantSettings("onnxruntime", outlier_channels=int(max_channels)), path)
+    out = {}
+    for key, entry in (chosen or {}).items():
+        index, matrix = key.split(".", 1)
+        if entry["outliers"]:
+            out[(int(index), matrix)] = entry["outliers"]
+    return out
+
+
+def apply_outliers(float_path: Path, nodes: dict, outliers: dict) -> None:
+    """The float file with each matrix's outlier channels split out of its product (split_outliers), rewritten."""
+    import onnx
+
+    if not outliers:
+        return
+    model = onnx.load(str(float_path))
+    for key, channels in outliers.items():
+        split_outliers(model.graph, nodes[key], channels)
+    onnx.save(model, str(float_path))
+
+
+def export_onnx(plan: dict, source, ckpt, out, fingerprint: str, outlier_channels: int = 0) -> dict:
     """Write the plan's ONNX directory for a checkpoint the plan was already matched to. `out` must not exist yet:
-    everything is written under a temporary name beside it, then renamed."""
+    everything is written under a temporary name beside it, then renamed. `outlier_channels`: up to this many input
+    channels per 8-bit matrix kept in float32 beside its int8 product (0: none)."""
     import onnx
     import onnxruntime
     import torch
@@ -209,10 +278,12 @@ def export_onnx(plan: dict, source, ckpt, out, fingerprint: str) -> dict:
     try:
         tokenizer = load_tokenizer(source.path)
         model = load_model(source.path, torch.float32, "encoder")
+        outliers = choose_outliers(model, plan, source.path, outlier_channels)
         float_path = tmp / ONNX_SUBDIR / FLOAT_FILE
         export_float(model, tokenizer, float_path)
         nodes = matrix_nodes(onnx.load(str(float_path), load_external_data=False).graph, model, plan, precisions)
         eight = [nodes[k] for k, p in precisions.items() if p == "8-bit"]
+        apply_outliers(float_path, nodes, outliers)
         name = QUANTIZED_FILE if eight else FLOAT_FILE
         if eight:
             quantize(float_path, tmp / ONNX_SUBDIR / name, eight)
@@ -229,6 +300,8 @@ def export_onnx(plan: dict, source, ckpt, out, fingerprint: str) -> dict:
             "avg_bits_per_weight": plan["size"]["avg_bits_per_weight"],  # the plan's estimate, raw at its raw_bits
             "quantized_nodes": sorted(eight), "opset": OPSET,
             "matrix_nodes": {f"{index}.{matrix}": node for (index, matrix), node in nodes.items()},
+            "outlier_channels": int(outlier_channels),
+            "outliers": {f"{index}.{matrix}": channels for (index, matrix), channels in outliers.items()},
             "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         })
         tmp.rename(out)
@@ -259,7 +332,7 @@ def base_of(source, models_dir):
                        f"({e})") from None
 
 
-def export_plan_onnx(plan_path, model: str, out, models_dir) -> dict:
+def export_plan_onnx(plan_path, model: str, out, models_dir, outlier_channels: int = 0) -> dict:
     """python -m ewq.export onnx: the plan file's ONNX directory; a plan made for other weights is refused before
     anything is written."""
     from .analysis import fingerprint as weights_fingerprint
@@ -268,6 +341,10 @@ def export_plan_onnx(plan_path, model: str, out, models_dir) -> dict:
     from .source import resolve_model
 
     require()
+    from .outliers import COUNTS
+
+    if not 0 <= outlier_channels <= max(COUNTS):
+        raise EWQError(f"--outlier-channels takes 0 to {max(COUNTS)}, got {outlier_channels}")
     plan = load_plan(plan_path)
     if Path(out).exists():
         raise EWQError(f"--out {out} already exists; give a new directory (nothing is overwritten)")
@@ -275,7 +352,7 @@ def export_plan_onnx(plan_path, model: str, out, models_dir) -> dict:
     ckpt = open_checkpoint(source.path)
     fp = weights_fingerprint(ckpt, progress=False)
     check_plan_matches(plan, fp, len(ckpt.blocks), plan_path, ckpt.kind)
-    return {**export_onnx(plan, source, ckpt, out, fp), "base": str(source.path)}
+    return {**export_onnx(plan, source, ckpt, out, fp, outlier_channels), "base": str(source.path)}
 
 
 def add_parser(formats) -> None:
@@ -293,11 +370,16 @@ def add_parser(formats) -> None:
                         f"quantized model, whose base model is then exported); its fingerprint must match the plan's")
     o.add_argument("--out", required=True, help="the directory to write (must not exist; written under a temporary "
                                                 "name, then renamed): onnx/<file>.onnx, tokenizer, pooling, metadata")
+    o.add_argument("--outlier-channels", type=int, default=0,
+                   help="up to this many input channels per 8-bit matrix (0-8) kept in float32 beside its int8 "
+                        "product, chosen on calibration sentences with ONNX Runtime's kernel where they at least halve "
+                        "the matrix's error: BERT's few huge activation channels then no longer set the per-tensor "
+                        "activation scale (default 0: none)")
     o.add_argument("--models-dir", default=str(DEFAULT_MODELS_DIR), help="where fetched/converted models live")
 
 
 def main(args) -> None:
-    result = export_plan_onnx(args.plan, args.model, args.out, args.models_dir)
+    result = export_plan_onnx(args.plan, args.model, args.out, args.models_dir, args.outlier_channels)
     counts = result["counts"]
     print(f"wrote {result['onnx_file']}: {result['bytes'] / 1e6:.1f} MB, {counts['8-bit']} matrices int8, "
           f"{counts['raw']} float32 (from {result['base']})")

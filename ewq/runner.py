@@ -110,7 +110,8 @@ def build_parser(kind: str) -> ArgumentParser:
                             "every x86 CPU) or the full 8 (half the rounding error; refused where a probe finds the "
                             "int8 kernel inexact: it needs AVX512-VNNI or AVX-VNNI)")
         p.add_argument("--outlier-channels", type=int, default=None, metavar="K",
-                       help="torch-dynamic, encoders: up to K (0-8) input channels per matrix whose activations dwarf "
+                       help="torch-dynamic and onnxruntime, encoders: up to K (0-8) input channels per matrix whose "
+                            "activations dwarf "
                             "the others are multiplied in fp32 beside the int8 product, chosen per matrix on 128 "
                             "calibration sentences (loads the float model whole). With --weight-scales channel "
                             "--act-bits 8 --outlier-channels 8 MiniLM-L6 keeps cosine 0.998 (see docs/RESULTS.md)")
@@ -343,9 +344,10 @@ def prepare_from_checkpoint(args, kind, source, ckpt, tokenizer, device) -> dict
         if args.int8_activations and backend_name != "torchao":
             raise EWQError("--int8-activations applies to --backend torchao only (bitsandbytes' LLM.int8 and "
                            "torch-dynamic always quantize activations, per tensor)")
-        if dynamic_flags(args) and backend_name != "torch-dynamic":
-            raise EWQError(f"{', '.join(dynamic_flags(args))} applies to --backend torch-dynamic only, not "
-                           f"{backend_name}")
+        only_dynamic = [f for f in dynamic_flags(args)
+                        if not (backend_name == "onnxruntime" and f == "--outlier-channels")]
+        if only_dynamic and backend_name != "torch-dynamic":
+            raise EWQError(f"{', '.join(only_dynamic)} applies to --backend torch-dynamic only, not {backend_name}")
         if args.group_size is not None and backend_name != "torchao":
             raise EWQError(f"--group-size applies to --backend torchao only ({backend_name} 4-bit uses groups of 64)")
         check_compiles(args, backend_name)

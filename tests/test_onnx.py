@@ -81,19 +81,32 @@ def test_export_follows_the_plan_in_sentence_transformers_layout(bert_export):
     assert list(scale.dims) == [64]
 
 
-def test_backend_measures_what_the_file_computes(bert_export):
-    """The sweep's executor (each matrix through ONNX Runtime's quantizer and kernel) gives the file's vectors, and a
-    raw-plan export is the float model: so a plan measured with --backend onnxruntime is what users run."""
+def test_backend_measures_what_the_file_computes(bert_export, tmp_path):
+    """The executor the sweep and benchmarks use (each matrix through ONNX Runtime's quantizer and kernel, outlier
+    channels chosen on calibration sentences) gives the exported file's vectors: what is measured is what users run.
+    The outlier channels are split out of the int8 products with standard ops (Mul, Gather, MatMul)."""
+    import onnx as onnx_lib
+
     from ewq.apply import load_for_plan, load_model
     from ewq.backends import QuantSettings
     from ewq.embed import Embedder, fidelity
+    from ewq.onnx_export import onnx_file
     from ewq.source import load_tokenizer
 
-    model, plan_path, out = bert_export
+    model, plan_path, _ = bert_export
+    out = tmp_path / "outliers"
+    assert run_cli(export_main, ["onnx", "--plan", str(plan_path), "--model", str(model), "--out", str(out),
+                                 "--outlier-channels", "1"]) == 0  # (1: two candidates a matrix, quick)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["outlier_channels"] == 1 and meta["outliers"]
+    graph = onnx_lib.load(str(onnx_file(out))).graph
+    assert sum(n.op_type == "Gather" and "ewq_outliers" in n.name for n in graph.node) == len(meta["outliers"])
     ckpt = open_checkpoint(model)
     embedder = Embedder.of(model, ckpt.config, load_tokenizer(model))
     plan = json.loads(plan_path.read_text())
-    torch_ort = load_for_plan(model, plan, QuantSettings("onnxruntime"), torch.float32, "encoder", progress=False)[0]
+    torch_ort, applied = load_for_plan(model, plan, QuantSettings("onnxruntime", outlier_channels=1), torch.float32,
+                                       "encoder", progress=False)
+    assert {k: v["outliers"] for k, v in applied.prepared.items() if v["outliers"]} == meta["outliers"]
     from_file = ort_embed(out, SENTENCES)
     from_layers = torch.stack([embedder.batch(torch_ort, [s])[0] for s in SENTENCES])
     float_vectors = torch.stack([embedder.batch(load_model(model, torch.float32, "encoder"), [s])[0]

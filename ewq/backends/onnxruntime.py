@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import outliers as outlier_channels
 from ..common import EWQError
 from . import float_weight
 
@@ -42,6 +43,9 @@ def check(settings, dtype, device: str) -> None:
         raise EWQError("the onnxruntime backend runs on the CPU here; pass --device cpu")
     if dtype != torch.float32:
         raise EWQError("the onnxruntime backend runs in float32 only; pass --dtype float32")
+    top = max(outlier_channels.COUNTS)
+    if not (isinstance(settings.outlier_channels, int) and 0 <= settings.outlier_channels <= top):
+        raise EWQError(f"--outlier-channels takes 0 to {top}, got {settings.outlier_channels!r}")
 
 
 def cannot_save(precisions, device: str):
@@ -52,9 +56,10 @@ def unsupported(shape, precision: str, settings):
     return None
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = True):
     """How every ONNX Runtime session here runs: all graph optimizations (the fusions users get), `threads` intra-op
-    threads (default: torch's, so both executors use the same cores), one inter-op thread."""
+    threads (default: torch's, so both executors use the same cores), one inter-op thread. `spinning` False: idle
+    threads sleep at once (the sweep holds hundreds of one-layer sessions; spinning pools would starve the cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -62,14 +67,16 @@ def session_options(threads: int | None = None):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def session(model, threads: int | None = None):
+def session(model, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime CPU session of a file path or of serialized model bytes."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, session_options(threads),
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, session_options(threads, spinning),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -94,13 +101,17 @@ def linear_graph(weight: torch.Tensor, bias):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
 
 
-def quantized_linear_bytes(weight: torch.Tensor, bias) -> bytes:
-    """The one-Linear graph after ONNX Runtime's quantizer (the same call the export makes), serialized."""
-    from ..onnx_export import quantize
+def quantized_linear_bytes(weight: torch.Tensor, bias, outliers=None) -> bytes:
+    """The one-Linear graph after ONNX Runtime's quantizer (the same call the export makes), serialized; `outliers`
+    (input channel indices or None) split out of the int8 product as the export splits them."""
+    from ..onnx_export import quantize, split_outliers
 
+    graph = linear_graph(weight, bias)
+    if outliers is not None and len(outliers):
+        split_outliers(graph.graph, "matmul", [int(c) for c in outliers])
     with tempfile.TemporaryDirectory(prefix="ewq-ort-layer-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(linear_graph(weight, bias).SerializeToString())
+        src.write_bytes(graph.SerializeToString())
         quantize(src, dst, ["matmul"])
         return dst.read_bytes()
 
@@ -109,12 +120,16 @@ class OrtLinear(nn.Module):
     """A Linear whose product ONNX Runtime computes: its int8 weights, per-tensor dynamic activations, its kernel.
     Inference only (no autograd); float32 on the CPU."""
 
-    def __init__(self, weight: torch.Tensor, bias):
+    def __init__(self, weight: torch.Tensor, bias, outliers=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.model_bytes = quantized_linear_bytes(weight, bias)
-        self.session = session(self.model_bytes)
-        self.weight_bytes = self.out_features * self.in_features + 4 * self.out_features  # int8 + a scale per row
+        self.outliers = 0 if outliers is None else len(outliers)
+        self.model_bytes = quantized_linear_bytes(weight, bias, outliers)
+        # one thread: the int32 products are exact and each output's float scaling the same whatever the split,
+        # so the numbers are the file's at any thread count; and many such sessions must not each spin a pool
+        self.session = session(self.model_bytes, threads=1, spinning=False)
+        # int8 weights + a scale per row, and the outlier channels' float32 rows
+        self.weight_bytes = self.out_features * (self.in_features + 4 + 4 * self.outliers)
         self.bias_bytes = 0 if bias is None else 4 * self.out_features
 
     def forward(self, x):
@@ -124,14 +139,31 @@ class OrtLinear(nn.Module):
         return torch.from_numpy(y).reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, onnxruntime dynamic int8 per-channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, onnxruntime dynamic int8 "
+                f"per-channel, outlier_channels={self.outliers}")
 
 
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
     if precision != "8-bit":
         raise EWQError(f"ONNX Runtime's dynamic quantization has no {precision}; plan raw and 8-bit only")
+    if settings.outlier_channels and not outlier_channels.prepared(module):
+        raise EWQError("--outlier-channels are chosen on calibration sentences before quantizing: run "
+                       "apply.prepare_for_plan (load_for_plan does) before apply_plan")
     weight, bias = float_weight(module)
-    return OrtLinear(weight, bias)
+    return OrtLinear(weight, bias, outlier_channels.of(module))
+
+
+def needs_calibration(settings) -> bool:
+    return bool(settings.outlier_channels)
+
+
+def prepare(model, layers: dict, batches, settings) -> dict | None:
+    """With outlier_channels on: each 8-bit matrix's outlier input channels chosen on calibration `batches` with ONNX
+    Runtime's own kernel (ewq/outliers.py), attached to the float layers for quantize_layer and the export."""
+    if not needs_calibration(settings):
+        return None
+    return outlier_channels.prepare(model, layers, batches, lambda layer, picked: OrtLinear(*float_weight(layer), picked),
+                                    int(settings.outlier_channels))
 
 
 def state_bytes(module) -> int:
@@ -145,7 +177,9 @@ def dequantize(module):
 def formats(settings) -> dict:
     from ..onnx_export import FORMAT_8BIT
 
-    return {"8-bit": FORMAT_8BIT}
+    k = int(settings.outlier_channels)
+    extra = f"; up to {k} outlier input channel{'s' if k > 1 else ''} per matrix in float32 beside it" if k else ""
+    return {"8-bit": FORMAT_8BIT + extra}
 
 
 # ---- a whole exported encoder, for the encoder suite and the service ----
@@ -203,8 +237,8 @@ def file_weight_bytes(onnx_path, precisions_by_node: dict) -> dict:
 
 def prepare_run(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp, dtype, settings, suite) -> dict:
     """benchmark.py / benchmark_original.py --backend onnxruntime: the plan (the original: the raw plan, float32)
-    written as an ONNX directory once (<plans-dir>/<name>-<plan hash>-onnx, reused only for the same weights, plan and
-    ONNX Runtime version), run by one ONNX Runtime session and measured by the encoder suite like any other row. The
+    written as an ONNX directory once (<plans-dir>/<name>-<plan hash>-onnx[-o<outlier channels>]-ort<version>, reused
+    only for the same weights, plan, outlier setting and ONNX Runtime version), run by one ONNX Runtime session and measured by the encoder suite like any other row. The
     float torch model is loaded only to make the original's reference embeddings when they are not cached yet."""
     import time
 
@@ -233,16 +267,19 @@ def prepare_run(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp
         quality["reference"] = suite.make_reference(float_model, quality, device, progress=not args.no_progress)
         del float_model
     plans_dir = getattr(args, "plans_dir", "quantized_models")  # (benchmark_original.py has no --plans-dir)
-    path = check_writable_dir(plans_dir) / f"{source.path.name}-{plan_hash(plan)}-onnx-ort{ort.__version__}"
+    k = int(settings.outlier_channels)
+    path = check_writable_dir(plans_dir) / (f"{source.path.name}-{plan_hash(plan)}-onnx{f'-o{k}' if k else ''}"
+                                            f"-ort{ort.__version__}")
     start = time.perf_counter()
     existing = onnx_file(path) if path.is_dir() else None
     meta = _metadata(path) if existing else {}
-    if existing and meta.get("plan_hash") == plan_hash(plan) and meta.get("base_fingerprint") == fp:
+    if existing and meta.get("plan_hash") == plan_hash(plan) and meta.get("base_fingerprint") == fp and \
+            meta.get("outlier_channels", 0) == k:
         print(f"reusing {path} (exported earlier from the same weights and plan)")
     elif path.exists():
         raise EWQError(f"{path} exists but is not this plan's ONNX export; move or delete it")
     else:
-        export_onnx(plan, source, ckpt, path, fp)
+        export_onnx(plan, source, ckpt, path, fp, k)
         print(f"wrote {path}")
     export_s = time.perf_counter() - start
     meta = _metadata(path)
@@ -253,7 +290,7 @@ def prepare_run(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp
     groups = file_weight_bytes(onnx_file(path), by_node)
     return dict(fingerprint=fp, plan=plan, plan_path=plan_path, settings=settings, dtype=dtype, model=model,
                 load_s=time.perf_counter() - start, quantize_s=export_s, kept_raw=[], quality=quality,
-                path_taken="onnxruntime-onnx", saved_to=str(path),
+                path_taken="onnxruntime-onnx", saved_to=str(path), prepared=meta.get("outliers") or None,
                 weight_bytes={"by_type": groups, "blocks": groups["raw"] + groups["8-bit"], "precisions": precisions})
 
 
