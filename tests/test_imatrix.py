@@ -138,3 +138,36 @@ def test_export_rounds_with_the_imatrix_and_refuses_another_models(tiny_factory,
     err = capsys.readouterr().err
     assert code == 2 and "importance matrix of another model" in err and err.count("\n") == 1, err
     assert not bad_out.exists() and not list(tmp_path.glob(".bad.gguf*"))
+
+
+def test_the_sweep_rounds_each_matrix_with_its_importance(tiny_factory, tmp_path):
+    """A llama.cpp calibration makes EWQ's importance matrix once (llama-imatrix's statistic, a GGUF imatrix beside
+    the cache, reused), and every matrix it quantizes is the file's rounding with that matrix's importance."""
+    from ewq.backends import QuantSettings
+    from ewq.checkpoint import open_checkpoint
+    from ewq.ggml_quants import quantize_dequantize
+    from ewq.sensitivity import Calibration
+    from ewq.source import resolve_model
+
+    model = tiny_factory("llama", **KQ)
+
+    def calibration():
+        return Calibration(resolve_model(str(model)), open_checkpoint(model), "f" * 32, 64, None, 32,
+                           QuantSettings(backend="llama.cpp"), "matrix", "cpu")
+
+    c = calibration()
+    assert c.uses_importance() and c.key["imatrix"].startswith("calibration")
+    cache = tmp_path / "s.imatrix.gguf"
+    assert c.prepare_importance(cache, progress=False) == cache and cache.is_file()
+    im = load_imatrix(cache)
+    assert len(im.sums) == 14 and set(im.counts.values()) == {c.windows.numel()} and im.chunk_size == 32
+    layer = c.sm.block(1).mlp.down_proj
+    q = c._quantize((1, "mlp.down_proj", layer, "Q4_K"))
+    imp = torch.from_numpy(im.importance["blk.1.ffn_down.weight"])
+    assert torch.equal(q.weight.data, quantize_dequantize(layer.weight.data, "Q4_K", importance=imp))
+    assert not torch.equal(q.weight.data, quantize_dequantize(layer.weight.data, "Q4_K"))
+    again = calibration()
+    again.prepare_importance(cache, progress=False)  # reused, not collected again
+    assert again.sm is None and again.importance.keys() == c.importance.keys()
+    assert Calibration(resolve_model(str(model)), open_checkpoint(model), "f" * 32, 64, None, 32,
+                       QuantSettings(backend="llama.cpp", imatrix="none"), "matrix", "cpu").key != c.key
