@@ -193,8 +193,19 @@ def loadavg() -> float | None:
 
 # ---- 2. the files ----
 
-def export_reference(model: Path, out: Path, gguf_type: str) -> Path:
+def reused(out: Path, args) -> bool:
+    """--reuse: a file an earlier run of the same command left in --out-dir is measured as it is (said so)."""
+    if args.reuse and out.is_file():
+        log(f"reusing {out.name} ({out.stat().st_size / 1e6:.1f} MB), made by an earlier run (--reuse)")
+        return True
+    return False
+
+
+def export_reference(model: Path, out: Path, gguf_type: str, args) -> Path:
     from ewq.gguf_export import export_gguf
+
+    if reused(out, args):
+        return out
 
     start = time.perf_counter()
     r = export_gguf(model, out, {}, default_type=gguf_type, progress=False)
@@ -202,7 +213,9 @@ def export_reference(model: Path, out: Path, gguf_type: str) -> Path:
     return out
 
 
-def quantize(bin_dir: Path, src: Path, out: Path, preset: str, threads: int, imatrix: Path | None = None) -> Path:
+def quantize(bin_dir: Path, src: Path, out: Path, preset: str, threads: int, imatrix: Path | None, args) -> Path:
+    if reused(out, args):
+        return out
     start = time.perf_counter()
     extra = ["--imatrix", imatrix] if imatrix else []
     run([bin_dir / "llama-quantize", *extra, src, out, preset, threads], f"llama-quantize {' '.join(map(str, extra))} {preset}")
@@ -211,9 +224,11 @@ def quantize(bin_dir: Path, src: Path, out: Path, preset: str, threads: int, ima
     return out
 
 
-def make_imatrix(bin_dir: Path, reference: Path, calib_file: Path, out: Path, threads: int) -> Path:
+def make_imatrix(bin_dir: Path, reference: Path, calib_file: Path, out: Path, threads: int, args) -> Path:
     """llama-imatrix on the calibration text, in chunks of 256 tokens (EWQ's calibration windows), against the
     reference file the presets are quantized from."""
+    if reused(out, args):
+        return out
     start = time.perf_counter()
     run([bin_dir / "llama-imatrix", "-m", reference, "-f", calib_file, "-o", out, "-c", 256, "-b", 256,
          "-t", threads, "--no-ppl"], "llama-imatrix")
@@ -224,6 +239,8 @@ def make_imatrix(bin_dir: Path, reference: Path, calib_file: Path, out: Path, th
 def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, weighted: bool) -> dict:
     """EWQ at a preset's file size: `python -m ewq.export gguf --model M --target PRESET --out F`, the plan made from
     scratch (with its own importance from the calibration text, or --no-imatrix). Returns the row's file and plan."""
+    if reused(out, args):
+        return {"file": out, "plan": None, "reused": True}
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
@@ -439,6 +456,10 @@ def parse_args(argv=None):
     p.add_argument("--no-imatrix", action="store_true",
                    help="no importance-matrix rows (neither llama-imatrix + llama-quantize --imatrix nor EWQ's)")
     p.add_argument("--no-ewq", action="store_true", help="no EWQ rows at the presets' sizes")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the files an earlier run of the same command left in --out-dir as they are (the "
+                        "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
+                        "interrupted run; without it every file is made again")
     p.add_argument("--gguf", nargs="+", default=[], metavar="FILE", help="more GGUF files, measured as they are")
     p.add_argument("--plans", nargs="+", default=[], metavar="PLAN",
                    help="EWQ plans, each exported with python -m ewq.export gguf")
@@ -520,7 +541,7 @@ def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, 
     """(reference file, rows, bin_dir, tools, imatrix file): what EWQ writes first (a bad plan or flag fails before
     minutes of building), then the tools, llama-imatrix's importance matrix and the presets."""
     name = model.name
-    bf16 = export_reference(model, out_dir / reference, args.reference_type)
+    bf16 = export_reference(model, out_dir / reference, args.reference_type, args)
     planned = [{"name": f"{name}-plan-{plan.stem}.gguf", "kind": "plan", "plan": str(plan),
                 "file": export_plan(plan, model, out_dir / f"{name}-plan-{plan.stem}.gguf")} for plan in plans]
     ladder = ladder_rows(name, presets, args)
@@ -529,11 +550,12 @@ def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, 
     bin_dir, tools = build_tools(args)
     threads = max(args.threads)
     imatrix = None if args.no_imatrix else make_imatrix(bin_dir, bf16, calib_file, out_dir / f"{name}.imatrix.gguf",
-                                                        threads)
+                                                        threads, args)
     rows = [{"name": bf16.name, "kind": "reference", "file": bf16}]
     for file, kind, preset in ladder:
         made = ewq[file] if kind.startswith("ewq") else \
-            {"file": quantize(bin_dir, bf16, out_dir / file, preset, threads, imatrix if kind.endswith("imatrix") else None)}
+            {"file": quantize(bin_dir, bf16, out_dir / file, preset, threads, imatrix if kind.endswith("imatrix") else None,
+                              args)}
         if not kind.startswith("ewq"):  # what ewq.presets computes for it, without llama.cpp (--target's figure)
             made["computed_file_bytes"] = preset_size(model, preset, kind.endswith("imatrix"),
                                                       args.reference_type).file_bytes
