@@ -16,6 +16,6 @@ demo: $(VENV)/.installed
 	$(PY) -m ewq.demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 .PHONY: install demo test

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
-    # `make test` runs everything (about 4 minutes on 2 cores); `pytest -m "not slow"` skips the few tests that compile
+    # `make test` runs everything in 2 worker processes; `pytest -m "not slow"` skips the few tests that compile
     # or run whole scripts end to end (10-35 s each) for a quick loop while editing
     config.addinivalue_line("markers", "slow: end-to-end or compiling tests taking 10 s or more on 2 cores")
 
@@ -191,7 +191,9 @@ def script(capsys, monkeypatch):
         capsys.readouterr()
         try:
             if module:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                with warnings.catch_warnings():  # "found in sys.modules": the package is imported already, on purpose
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(str(REPO / argv[0]), run_name="__main__")
             code = 0
