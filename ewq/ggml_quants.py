@@ -447,14 +447,26 @@ _IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25,
                            dtype=torch.float32)
 
 
+def _iq4_tables():
+    """For each integer k in -128..127: mu = the first level index with kvalues[mu] > k (1..15), and the levels
+    kvalues[mu-1], kvalues[mu]. The levels are integers, so for a value al strictly inside the level range
+    kvalues[mu] > al exactly when kvalues[mu] > floor(al): the binary search becomes a table lookup."""
+    v = _IQ4_VALUES
+    k = torch.arange(-128, 128, dtype=torch.float32)
+    mu = torch.searchsorted(v, k, right=True).clamp_(1, 15)
+    return mu, v[mu - 1], v[mu]
+
+
+_IQ4_MU, _IQ4_LO, _IQ4_HI = _iq4_tables()
+
+
 def _best_index_iq4(al: torch.Tensor) -> torch.Tensor:
     """ggml best_index_int8(16, kvalues_iq4nl, al): the nearest level, ties to the upper one; long indices."""
-    v = _IQ4_VALUES
-    mu = torch.searchsorted(v, al.contiguous(), right=True).clamp_(1, 15)
-    lower = (al - v[mu - 1]) < (v[mu] - al)
-    idx = mu - lower.long()
-    idx = torch.where(al <= v[0], 0, idx)
-    return torch.where(al >= v[15], 15, idx)
+    k = torch.nan_to_num(al, nan=0.0).floor_().clamp_(-128, 127).add_(128).long()  # NaN only in all-zero blocks
+    lower = (al - _IQ4_LO[k]) < (_IQ4_HI[k] - al)
+    idx = _IQ4_MU[k] - lower.long()
+    idx = torch.where(al <= _IQ4_VALUES[0], 0, idx)
+    return torch.where(al >= _IQ4_VALUES[15], 15, idx)
 
 
 def _iq4_scales(x, w, ntry: int = 7):
