@@ -1,16 +1,30 @@
 """Emulation of llama.cpp's ggml weight quantizers in torch, so a sweep can measure what `llama-quantize`
 would do to each matrix without building or running llama.cpp.
 
-What is emulated is the path `llama-quantize` takes WITHOUT an importance matrix: `ggml_quantize_chunk(type, ...,
-imatrix=NULL)`, which for every type here ends in ggml-quants.c's `quantize_row_<type>_ref`:
+What is emulated is `ggml_quantize_chunk(type, ..., imatrix)`, the call llama-quantize makes per tensor, with
+imatrix NULL (no --imatrix, or a tensor the imatrix does not name) or the tensor's importance per input column
+(`importance=`: llama-quantize --imatrix FILE, what ewq.imatrix reads or collects). Without importance every
+type ends in ggml-quants.c's `quantize_row_<type>_ref`:
 
     Q8_0, Q4_0, Q4_1, Q5_0, Q5_1  round-to-grid from the block's max (or min/max)
     Q6_K                          make_qx_quants(16, 32, rmse_type=1, qw=NULL) per 16-weight sub-block
     Q5_K / Q4_K                   make_qkx2_quants(32, 31|15, weights=av_x+|x|) per 32-weight sub-block
     Q3_K                          make_q3_quants(16, 4, do_rmse=true) per 16-weight sub-block
     Q2_K                          make_qkx2_quants(16, 3, weights=|x|, use_mad=true) per 16-weight sub-block
+    IQ4_NL / IQ4_XS               quantize_row_iq4_nl_impl(ntry=7, weights x^2): 16 non-linear levels, a scale per
+                                  32 (IQ4_XS: 6-bit scales under an fp16 per 256)
 
-(with an imatrix the k-quants switch to make_qkx3_quants / make_qp_quants in quantize_row_*_impl; not emulated.)
+With importance qw, `quantize_row_<type>_impl` (weights qw*sqrt(sigma2 + x^2), sigma2 the mean x^2 of the row for
+the 32-weight types, of the super-block, doubled, for the k-quants):
+
+    Q8_0                          ignores it
+    Q4_0 / Q5_0                   make_qx_quants(32, 8|16, weights) and its levels as stored
+    Q4_1 / Q5_1                   make_qkx3_quants(32, 15|31, weights, -0.9, 0.05, 36)
+    Q6_K                          make_qx_quants(16, 32, qw itself)
+    Q5_K / Q4_K                   make_qkx3_quants(32, ..., 36 steps); scales and mins by make_qp_quants(8, 63, .)
+    Q3_K                          make_qx_quants(16, 4, weights); scales by make_qx_quants(16, 32, scales, sums)
+    Q2_K                          make_qkx3_quants(16, 3, ...); scales and mins by make_qp_quants(16, 15, .)
+    IQ4_NL / IQ4_XS               the same search, weighted
 
 Exactness: the C is plain float32 arithmetic (ggml-base is built without -march, so x86-64 SSE without FMA
 contraction) with sequential sums, and this module repeats it operation for operation: the same association of
@@ -20,7 +34,8 @@ products, sums accumulated element by element in the same order (`_seqsum`; torc
 max |x|, `nearest_int`'s round-half-to-even, `roundf`'s round-half-away-from-zero, fp16 rounding of the stored
 scales, and even ggml's signs of zero. On x86-64 the result is bit-identical to ggml, output values and packed
 bytes (bench/check_ggml_quants.py: every type, Gaussian and all tested SmolLM2 tensors, the 49152x576 embedding
-included). Known limits: a ggml built for aarch64 may contract `a*b+c` into FMAs, which can move a k-quant scale
+included; with and without --imatrix, and whole llama-quantize --imatrix files byte for byte). Known limits: a ggml
+built for aarch64 may contract `a*b+c` into FMAs, which can move a k-quant scale
 choice in rare blocks; and blocks made only of float32-subnormal values (|x| < ~1e-38, where 1/d overflows and
 ggml relies on undefined float->int conversions) are not reproduced.
 
@@ -33,8 +48,9 @@ Public API:
     can_quantize(shape, type_name)     whether a [rows, cols] matrix can take the type
     check_shape(shape, type_name)      the same, raising EWQError with llama-quantize's fallback in the message
     llama_quantize_fallback(type_name, n_cols)   the type llama-quantize really writes for that row length
-    quantize_dequantize(weight, type_name, *, threads=1) -> float32 tensor, the weight after one round trip
-    quantize_to_bytes(weight, type_name, *, threads=1)   -> numpy uint8 [rows, row_bytes], ggml's packed blocks
+    uses_importance(type_name)         whether an importance matrix changes the type's rounding (not Q8_0)
+    quantize_dequantize(weight, type_name, *, importance=None, threads=1) -> float32, the weight after one round trip
+    quantize_to_bytes(weight, type_name, *, importance=None, threads=1)   -> numpy uint8 [rows, row_bytes]
 """
 
 from __future__ import annotations
