@@ -11,7 +11,7 @@ BF16 gives the converter's `--outtype bf16` file: same metadata, same tensor nam
 Types
   * F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: quantized here with gguf-py's numpy code
     (gguf.quants.quantize, bit-exact with ggml's reference quantizers) and written in the final type.
-  * Q6_K, Q5_K, Q4_K, Q3_K, Q2_K (k-quants): gguf-py cannot quantize them. Unless a `quantize_fn` is
+  * Q6_K, Q5_K, Q4_K, Q3_K, Q2_K (k-quants), IQ4_NL, IQ4_XS: gguf-py cannot quantize them. Unless a `quantize_fn` is
     given (see below), they are written losslessly in a 16-bit intermediate (the checkpoint's own
     16-bit type, F32 for fp32 checkpoints) and the result's "llama_quantize_args" are the arguments
     with which llama.cpp's `llama-quantize` turns that file into the plan (see llama_quantize_args).
@@ -19,6 +19,9 @@ Types
     a plug-in for the types gguf-py cannot quantize (e.g. a later ewq.ggml_quants.quantize_to_bytes).
     It is called on slabs of whole rows (ggml quantizes each row on its own) and must return exactly
     rows * row_bytes bytes in ggml's block layout. With it, k-quants are written natively.
+  * importance ({GGUF name: float32 [cols]}, ewq.imatrix): the matrices it names are rounded as
+    `llama-quantize --imatrix` rounds them (ewq.ggml_quants with importance; Q8_0 and float types ignore it), and
+    the file gets llama-quantize's quantize.imatrix.* keys (imatrix_metadata).
 
 Fixed by llama.cpp's converter, not by the plan: 1-D tensors (norms, biases) and `*_norm.weight` are
 F32; naming one of them with anything but F32 is an error.
