@@ -341,10 +341,9 @@ def export_plan_onnx(plan_path, model: str, out, models_dir, outlier_channels: i
     from .source import resolve_model
 
     require()
-    from .outliers import COUNTS
+    from .outliers import check_count
 
-    if not 0 <= outlier_channels <= max(COUNTS):
-        raise EWQError(f"--outlier-channels takes 0 to {max(COUNTS)}, got {outlier_channels}")
+    check_count(outlier_channels)
     plan = load_plan(plan_path)
     if Path(out).exists():
         raise EWQError(f"--out {out} already exists; give a new directory (nothing is overwritten)")

@@ -129,3 +129,16 @@ def prepared(layer) -> bool:
 def of(layer) -> torch.Tensor | None:
     """The outlier input channels `prepare` attached to a float layer, or None."""
     return getattr(layer, ATTRIBUTE, None)
+
+
+def check_count(count) -> None:
+    """An executor's outlier_channels setting: 0 to max(COUNTS), or one line saying so."""
+    if not (isinstance(count, int) and 0 <= count <= max(COUNTS)):
+        raise EWQError(f"--outlier-channels takes 0 to {max(COUNTS)}, got {count!r}")
+
+
+def require_prepared(layer, count) -> None:
+    """An executor with outlier channels on quantizes only layers `prepare` has seen."""
+    if count and not prepared(layer):
+        raise EWQError("--outlier-channels are chosen on calibration sentences before quantizing: run "
+                       "apply.prepare_for_plan (load_for_plan does) before apply_plan")

@@ -43,9 +43,7 @@ def check(settings, dtype, device: str) -> None:
         raise EWQError("the onnxruntime backend runs on the CPU here; pass --device cpu")
     if dtype != torch.float32:
         raise EWQError("the onnxruntime backend runs in float32 only; pass --dtype float32")
-    top = max(outlier_channels.COUNTS)
-    if not (isinstance(settings.outlier_channels, int) and 0 <= settings.outlier_channels <= top):
-        raise EWQError(f"--outlier-channels takes 0 to {top}, got {settings.outlier_channels!r}")
+    outlier_channels.check_count(settings.outlier_channels)
 
 
 def cannot_save(precisions, device: str):
@@ -146,9 +144,7 @@ class OrtLinear(nn.Module):
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
     if precision != "8-bit":
         raise EWQError(f"ONNX Runtime's dynamic quantization has no {precision}; plan raw and 8-bit only")
-    if settings.outlier_channels and not outlier_channels.prepared(module):
-        raise EWQError("--outlier-channels are chosen on calibration sentences before quantizing: run "
-                       "apply.prepare_for_plan (load_for_plan does) before apply_plan")
+    outlier_channels.require_prepared(module, settings.outlier_channels)
     weight, bias = float_weight(module)
     return OrtLinear(weight, bias, outlier_channels.of(module))
 

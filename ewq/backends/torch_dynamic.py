@@ -61,9 +61,7 @@ def check(settings, dtype, device: str) -> None:
         raise EWQError(f"--weight-scales takes {' or '.join(WEIGHT_SCALES)}, got {settings.weight_scales!r}")
     if settings.act_bits not in ACT_BITS:
         raise EWQError(f"--act-bits takes 7 or 8, got {settings.act_bits!r}")
-    top = max(outlier_channels.COUNTS)
-    if not (isinstance(settings.outlier_channels, int) and 0 <= settings.outlier_channels <= top):
-        raise EWQError(f"--outlier-channels takes 0 to {top}, got {settings.outlier_channels!r}")
+    outlier_channels.check_count(settings.outlier_channels)
     if settings.act_bits == 8:
         require_full_range("--act-bits 8")
 
@@ -169,9 +167,7 @@ def _make_layer(weight, bias, per_channel: bool, act_bits: int, outliers=None):
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
     if precision != "8-bit":
         raise EWQError(f"the torch-dynamic backend has no {precision}; use --backend torchao or bitsandbytes")
-    if settings.outlier_channels and not outlier_channels.prepared(module):
-        raise EWQError("--outlier-channels are chosen on calibration sentences before quantizing: run "
-                       "apply.prepare_for_plan (load_for_plan does) before apply_plan")
+    outlier_channels.require_prepared(module, settings.outlier_channels)
     picked = outlier_channels.of(module)
     if is_default(settings) and picked is None:
         wrapper = nn.Sequential(as_linear(module, torch.float32))  # quantize_dynamic swaps children, not the root
