@@ -511,7 +511,7 @@ def variant_label(kind: str, plan: dict, settings, compiled: bool) -> str:
     """original / the plan's label, with the executor when it is not bitsandbytes and +compile when compiled."""
     label = "original" if kind == "original" else plan_label(plan)
     if settings.backend in ("llama.cpp", "onnxruntime"):
-        return f"{label}@{settings.backend}"
+        return f"{label}@{settings.backend}" + (f"-o{settings.outlier_channels}" if settings.outlier_channels else "")
     if kind == "ewq" and settings.backend != "bitsandbytes":
         label += f"@{settings.backend}" + ("-a8" if settings.int8_activations else "")
         if settings.backend == "torch-dynamic" and settings.key() != {"backend": "torch-dynamic"}:
