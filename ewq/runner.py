@@ -144,6 +144,9 @@ def build_parser(kind: str) -> ArgumentParser:
                             "cpu=60GB: quantized blocks fill GPU after GPU, torchao only); implies --device-map auto. "
                             "Default: 90%% of what is free. Not with --backend llama.cpp")
     if kind == "original":
+        p.add_argument("--plans-dir", default="quantized_models",
+                       help="where --backend llama.cpp / onnxruntime write (and reuse) the original's GGUF / ONNX "
+                            "export (default quantized_models/)")
         p.add_argument("--backend", choices=("llama.cpp", "onnxruntime"), default=None,
                        help="llama.cpp: run the original as a GGUF file in llama.cpp (F16 for an fp16 checkpoint, else "
                             "BF16), the same way --backend llama.cpp runs quantized plans, so they compare in one mode; "

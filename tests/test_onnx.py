@@ -220,3 +220,18 @@ def test_benchmark_runs_the_plan_through_onnxruntime(bert_export, tmp_path, caps
     assert result["quality"]["cosine_mean"] > 0.99 and result["encoder"]["batch_32"]["sentences_per_s"] > 0
     assert run_cli(benchmark.main, argv) == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_the_original_runs_through_onnxruntime_from_its_own_plans_dir(bert_export, tmp_path, capsys):
+    """benchmark_original.py --backend onnxruntime exports the float model into --plans-dir (the flag was missing:
+    the llama.cpp and onnxruntime originals read it)."""
+    import benchmark_original
+
+    model, _, _ = bert_export
+    argv = ["--model", str(model), "--backend", "onnxruntime", "--eval-sentences", "40", "--speed-sentences", "4",
+            "--repeats", "1",
+            "--no-progress", "--out-dir", str(tmp_path / "res"), "--plans-dir", str(tmp_path / "plans")]
+    assert run_cli(benchmark_original.main, argv) == 0, capsys.readouterr().err
+    result = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert result["load"]["path_taken"] == "onnxruntime-onnx"
+    assert [p.name for p in (tmp_path / "plans").iterdir() if "-onnx" in p.name]

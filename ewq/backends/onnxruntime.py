@@ -262,7 +262,7 @@ def prepare_run(args, kind, source, ckpt, tokenizer, device, plan, plan_path, fp
         float_model = load_model(source.path, dtype, ckpt.kind)
         quality["reference"] = suite.make_reference(float_model, quality, device, progress=not args.no_progress)
         del float_model
-    plans_dir = getattr(args, "plans_dir", "quantized_models")  # (benchmark_original.py has no --plans-dir)
+    plans_dir = args.plans_dir
     k = int(settings.outlier_channels)
     path = check_writable_dir(plans_dir) / (f"{source.path.name}-{plan_hash(plan)}-onnx{f'-o{k}' if k else ''}"
                                             f"-ort{ort.__version__}")
