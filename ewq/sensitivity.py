@@ -371,8 +371,12 @@ class Calibration:
             for name, layer in done:
                 block.set_submodule(name, layer)
 
-    def round_trip(self, weight: torch.Tensor, precision: str) -> torch.Tensor:
-        return get_backend(self.settings.backend).round_trip(weight, precision, self.settings).to(self.dtype)
+    def round_trip(self, weight: torch.Tensor, precision: str, name: str | None = None) -> torch.Tensor:
+        """The embeddings' or head's rows after the format (llama.cpp: with the importance of checkpoint tensor
+        `name` when the importance matrix has it: only a head, from llama-imatrix --process-output)."""
+        imp = self.importance.get(name) if self.importance and name else None
+        kwargs = {"importance": imp} if imp is not None else {}
+        return get_backend(self.settings.backend).round_trip(weight, precision, self.settings, **kwargs).to(self.dtype)
 
     @contextmanager
     def rounded_others(self, assignments):
@@ -389,7 +393,7 @@ class Calibration:
                     sm.embedding.weight.data = self.round_trip(table, precision)  # the rows used: rows round alone
                     changed = True
                 if sm.head is not None and item["matrix"] == sm.head_info.name:
-                    sm.head.transform = lambda rows, p=precision: self.round_trip(rows, p)
+                    sm.head.transform = lambda rows, p=precision: self.round_trip(rows, p, sm.head_info.name)
             yield changed
         finally:
             sm.embedding.weight.data = table
@@ -649,7 +653,7 @@ def head_kl(c: Calibration, precision: str) -> float:
     with torch.no_grad():
         for h in c._head_inputs:
             p = torch.log_softmax(sm.head(h).float(), dim=-1)
-            sm.head.transform = lambda rows: c.round_trip(rows, precision)
+            sm.head.transform = lambda rows: c.round_trip(rows, precision, sm.head_info.name)
             try:
                 q = torch.log_softmax(sm.head(h).float(), dim=-1)
             finally:
