@@ -111,10 +111,10 @@ def export_plan_gguf(plan_path, model: str, out, models_dir=DEFAULT_MODELS_DIR, 
 # what each step costs, measured on this repository's 2-core AVX-512 machine (docs/RESULTS.md, issue 26)
 GGUF_COSTS = ("What each step costs, measured for SmolLM2-135M on this repository's 2-core AVX2 CPU while other jobs "
               "kept its load average near 10 (upper bounds; time grows with the parameters): reading and fingerprinting "
-              "the checkpoint ~10 s; the sensitivity sweep per matrix over llama.cpp's ten formats ~12 min, once per "
-              "model, calibration and rounding (cached: another --target on the same model skips it); with "
-              "importance-weighted rounding one more streamed pass; choosing the plan and its whole-plan checks ~2 "
-              "min; sizing a --target preset ~2 s; writing the GGUF ~30 s.")
+              "the checkpoint ~10 s; the sensitivity sweep per matrix over llama.cpp's ten formats 9-12 min, once per "
+              "model, calibration text and rounding (cached: another --target on the same model skips it); choosing "
+              "the plan, its whole-plan checks on the calibration text and writing the GGUF 2.5-7 min; sizing a "
+              "--target preset ~2 s.")
 
 
 def add_gguf_parser(formats):
