@@ -443,15 +443,21 @@ def preset_size(model_dir, preset: str, imatrix: bool | dict = False, reference_
                       sum(sizes.values()), sum(t.numel for t in m.tensors), header, types, fallbacks)
 
 
-def file_stats(gguf_path) -> dict:
-    """A GGUF file's size and bits per weight as llama-quantize counts them (tensor bytes x 8 / elements)."""
+def read_gguf(gguf_path):
+    """gguf-py's reader of a GGUF file (memory-mapped); a missing or damaged file is one EWQError line."""
     import gguf
 
     path = Path(gguf_path)
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (OSError, ValueError) as e:
         raise EWQError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def file_stats(gguf_path) -> dict:
+    """A GGUF file's size and bits per weight as llama-quantize counts them (tensor bytes x 8 / elements)."""
+    path = Path(gguf_path)
+    reader = read_gguf(path)
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     elements = sum(int(t.n_elements) for t in reader.tensors)
     return {"file_bytes": path.stat().st_size, "tensor_bytes": nbytes, "n_elements": elements,

@@ -172,31 +172,23 @@ def require():
     return llama_cpp
 
 
-def file_bytes_by_type(gguf_path) -> dict:
+def file_bytes_by_type(gguf_path, reader=None) -> dict:
     """{ggml type name: bytes of tensor data of that type} in a GGUF file, largest first (read with gguf-py)."""
-    import gguf
+    from ..presets import read_gguf
 
-    path = Path(gguf_path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise EWQError(f"cannot read GGUF file {path}: {e}") from None
     sizes = Counter()
-    for t in reader.tensors:
+    for t in (reader or read_gguf(gguf_path)).tensors:
         sizes[t.tensor_type.name] += int(t.n_bytes)
     return dict(sizes.most_common())
 
 
 def file_weight_bytes(gguf_path) -> dict:
     """The result's memory figures from the file: bytes per ggml type, of the blocks' matrices, and in all."""
-    import gguf
+    from ..presets import read_gguf
 
-    try:
-        reader = gguf.GGUFReader(Path(gguf_path))
-    except (OSError, ValueError) as e:
-        raise EWQError(f"cannot read GGUF file {gguf_path}: {e}") from None
+    reader = read_gguf(gguf_path)  # parsed once for both figures
     blocks = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
-    by_type = file_bytes_by_type(gguf_path)
+    by_type = file_bytes_by_type(gguf_path, reader)
     return {"by_type": by_type, "blocks": blocks, "total": sum(by_type.values())}
 
 
