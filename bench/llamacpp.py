@@ -244,7 +244,8 @@ def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, we
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
-           *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"])]
+           *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"]),
+           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else [])]
     p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
     plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
     log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
@@ -456,6 +457,10 @@ def parse_args(argv=None):
     p.add_argument("--no-imatrix", action="store_true",
                    help="no importance-matrix rows (neither llama-imatrix + llama-quantize --imatrix nor EWQ's)")
     p.add_argument("--no-ewq", action="store_true", help="no EWQ rows at the presets' sizes")
+    p.add_argument("--ewq-formats", default=None, metavar="LIST",
+                   help="the ggml types EWQ's rows choose from, comma-separated (python -m ewq.export gguf --formats; "
+                        "default: its own menu, which leaves out Q4_1/Q5_1); the EWQ files are then named "
+                        "...-ewq-<formats tag>-PRESET..., so they sit beside the default menu's in one --out-dir")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
                         "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
@@ -492,6 +497,14 @@ def check_args(args) -> tuple[Path, list, list, list]:
 
     for preset in presets:
         preset_ftype(preset)  # an unknown name is one line before anything is built
+    if args.ewq_formats is not None:
+        from ewq.plan import GGML_TYPES
+
+        args.ewq_formats = [f.strip().upper() for f in args.ewq_formats.split(",") if f.strip()]
+        unknown = [f for f in args.ewq_formats if f not in GGML_TYPES]
+        if unknown or not args.ewq_formats:
+            raise EWQError(f"--ewq-formats: {', '.join(unknown) or 'nothing given'}; the ggml types EWQ plans with "
+                           f"are {', '.join(GGML_TYPES)}")
     if args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     for flag, f in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
@@ -522,8 +535,16 @@ def ladder_rows(name: str, presets: list, args) -> list:
     """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix."""
     kinds = [k for k in ("preset", "preset+imatrix", "ewq", "ewq+imatrix")
              if not (args.no_imatrix and k.endswith("imatrix")) and not (args.no_ewq and k.startswith("ewq"))]
-    return [(f"{name}-{'ewq-' if k.startswith('ewq') else ''}{p}{'-imatrix' if k.endswith('imatrix') else ''}.gguf",
+    return [(f"{name}-{ewq_tag(args) if k.startswith('ewq') else ''}{p}{'-imatrix' if k.endswith('imatrix') else ''}.gguf",
              k, p) for p in presets for k in kinds]
+
+
+def ewq_tag(args) -> str:
+    """'ewq-' for the default menu, 'ewq-<6 hex of the --ewq-formats list>-' for another: files of different menus
+    never share a name (nor does --reuse take one for the other)."""
+    if not args.ewq_formats:
+        return "ewq-"
+    return f"ewq-{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-"
 
 
 def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:
@@ -635,7 +656,8 @@ def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, 
         "settings": {"threads": args.threads, "perplexity_threads": max(args.threads), "n_gen": args.n_gen, "repetitions": args.repetitions,
                      "rounds": args.rounds, "ctx": args.ctx, "chunks": args.chunks,
                      "scored_tokens": args.chunks * (args.ctx - 1 - args.ctx // 2), "kld_reference": bf16.name,
-                     "kld_units": "nats", "mb": "1e6 bytes"},
+                     "kld_units": "nats", "mb": "1e6 bytes",
+                     "ewq_formats": args.ewq_formats or "default menu"},
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),
     }

@@ -49,6 +49,27 @@ def test_bench_refuses_evaluation_text_that_overlaps_the_calibration_text(tiny_f
     bench.check_overlap("\n".join(lines[:60]), "\n".join(lines[60:]), "e")
 
 
+def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_factory, tmp_path, capsys):
+    """--ewq-formats: EWQ files of another menu never take the default menu's names (nor --reuse its files); an
+    unknown type is one line, exit 2, before anything is made."""
+    from bench import llamacpp as bench
+    from ewq.common import run_cli
+
+    model = str(tiny_factory("llama"))
+    names = {}
+    for formats in (None, "Q8_0,Q5_1", "q8_0, Q5_1", "Q8_0,Q4_1"):
+        args = bench.parse_args(["--model", model, "--presets", "Q8_0", *(["--ewq-formats", formats] if formats else [])])
+        bench.check_args(args)
+        names[formats] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
+    assert names[None] == ["m-ewq-Q8_0.gguf", "m-ewq-Q8_0-imatrix.gguf"]
+    assert names["Q8_0,Q5_1"] == names["q8_0, Q5_1"]  # the same menu, however written
+    assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 6
+    out = tmp_path / "out"
+    assert run_cli(bench.main, ["--model", model, "--out-dir", str(out), "--ewq-formats", "Q8_0,Q7_K"]) == 2
+    err = capsys.readouterr().err
+    assert "Q7_K" in err and err.count("\n") == 1 and not out.exists()
+
+
 # ---- without llama-cpp-python ----
 
 def test_module_imports_and_refuses_with_one_install_line_without_llama_cpp():
