@@ -9,6 +9,7 @@ import torch
 
 from ewq.allocate import GRANULARITIES
 from ewq.backends import BACKENDS, GROUP_SIZES
+from ewq.backends.llamacpp import parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.plan import format_summary
@@ -166,7 +167,7 @@ def main(argv=None):
                                    int8_activations=args.int8_activations, sweep=args.sweep, device=args.device,
                                    target=args.target, target_bpw=args.target_bpw,
                                    imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
-                                   formats=tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ())
+                                   formats=parse_formats(args.formats))
     print(format_summary(plan))
     if args.write_hf_config:
         from ewq.hf import write_plan_hf_config

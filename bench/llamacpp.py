@@ -498,13 +498,9 @@ def check_args(args) -> tuple[Path, list, list, list]:
     for preset in presets:
         preset_ftype(preset)  # an unknown name is one line before anything is built
     if args.ewq_formats is not None:
-        from ewq.plan import GGML_TYPES
+        from ewq.backends.llamacpp import parse_formats
 
-        args.ewq_formats = [f.strip().upper() for f in args.ewq_formats.split(",") if f.strip()]
-        unknown = [f for f in args.ewq_formats if f not in GGML_TYPES]
-        if unknown or not args.ewq_formats:
-            raise EWQError(f"--ewq-formats: {', '.join(unknown) or 'nothing given'}; the ggml types EWQ plans with "
-                           f"are {', '.join(GGML_TYPES)}")
+        args.ewq_formats = list(parse_formats(args.ewq_formats, "--ewq-formats"))
     if args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     for flag, f in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):

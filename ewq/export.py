@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import ggml_type
+from .backends.llamacpp import ggml_type, parse_formats
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -179,7 +179,7 @@ def plan_for_target(args) -> Path:
     source = resolve_model(args.model, args.models_dir)
     if open_checkpoint(source.path).kind != "decoder":
         raise EWQError(f"{source.id} is an encoder; llama.cpp runs the decoder layouts Llama, Mistral and Qwen2")
-    formats = tuple(f.strip().upper() for f in args.formats.split(",") if f.strip()) if args.formats else ()
+    formats = parse_formats(args.formats)
     path, plan, reused = make_plan(args.model, method="sensitivity", granularity="matrix", backend="llama.cpp",
                                    target=args.target, target_bpw=args.target_bpw, calib_tokens=args.calib_tokens,
                                    calib_text=args.calib_text, formats=formats, sweep=args.sweep or "fast",

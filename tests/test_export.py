@@ -112,6 +112,7 @@ def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, 
 @pytest.mark.parametrize("args,message", [
     (["--target-bpw", "1.0"], "the size target cannot be met: the smallest GGUF the formats"),
     (["--target", "Q4_K_M", "--formats", "Q8_0"], "the smallest GGUF the formats Q8_0 allow"),
+    (["--target", "Q4_K_M", "--formats", "q8_0,Q7_K"], "--formats names Q7_K; llama.cpp's formats here are"),
     (["--target", "Q9_K"], "unknown llama-quantize preset 'Q9_K'"),
     (["--target-bpw", "-1"], "--target-bpw must be a positive number"),
     ([], "give --plan PLAN, or --target PRESET"),

@@ -132,12 +132,23 @@ LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to
 
 def menu(settings) -> tuple:
     """The formats a sweep measures and a plan chooses from: --formats, else PRECISIONS."""
-    chosen = tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS
+    return checked_formats(tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS)
+
+
+def checked_formats(chosen: tuple, flag: str = "--formats") -> tuple:
     unknown = [f for f in chosen if f not in ACCEPTS or f in TORCH_MENU_AS]
-    if unknown:
-        raise EWQError(f"--formats names {', '.join(unknown)}; llama.cpp's formats here are "
+    if unknown or not chosen:
+        raise EWQError(f"{flag} names {', '.join(unknown) or 'nothing'}; llama.cpp's formats here are "
                        f"{', '.join(a for a in ACCEPTS if a not in TORCH_MENU_AS)}")
     return chosen
+
+
+def parse_formats(text: str | None, flag: str = "--formats") -> tuple:
+    """A comma list of ggml types as the command lines take it ("q8_0, Q4_K"), upper-cased and checked; () when
+    the flag was not given (the default menu)."""
+    if text is None:
+        return ()
+    return checked_formats(tuple(f.strip().upper() for f in text.split(",") if f.strip()), flag)
 
 
 def imatrix_key(settings) -> dict:
