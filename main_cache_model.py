@@ -9,7 +9,7 @@ import torch
 
 from ewq.allocate import GRANULARITIES
 from ewq.backends import BACKENDS, GROUP_SIZES
-from ewq.backends.llamacpp import parse_formats
+from ewq.backends.llamacpp import SPEEDS, parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.plan import format_summary
@@ -96,6 +96,11 @@ def parse_args(argv):
                         "whole blocks of it; Q4_1/Q5_1 are left out by default because they re-find the "
                         "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats)")
+    p.add_argument("--speed", choices=SPEEDS, default="preset",
+                   help="--method sensitivity with --target PRESET: preset (default), the GGUF also decodes no slower "
+                        "than the preset's, by llama.cpp's CPU kernel time per weight of each format (measured on "
+                        "AVX2: ewq.backends.llamacpp.DECODE_COST); any: the size is the only limit (slower formats "
+                        "such as Q5_0 may then buy quality)")
     imatrix = p.add_mutually_exclusive_group()
     imatrix.add_argument("--imatrix", default=None, metavar="FILE",
                          help="--backend llama.cpp: weight the rounding with this llama.cpp importance matrix "
@@ -167,7 +172,7 @@ def main(argv=None):
                                    int8_activations=args.int8_activations, sweep=args.sweep, device=args.device,
                                    target=args.target, target_bpw=args.target_bpw,
                                    imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
-                                   formats=parse_formats(args.formats))
+                                   formats=parse_formats(args.formats), speed=args.speed)
     print(format_summary(plan))
     if args.write_hf_config:
         from ewq.hf import write_plan_hf_config

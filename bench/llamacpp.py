@@ -245,7 +245,7 @@ def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, we
     cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
            *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"]),
-           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else [])]
+           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", args.ewq_speed]
     p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
     plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
     log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
@@ -417,17 +417,21 @@ def markdown(rows: list, args) -> str:
 
 
 def ladder_markdown(rows: list, args) -> str:
-    """Rung by rung: the preset, with an importance matrix, and EWQ's files at its size; KLD as a multiple of the
-    importance-matrix preset's (the GGUFs people download for 4-5 bits are made with one)."""
+    """Rung by rung: the preset, with an importance matrix, and EWQ's files at its size; KLD and tg medians as
+    multiples of the importance-matrix preset's (the GGUFs people download for 4-5 bits are made with one)."""
     heads = [f"tg{args.n_gen} tok/s -t {t}" for t in args.threads]
     lines = [f"| rung | file | MB | bpw | mean KLD | × preset+imatrix | same top | {' | '.join(heads)} |",
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(heads)]
     for preset in dict.fromkeys(r["preset"] for r in rows if r.get("preset")):
         rung = [r for r in rows if r.get("preset") == preset]
-        ref = next((r["kld_mean"] for r in rung if r["kind"] == "preset+imatrix"), None)
+        base = next((r for r in rung if r["kind"] == "preset+imatrix"), None)
+        ref = base["kld_mean"] if base else None
         for r in rung:
             ratio = f"{r['kld_mean'] / ref:.2f}×" if ref and r["kind"] != "preset+imatrix" else ""
-            tg = [f"{sp['tg_tok_s_median']:.1f}" for sp in r["speed"]]
+            # speed as a multiple of the importance-matrix preset's, measured in the same interleaved rounds
+            tg = [f"{sp['tg_tok_s_median']:.1f}" + (f" ({sp['tg_tok_s_median'] / b['tg_tok_s_median']:.2f}×)"
+                                                     if base and r is not base else "")
+                  for sp, b in zip(r["speed"], base["speed"] if base else r["speed"])]
             lines.append(f"| {preset} | {r['kind']} | {r['file_bytes'] / 1e6:.1f} | {r['bpw']:.3f} | "
                          f"{r['kld_mean']:.4f} | {ratio} | {r['same_top_pct']:.1f}% | {' | '.join(tg)} |")
     return "\n".join(lines)
@@ -461,6 +465,10 @@ def parse_args(argv=None):
                    help="the ggml types EWQ's rows choose from, comma-separated (python -m ewq.export gguf --formats; "
                         "default: its own menu, which leaves out Q4_1/Q5_1); the EWQ files are then named "
                         "...-ewq-<formats tag>-PRESET..., so they sit beside the default menu's in one --out-dir")
+    p.add_argument("--ewq-speed", choices=("preset", "any"), default="preset",
+                   help="python -m ewq.export gguf --speed: preset (default), EWQ's files also decode no slower than "
+                        "the preset's by EWQ's kernel cost table; any: size is their only limit (files named "
+                        "...-ewq-any-PRESET..., beside the default's)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
                         "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
@@ -536,11 +544,11 @@ def ladder_rows(name: str, presets: list, args) -> list:
 
 
 def ewq_tag(args) -> str:
-    """'ewq-' for the default menu, 'ewq-<6 hex of the --ewq-formats list>-' for another: files of different menus
-    never share a name (nor does --reuse take one for the other)."""
-    if not args.ewq_formats:
-        return "ewq-"
-    return f"ewq-{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-"
+    """'ewq-' for the default menu and speed limit, with '<6 hex of the --ewq-formats list>-' for another menu and
+    'any-' without the speed limit: files of different settings never share a name (nor does --reuse take one for
+    the other)."""
+    menu = f"{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-" if args.ewq_formats else ""
+    return f"ewq-{menu}{'any-' if args.ewq_speed == 'any' else ''}"
 
 
 def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:
@@ -653,7 +661,7 @@ def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, 
                      "rounds": args.rounds, "ctx": args.ctx, "chunks": args.chunks,
                      "scored_tokens": args.chunks * (args.ctx - 1 - args.ctx // 2), "kld_reference": bf16.name,
                      "kld_units": "nats", "mb": "1e6 bytes",
-                     "ewq_formats": args.ewq_formats or "default menu"},
+                     "ewq_formats": args.ewq_formats or "default menu", "ewq_speed": args.ewq_speed},
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),
     }

@@ -151,6 +151,44 @@ def optimal_allocation(costs, sizes, budget: float) -> list:
     return chosen[::-1]
 
 
+def timed_allocation(costs, sizes, budget: float, times, time_budget: float) -> list:
+    """optimal_allocation with a second limit: sum(times[i][p_i]) <= time_budget as well (the decode time a
+    llama.cpp plan may take, ewq.backends.llamacpp.decode_cost). Lagrangian relaxation: the exact byte-limited DP
+    on cost + lam x time, with lam the smallest (bisected) that meets the time limit. Within both limits always;
+    optimal for the two together up to the duality gap (a plan between two lam's breakpoints is not seen).
+    Refuses, in one line, a time limit no plan within the bytes meets."""
+    def plan(lam):
+        return optimal_allocation([{p: c[p] + lam * t[p] for p in c} for c, t in zip(costs, times)], sizes, budget)
+
+    def time_of(chosen):
+        return sum(t[p] for t, p in zip(times, chosen))
+
+    chosen = plan(0.0)
+    if time_of(chosen) <= time_budget:
+        return chosen
+    finite = [v for c in costs for v in c.values() if np.isfinite(v)]
+    # a lam at which a whole plan's cost weighs as much as its time is a natural scale to start from
+    hi = max(sum(finite), 1e-12) / max(time_budget, 1e-12)
+    for _ in range(60):
+        fastest = plan(hi)
+        if time_of(fastest) <= time_budget:
+            break
+        hi *= 4
+    else:
+        raise EWQError(f"no plan within the size target decodes within the time limit (fastest: "
+                       f"{time_of(fastest) / time_budget:.3f}x the limit); drop the speed limit or add faster formats")
+    lo = hi / 4 ** 8
+    if time_of(candidate := plan(lo)) <= time_budget:
+        hi, fastest, lo = lo, candidate, 0.0
+    for _ in range(24):  # lam in (lo, hi]: the plan at hi meets the limit, the one at lo does not
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+        if time_of(candidate := plan(mid)) <= time_budget:
+            hi, fastest = mid, candidate
+        else:
+            lo = mid
+    return fastest
+
+
 def ordered_allocation(order, sizes, budget: float, levels=TORCH_MENU) -> list:
     """Lower items in `order`, first all to the first level (8-bit), then to the next (4-bit), ..., until the
     total fits the budget. An item skips a level it cannot take or that would not make it smaller."""

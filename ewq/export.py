@@ -21,19 +21,13 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import ggml_type, parse_formats
+from .backends.llamacpp import SPEEDS, ggml_type, parse_formats, raw_type
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
 from .presets import file_stats
 from .sensitivity import SWEEPS
 from .source import DEFAULT_MODEL, DEFAULT_MODELS_DIR, resolve_model
-
-
-def raw_type(ckpt) -> str:
-    """The lossless 16-bit type of the checkpoint's matrices (F16 for fp16 weights, BF16 otherwise)."""
-    dtypes = {t.dtype for b in ckpt.blocks for t in b.matrices}
-    return "F16" if dtypes == {"F16"} else "BF16"
 
 
 def tensor_types(plan: dict, ckpt) -> dict:
@@ -140,6 +134,11 @@ def add_gguf_parser(formats):
     g.add_argument("--formats", default=None,
                    help="no --plan: the ggml types the plan chooses from, comma-separated (default: llama.cpp's menu "
                         "of main_cache_model.py --backend llama.cpp)")
+    g.add_argument("--speed", choices=SPEEDS, default=None,
+                   help="no --plan, --target PRESET: preset (default), the file also decodes no slower than the "
+                        "preset's, by llama.cpp's CPU kernel time per weight of each format (measured on AVX2: "
+                        "ewq.backends.llamacpp.DECODE_COST); any: the size is the only limit (slower formats such as "
+                        "Q5_0 may then buy quality)")
     g.add_argument("--calib-text", default=None,
                    help="no --plan: UTF-8 calibration text for the sweep (default: the end of gensim's "
                         "lee_background.cor); evaluate on other text")
@@ -166,7 +165,7 @@ def add_gguf_parser(formats):
 
 
 PLANNING_FLAGS = (("--formats", "formats"), ("--calib-text", "calib_text"), ("--calib-tokens", "calib_tokens"),
-                  ("--sweep", "sweep"))
+                  ("--sweep", "sweep"), ("--speed", "speed"))
 
 
 def plan_for_target(args) -> Path:
@@ -184,7 +183,8 @@ def plan_for_target(args) -> Path:
                                    target=args.target, target_bpw=args.target_bpw, calib_tokens=args.calib_tokens,
                                    calib_text=args.calib_text, formats=formats, sweep=args.sweep or "fast",
                                    models_dir=args.models_dir, out_dir=args.plans_dir, progress=not args.no_progress,
-                                   imatrix="none" if args.no_imatrix else args.imatrix or "calibration")
+                                   imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
+                                   speed=args.speed or "preset")
     print(f"{'reused' if reused else 'made'} plan {path}")
     return path
 
@@ -199,6 +199,8 @@ def check_gguf_args(args) -> None:
     given = [flag for flag, name in PLANNING_FLAGS if getattr(args, name) is not None]
     if args.plan and given:
         raise EWQError(f"{', '.join(given)} make a plan; with --plan there is none to make: drop them")
+    if args.speed is not None and args.target is None:
+        raise EWQError("--speed compares the file's decode speed with a preset's: it needs --target PRESET")
     if target and args.llama_quantize_args:
         raise EWQError("--llama-quantize-args writes the k-quants unquantized, so the file cannot meet a size "
                        f"target; drop one of them")
@@ -240,12 +242,18 @@ def gguf_main(args) -> None:
     print(f"wrote {out}: {stats['file_bytes'] / 1e6:.1f} MB ({stats['file_bytes']} bytes), {stats['bpw']:.4f} bits "
           f"per weight as llama-quantize counts them; " +
           ", ".join(f"{n} {t}" for t, n in sorted(written.items(), key=lambda kv: -kv[1])))
-    target = load_plan(plan_path)["method"].get("target") or {}
+    method = load_plan(plan_path)["method"]
+    target = method.get("target") or {}
     if "file_bytes" in target:
         print(f"target: llama-quantize {target['preset']}{' with an importance matrix' if target.get('imatrix') else ''} "
               f"gives this checkpoint {target['file_bytes']} bytes "
               f"({target['preset_bpw']} bits per weight); this file is {target['file_bytes'] - stats['file_bytes']} "
               f"bytes smaller")
+    if "decode_cost" in method:
+        print(f"decode time by llama.cpp's CPU kernel costs (--speed preset): {method['decode_cost']['plan']:.3f}x the "
+              f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x)")
+    elif str(target.get("speed", "")).startswith("any:"):
+        print(f"decode speed not limited: {target['speed'][len('any: '):]}")
     print(f"plan: {plan_path}")
     if result["llama_quantize_command"]:
         print("finish it with llama.cpp's quantizer:")

@@ -18,6 +18,7 @@ import torch
 from . import allocate, sensitivity
 from .analysis import analyze
 from .backends import GROUP_SIZES, QuantSettings, get_backend
+from .backends.llamacpp import SPEEDS
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -71,7 +72,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
               device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast",
-              formats=(), target=None, target_bpw=None, imatrix: str = "calibration"):
+              formats=(), target=None, target_bpw=None, imatrix: str = "calibration", speed: str = "preset"):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
@@ -80,7 +81,9 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     no larger than the file that preset gives this checkpoint) or `target_bpw` (bits per weight of the file's
     tensors, as llama-quantize prints it). `imatrix` (llama.cpp): the importance the rounding is weighted with, as
     llama-quantize --imatrix: "calibration" (EWQ's own from the calibration text), a llama.cpp imatrix file, or
-    "none" (plain rounding)."""
+    "none" (plain rounding). `speed` (a sensitivity plan for a preset): "preset", the file must also decode no
+    slower than the preset's by llama.cpp's CPU kernel cost per format (ewq.backends.llamacpp.DECODE_COST); "any",
+    the size is the only limit."""
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if not math.isfinite(k) or k < 0:
@@ -102,7 +105,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             raise EWQError("--imatrix applies to --backend llama.cpp only (it weights ggml's rounding)")
         if not Path(imatrix).is_file():
             raise EWQError(f"--imatrix {imatrix}: no such file (an importance matrix from llama-imatrix)")
+    if speed not in SPEEDS:
+        raise EWQError(f"unknown speed '{speed}'; choose one of {', '.join(SPEEDS)}")
     file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
+    if file_target is not None and "preset" in file_target and method == "sensitivity":
+        file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
                              int8_activations=int8_activations, imatrix=imatrix if backend == "llama.cpp" else "none")
     if method == "sensitivity":
@@ -137,6 +144,32 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             pass  # an unreadable old file is replaced below
     write_json_atomic(path, plan)
     return path, plan, False
+
+
+def llamacpp_decode_limit(source, ckpt, items, sizes, target: dict, imatrix: bool) -> tuple | None:
+    """(times, limit) for a plan that must decode no slower than its preset (target["speed"] == "preset"): each
+    item's decode time in each format it can take (its weights x DECODE_COST of the format; nothing for the token
+    embeddings of a model with its own head: one row of them is read per token) and the preset file's time. None
+    without the limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
+    from . import presets
+    from .backends.llamacpp import DECODE_COST, ggml_type, raw_type
+
+    if target.get("speed") != "preset":
+        return None
+    shape = presets.model_shape(source.path)
+    weights = presets.decode_weights(shape)
+    types = presets.preset_size(source.path, target["preset"], imatrix, shape=shape).types
+    raw = raw_type(ckpt)
+    missing = sorted(({types[n] for n in weights} | {raw}) - set(DECODE_COST))
+    if missing:
+        target["speed"] = f"any: no kernel cost measured for {', '.join(missing)}"
+        return None
+    gguf_name = {t.hf: t.name for t in shape.tensors if t.hf}
+    times = []
+    for it, s in zip(items, sizes):
+        decoded = it["block"] is not None or gguf_name.get(it["matrix"]) in weights
+        times.append({p: decoded * it["params"] * DECODE_COST[raw if p == "raw" else ggml_type(p)] for p in s})
+    return times, sum(w * DECODE_COST[types[n]] for n, w in weights.items())
 
 
 def llamacpp_target(preset, target_bpw, target_bits, max_weight_gb, backend: str) -> dict | None:
@@ -246,9 +279,11 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
         # llama-quantize makes it with an importance matrix: some presets choose other types then
         weighted = getattr(settings, "imatrix", "none") not in ("none", None)
         budget = llamacpp_budget(source, items, sizes, target, menu, weighted)
+        decode = llamacpp_decode_limit(source, ckpt, items, sizes, target, weighted)
     else:
         budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"),
                                        group_size, menu, settings.backend, raw_bits, items)
+        decode = None
     method_info = {"name": method, "target": target, "granularity": granularity, **raw_bits_entry(raw_bits)}
     if group_size != DEFAULT_GROUP_SIZE:
         method_info["group_size"] = group_size
@@ -276,7 +311,7 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     else:
         precisions, checks, extra, cached, timing = sensitivity_allocation(
             source, ckpt, analysis, items, sizes, budget, menu, settings, granularity, calib_tokens, calib_text,
-            out_dir, device, progress, calib_sentences, sweep, method_info)
+            out_dir, device, progress, calib_sentences, sweep, method_info, decode)
     plan = build_plan(source, ckpt, analysis.fingerprint, method_info, [b["precision"] for b in blocks],
                       analysis.block_entropies, None, analysis.seconds)
     if other_shapes:
@@ -313,7 +348,8 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
 
 
 def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, settings, granularity, calib_tokens,
-                           calib_text, out_dir, device, progress, calib_sentences, sweep, method_info) -> tuple:
+                           calib_text, out_dir, device, progress, calib_sentences, sweep, method_info,
+                           decode=None) -> tuple:
     """Measure every item (sensitivity.measure, cached), pick the minimum-damage plan within the budget, and grade
     it and random plans of the same size on the calibration text. Returns (precisions, checks, per-item rows, cached?,
     seconds of the sweep and of the checks); fills method_info."""
@@ -325,7 +361,17 @@ def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, s
     rows, key, cached = sensitivity.measure(calibration, items, out_dir, progress)
     sweep_s = time.perf_counter() - start
     costs = [{p: 0.0 if p == "raw" else r.get(p, math.inf) for p in s} for r, s in zip(rows, sizes)]
-    precisions = allocate.optimal_allocation(costs, sizes, budget)
+    if decode is None:
+        precisions = allocate.optimal_allocation(costs, sizes, budget)
+    else:  # no slower than the preset either: the decode time each item takes in each format, and the preset's
+        times, limit = decode
+        precisions = allocate.timed_allocation(costs, sizes, budget, times, limit)
+        unlimited = allocate.optimal_allocation(costs, sizes, budget)
+        method_info["decode_cost"] = {
+            "plan": round(sum(t[p] for t, p in zip(times, precisions)) / limit, 4),
+            "without_limit": round(sum(t[p] for t, p in zip(times, unlimited)) / limit, 4),
+            "unit": "x the preset's file: summed weights x llama.cpp CPU kernel time per weight of their format "
+                    "(ewq.backends.llamacpp.DECODE_COST)"}
     how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
     if calibration.imatrix_file is not None:  # the file export rounds with by default (python -m ewq.export gguf)
         method_info["imatrix"] = {"file": str(Path(calibration.imatrix_file).resolve()),

@@ -421,6 +421,14 @@ class PresetSize:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def decode_weights(m: ModelShape) -> dict:
+    """{tensor name: elements} of the matrices a decoded token is multiplied through: every 2-D weight but the
+    token embeddings when the model has its own output head (llama.cpp reads one row of them per token); a model
+    with tied embeddings multiplies by token_embd as its head."""
+    untied = any(t.name == "output.weight" for t in m.tensors)
+    return {t.name: t.numel for t in m.tensors if len(t.shape) == 2 and not (untied and t.name == "token_embd.weight")}
+
+
 def tensor_bytes(m: ModelShape, types: dict) -> dict:
     """{tensor name: bytes} of every tensor in its type."""
     return {t.name: t.rows * row_bytes(types[t.name], t.shape[-1]) for t in m.tensors}

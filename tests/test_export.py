@@ -15,7 +15,8 @@ from ewq.common import EWQError, run_cli, write_json_atomic
 from ewq.ggml_quants import quantize_dequantize
 from ewq.gguf_export import llama_unpermute
 from ewq.imatrix import load_imatrix
-from ewq.plan import load_plan
+from ewq.backends.llamacpp import DECODE_COST
+from ewq.plan import load_plan, plan_hash
 from ewq.planning import make_plan
 
 gguf = pytest.importorskip("gguf")
@@ -90,6 +91,23 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
     assert 0.95 * target.file_bytes < stats["file_bytes"] <= target.file_bytes
     assert plan["method"]["name"] == "sensitivity" and plan["method"]["target"]["file_bytes"] == target.file_bytes
     assert f"{stats['bpw']:.4f} bits per weight" in io.out and io.out.strip().splitlines()[-1] == str(out)
+    # ... and, by default, no slower to decode than the preset's file by the kernel cost table, read from the file
+    shape = presets.model_shape(model)
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    decode = presets.decode_weights(shape)
+    # this llama has its own head: a token reads one row of the embeddings and multiplies through everything else
+    assert set(decode) == {t.name for t in shape.tensors if len(t.shape) == 2} - {"token_embd.weight"}
+    assert sum(n * DECODE_COST[written[k]] for k, n in decode.items()) <= \
+        sum(n * DECODE_COST[target.types[k]] for k, n in decode.items())
+    assert plan["method"]["target"]["speed"] == "preset" and plan["method"]["decode_cost"]["plan"] <= 1.0
+    # --speed any: the size is the only limit; another plan (its own name), the sweep reused
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "any.gguf"),
+                                 "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress", "--speed", "any"])
+    io = capsys.readouterr()
+    assert code == 0, io.err
+    any_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
+    assert any_plan["method"]["target"]["speed"] == "any" and "decode_cost" not in any_plan["method"]
+    assert any_plan["run"]["sensitivity_cached"] and plan_hash(any_plan) != plan_hash(plan)
 
 
 def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, capsys):

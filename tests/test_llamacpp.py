@@ -70,6 +70,24 @@ def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_
     assert "Q7_K" in err and err.count("\n") == 1 and not out.exists()
 
 
+def test_bench_ladder_table_gives_kld_and_speed_as_multiples_of_the_imatrix_preset():
+    """The ladder's table puts each file's KLD and tg median beside the importance-matrix preset's, as the
+    multiples the goal is stated in, per thread count."""
+    from types import SimpleNamespace
+
+    from bench import llamacpp as bench
+
+    def row(kind, kld, tg1, tg2):
+        return {"preset": "Q4_K_M", "kind": kind, "kld_mean": kld, "file_bytes": 1e8, "bpw": 6.0, "same_top_pct": 90.0,
+                "speed": [{"threads": 1, "tg_tok_s_median": tg1}, {"threads": 2, "tg_tok_s_median": tg2}]}
+
+    table = bench.ladder_markdown([row("preset+imatrix", 0.04, 80.0, 100.0), row("ewq+imatrix", 0.02, 76.0, 110.0)],
+                                  SimpleNamespace(n_gen=64, threads=[1, 2]))
+    base, ewq = table.splitlines()[2:]
+    assert "| 0.50× |" in ewq and "| 76.0 (0.95×) | 110.0 (1.10×) |" in ewq
+    assert "×" not in base.split("| 0.0400 |")[1]  # the reference row is not a multiple of itself
+
+
 # ---- without llama-cpp-python ----
 
 def test_module_imports_and_refuses_with_one_install_line_without_llama_cpp():

@@ -56,6 +56,17 @@ def test_preset_bytes_are_the_bytes_ewqs_writer_writes(tiny_factory, tmp_path):
     assert {q4km.types[n] for n in rows if "ffn_down" in n} == {"Q4_K", "Q6_K"} and q4km.fallbacks
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_counts_the_matrices_a_token_is_multiplied_through(tiny_factory, tied):
+    """--speed preset: with tied embeddings the head is token_embd, so it costs decode time; with a head of its own,
+    a token reads one row of the embeddings and they cost none."""
+    shape = presets.model_shape(tiny_factory("llama", tie_word_embeddings=tied))
+    decode = presets.decode_weights(shape)
+    matrices = {t.name: t.numel for t in shape.tensors if len(t.shape) == 2}
+    assert ("output.weight" in matrices) is not tied
+    assert decode == (matrices if tied else {k: v for k, v in matrices.items() if k != "token_embd.weight"})
+
+
 def test_unknown_preset_and_unsized_type_are_one_line():
     with pytest.raises(EWQError, match="unknown llama-quantize preset 'Q9_K'; choose one of"):
         presets.preset_ftype("Q9_K")

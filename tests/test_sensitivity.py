@@ -8,7 +8,8 @@ import torch
 
 import benchmark
 from ewq import report
-from ewq.allocate import block_sizes, budget_bytes, item_sizes, optimal_allocation, ordered_allocation, position_order
+from ewq.allocate import (block_sizes, budget_bytes, item_sizes, optimal_allocation, ordered_allocation, position_order,
+                          timed_allocation)
 from ewq.apply import QuantSettings
 from ewq.common import EWQError, run_cli
 from ewq.planning import make_plan
@@ -62,6 +63,40 @@ def test_optimal_allocation_over_llama_cpp_formats_matches_brute_force(seed):
         want_cost, _ = brute_force(costs, sizes, budget)
         assert sum(s[p] for s, p in zip(sizes, got)) <= budget
         assert sum(c[p] for c, p in zip(costs, got)) == pytest.approx(want_cost, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_timed_allocation_meets_both_limits_and_buys_speed_only_when_asked(seed):
+    """--speed preset: a plan within the bytes and within a decode-time limit (here: the time of the all-fast
+    preset-like plan, where one format is fast per byte and another slow); loose limits change nothing; a limit no
+    plan meets is one line."""
+    from ewq.common import EWQError
+
+    rng = random.Random(seed)
+    menu = ("Q8_0", "Q5_0", "Q4_0")
+    items = [{"block": i, "matrix": "m", "params": 64 * 576, "rows": 64, "shapes": [[64, 576]]} for i in range(6)]
+    sizes = item_sizes(items, menu=menu)
+    kernel = {"raw": 2.0, "Q8_0": 1.5, "Q5_0": 1.5, "Q4_0": 1.0}  # Q5_0 as slow per weight as Q8_0: as on AVX2
+    times = [{p: it["params"] * kernel[p] for p in s} for it, s in zip(items, sizes)]
+    # Q5_0 is the quality bargain per byte, so the size-only optimum takes it
+    costs = [{"raw": 0.0, "Q8_0": x, "Q5_0": 4 * x, "Q4_0": 40 * x} for x in (rng.uniform(1e-4, 1e-3) for _ in items)]
+    params = sum(it["params"] for it in items)
+    for target_bits in (5.2, 6.0, 7.0):
+        budget = target_bits / 8 * params
+        free = optimal_allocation(costs, sizes, budget)
+        assert "Q5_0" in free
+        preset = ordered_allocation(range(len(items)), sizes, budget, ("Q8_0", "Q4_0"))  # fast formats only
+        limit = sum(t[p] for t, p in zip(times, preset))
+        got = timed_allocation(costs, sizes, budget, times, limit)
+        assert sum(s[p] for s, p in zip(sizes, got)) <= budget
+        assert sum(t[p] for t, p in zip(times, got)) <= limit
+        # the slow format is traded away for speed, and the plan is no worse than the fast-only preset's choice
+        assert sum(t[p] for t, p in zip(times, got)) < sum(t[p] for t, p in zip(times, free))
+        assert sum(c[p] for c, p in zip(costs, got)) <= sum(c[p] for c, p in zip(costs, preset)) + 1e-15
+        loose = timed_allocation(costs, sizes, budget, times, 10 * limit)
+        assert loose == free
+    with pytest.raises(EWQError, match="no plan within the size target decodes within the time limit"):
+        timed_allocation(costs, sizes, 4.6 / 8 * params, times, 0.5 * params)
 
 
 def test_ordered_allocation_lowers_the_lowest_first_and_meets_the_target():

@@ -73,6 +73,16 @@ PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "IQ4_NL", "IQ4_XS"
 TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
 # what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
 ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + tuple(TORCH_MENU_AS)
+# Relative time per weight of llama.cpp's CPU matrix-vector kernels, each format's own (Q4_0 = 1): the decode time
+# of a token is about the summed weights x this of their formats. From tg64 of one-type files (llama-quantize --pure)
+# of a random 1.1B-shaped llama, medians at 1 and 2 threads averaged, on this repository's 2-core AVX2 EPYC (python
+# bench/decode_cost.py; docs/RESULTS.md, "Decode cost per format"). Other CPUs order the formats differently
+# (AVX-512, ARM, GPUs): re-measure there. F16/BF16: a plan's "raw" matrices.
+DECODE_COST = {"BF16": 2.95, "F16": 2.93, "Q8_0": 1.86, "Q6_K": 1.47, "Q5_K": 1.40, "Q4_K": 1.09, "Q5_0": 1.65,
+               "Q4_0": 1.0, "Q5_1": 1.79, "Q4_1": 1.46, "IQ4_NL": 0.96, "IQ4_XS": 1.32, "Q3_K": 1.18, "Q2_K": 0.76}
+# --speed, a plan sized by a llama-quantize preset: "preset", also no slower to decode than the preset's file (by
+# DECODE_COST); "any", the size is the only limit
+SPEEDS = ("preset", "any")
 # the attribute a float layer carries its importance in while the sweep quantizes it (ewq.sensitivity sets it)
 IMPORTANCE_ATTR = "ewq_importance"
 COMPILES = False
@@ -82,6 +92,12 @@ SAVE_METHOD = None
 
 def ggml_type(precision: str) -> str:
     return TORCH_MENU_AS.get(precision, precision)
+
+
+def raw_type(ckpt) -> str:
+    """The lossless 16-bit type a plan's "raw" matrices are written in (F16 for fp16 weights, BF16 otherwise)."""
+    dtypes = {t.dtype for b in ckpt.blocks for t in b.matrices}
+    return "F16" if dtypes == {"F16"} else "BF16"
 
 
 def check(settings, dtype, device: str) -> None:
