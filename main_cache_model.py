@@ -9,7 +9,7 @@ import torch
 
 from ewq.allocate import GRANULARITIES
 from ewq.backends import BACKENDS, GROUP_SIZES
-from ewq.backends.llamacpp import SPEEDS, parse_formats
+from ewq.backends.llamacpp import parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli
 from ewq.entropy import ENTROPY_KINDS, HIST_BINS
 from ewq.plan import format_summary
@@ -96,11 +96,11 @@ def parse_args(argv):
                         "whole blocks of it; Q4_1/Q5_1 are left out by default because they re-find the "
                         "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats)")
-    p.add_argument("--speed", choices=SPEEDS, default="preset",
+    p.add_argument("--speed", default="preset", metavar="preset|F|any",
                    help="--method sensitivity with --target PRESET: preset (default), the GGUF also decodes no slower "
                         "than the preset's, by llama.cpp's CPU kernel time per weight of each format (measured on "
-                        "AVX2: ewq.backends.llamacpp.DECODE_COST); any: the size is the only limit (slower formats "
-                        "such as Q5_0 may then buy quality)")
+                        "AVX2: ewq.backends.llamacpp.DECODE_COST); a number F, at least F x the preset's speed; any: "
+                        "the size is the only limit (slower formats such as Q5_0 may then buy quality)")
     imatrix = p.add_mutually_exclusive_group()
     imatrix.add_argument("--imatrix", default=None, metavar="FILE",
                          help="--backend llama.cpp: weight the rounding with this llama.cpp importance matrix "

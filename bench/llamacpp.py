@@ -67,6 +67,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ewq.backends.llamacpp import check_speed, parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
 from ewq.presets import file_stats, preset_size
 
@@ -245,7 +246,7 @@ def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, we
     cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
            *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"]),
-           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", args.ewq_speed]
+           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", str(args.ewq_speed)]
     p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
     plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
     log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
@@ -465,10 +466,10 @@ def parse_args(argv=None):
                    help="the ggml types EWQ's rows choose from, comma-separated (python -m ewq.export gguf --formats; "
                         "default: its own menu, which leaves out Q4_1/Q5_1); the EWQ files are then named "
                         "...-ewq-<formats tag>-PRESET..., so they sit beside the default menu's in one --out-dir")
-    p.add_argument("--ewq-speed", choices=("preset", "any"), default="preset",
+    p.add_argument("--ewq-speed", default="preset", metavar="preset|F|any",
                    help="python -m ewq.export gguf --speed: preset (default), EWQ's files also decode no slower than "
-                        "the preset's by EWQ's kernel cost table; any: size is their only limit (files named "
-                        "...-ewq-any-PRESET..., beside the default's)")
+                        "the preset's by EWQ's kernel cost table; F, at least F x its speed; any: size is their only "
+                        "limit (files named ...-ewq-any-PRESET... or ...-ewq-speedF-PRESET..., beside the default's)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
                         "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
@@ -506,9 +507,8 @@ def check_args(args) -> tuple[Path, list, list, list]:
     for preset in presets:
         preset_ftype(preset)  # an unknown name is one line before anything is built
     if args.ewq_formats is not None:
-        from ewq.backends.llamacpp import parse_formats
-
         args.ewq_formats = list(parse_formats(args.ewq_formats, "--ewq-formats"))
+    args.ewq_speed = check_speed(args.ewq_speed)
     if args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     for flag, f in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
@@ -548,7 +548,8 @@ def ewq_tag(args) -> str:
     'any-' without the speed limit: files of different settings never share a name (nor does --reuse take one for
     the other)."""
     menu = f"{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-" if args.ewq_formats else ""
-    return f"ewq-{menu}{'any-' if args.ewq_speed == 'any' else ''}"
+    speed = "" if args.ewq_speed == "preset" else "any-" if args.ewq_speed == "any" else f"speed{args.ewq_speed:g}-"
+    return f"ewq-{menu}{speed}"
 
 
 def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:

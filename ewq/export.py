@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import SPEEDS, ggml_type, parse_formats, raw_type
+from .backends.llamacpp import check_speed, ggml_type, parse_formats, raw_type
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -134,11 +134,12 @@ def add_gguf_parser(formats):
     g.add_argument("--formats", default=None,
                    help="no --plan: the ggml types the plan chooses from, comma-separated (default: llama.cpp's menu "
                         "of main_cache_model.py --backend llama.cpp)")
-    g.add_argument("--speed", choices=SPEEDS, default=None,
+    g.add_argument("--speed", default=None, metavar="preset|F|any",
                    help="no --plan, --target PRESET: preset (default), the file also decodes no slower than the "
                         "preset's, by llama.cpp's CPU kernel time per weight of each format (measured on AVX2: "
-                        "ewq.backends.llamacpp.DECODE_COST); any: the size is the only limit (slower formats such as "
-                        "Q5_0 may then buy quality)")
+                        "ewq.backends.llamacpp.DECODE_COST); a number F, at least F x the preset's speed (0.95 trades "
+                        "5%% of it for quality); any: the size is the only limit (slower formats such as Q5_0 may then "
+                        "buy quality)")
     g.add_argument("--calib-text", default=None,
                    help="no --plan: UTF-8 calibration text for the sweep (default: the end of gensim's "
                         "lee_background.cor); evaluate on other text")
@@ -201,6 +202,8 @@ def check_gguf_args(args) -> None:
         raise EWQError(f"{', '.join(given)} make a plan; with --plan there is none to make: drop them")
     if args.speed is not None and args.target is None:
         raise EWQError("--speed compares the file's decode speed with a preset's: it needs --target PRESET")
+    if args.speed is not None:
+        check_speed(args.speed)
     if target and args.llama_quantize_args:
         raise EWQError("--llama-quantize-args writes the k-quants unquantized, so the file cannot meet a size "
                        f"target; drop one of them")
@@ -250,7 +253,7 @@ def gguf_main(args) -> None:
               f"({target['preset_bpw']} bits per weight); this file is {target['file_bytes'] - stats['file_bytes']} "
               f"bytes smaller")
     if "decode_cost" in method:
-        print(f"decode time by llama.cpp's CPU kernel costs (--speed preset): {method['decode_cost']['plan']:.3f}x the "
+        print(f"decode time by llama.cpp's CPU kernel costs (--speed {target['speed']}): {method['decode_cost']['plan']:.3f}x the "
               f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x)")
     elif str(target.get("speed", "")).startswith("any:"):
         print(f"decode speed not limited: {target['speed'][len('any: '):]}")

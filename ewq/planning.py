@@ -18,7 +18,7 @@ import torch
 from . import allocate, sensitivity
 from .analysis import analyze
 from .backends import GROUP_SIZES, QuantSettings, get_backend
-from .backends.llamacpp import SPEEDS
+from .backends.llamacpp import check_speed
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -82,8 +82,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     tensors, as llama-quantize prints it). `imatrix` (llama.cpp): the importance the rounding is weighted with, as
     llama-quantize --imatrix: "calibration" (EWQ's own from the calibration text), a llama.cpp imatrix file, or
     "none" (plain rounding). `speed` (a sensitivity plan for a preset): "preset", the file must also decode no
-    slower than the preset's by llama.cpp's CPU kernel cost per format (ewq.backends.llamacpp.DECODE_COST); "any",
-    the size is the only limit."""
+    slower than the preset's by llama.cpp's CPU kernel cost per format (ewq.backends.llamacpp.DECODE_COST); a number
+    F, at least F x the preset's speed; "any", the size is the only limit."""
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if not math.isfinite(k) or k < 0:
@@ -105,8 +105,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             raise EWQError("--imatrix applies to --backend llama.cpp only (it weights ggml's rounding)")
         if not Path(imatrix).is_file():
             raise EWQError(f"--imatrix {imatrix}: no such file (an importance matrix from llama-imatrix)")
-    if speed not in SPEEDS:
-        raise EWQError(f"unknown speed '{speed}'; choose one of {', '.join(SPEEDS)}")
+    speed = check_speed(speed)
     file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
     if file_target is not None and "preset" in file_target and method == "sensitivity":
         file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
@@ -147,14 +146,16 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
 
 
 def llamacpp_decode_limit(source, ckpt, items, sizes, target: dict, imatrix: bool) -> tuple | None:
-    """(times, limit) for a plan that must decode no slower than its preset (target["speed"] == "preset"): each
+    """(times, limit) for a plan held to its preset's decode speed (target["speed"] "preset", or a fraction F of it:
+    the limit is the preset's time / F): each
     item's decode time in each format it can take (its weights x DECODE_COST of the format; nothing for the token
     embeddings of a model with its own head: one row of them is read per token) and the preset file's time. None
     without the limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
     from . import presets
     from .backends.llamacpp import DECODE_COST, ggml_type, raw_type
 
-    if target.get("speed") != "preset":
+    speed = target.get("speed")
+    if not (speed == "preset" or isinstance(speed, float)):
         return None
     shape = presets.model_shape(source.path)
     weights = presets.decode_weights(shape)
@@ -169,7 +170,8 @@ def llamacpp_decode_limit(source, ckpt, items, sizes, target: dict, imatrix: boo
     for it, s in zip(items, sizes):
         decoded = it["block"] is not None or gguf_name.get(it["matrix"]) in weights
         times.append({p: decoded * it["params"] * DECODE_COST[raw if p == "raw" else ggml_type(p)] for p in s})
-    return times, sum(w * DECODE_COST[types[n]] for n, w in weights.items())
+    fraction = 1.0 if speed == "preset" else speed
+    return times, sum(w * DECODE_COST[types[n]] for n, w in weights.items()) / fraction
 
 
 def llamacpp_target(preset, target_bpw, target_bits, max_weight_gb, backend: str) -> dict | None:
@@ -367,9 +369,10 @@ def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, s
         times, limit = decode
         precisions = allocate.timed_allocation(costs, sizes, budget, times, limit)
         unlimited = allocate.optimal_allocation(costs, sizes, budget)
+        preset_time = limit * (1.0 if method_info["target"]["speed"] == "preset" else method_info["target"]["speed"])
         method_info["decode_cost"] = {
-            "plan": round(sum(t[p] for t, p in zip(times, precisions)) / limit, 4),
-            "without_limit": round(sum(t[p] for t, p in zip(times, unlimited)) / limit, 4),
+            "plan": round(sum(t[p] for t, p in zip(times, precisions)) / preset_time, 4),
+            "without_limit": round(sum(t[p] for t, p in zip(times, unlimited)) / preset_time, 4),
             "unit": "x the preset's file: summed weights x llama.cpp CPU kernel time per weight of their format "
                     "(ewq.backends.llamacpp.DECODE_COST)"}
     how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"

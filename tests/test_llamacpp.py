@@ -61,9 +61,14 @@ def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_
         args = bench.parse_args(["--model", model, "--presets", "Q8_0", *(["--ewq-formats", formats] if formats else [])])
         bench.check_args(args)
         names[formats] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
+    for speed in ("any", "0.95"):
+        args = bench.parse_args(["--model", model, "--presets", "Q8_0", "--ewq-speed", speed])
+        bench.check_args(args)
+        names[speed] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
+    assert names["any"][0] == "m-ewq-any-Q8_0.gguf" and names["0.95"][0] == "m-ewq-speed0.95-Q8_0.gguf"
     assert names[None] == ["m-ewq-Q8_0.gguf", "m-ewq-Q8_0-imatrix.gguf"]
     assert names["Q8_0,Q5_1"] == names["q8_0, Q5_1"]  # the same menu, however written
-    assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 6
+    assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 10
     out = tmp_path / "out"
     assert run_cli(bench.main, ["--model", model, "--out-dir", str(out), "--ewq-formats", "Q8_0,Q7_K"]) == 2
     err = capsys.readouterr().err

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,7 +82,8 @@ ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + tuple(TORCH_MENU_AS)
 DECODE_COST = {"BF16": 2.95, "F16": 2.93, "Q8_0": 1.86, "Q6_K": 1.47, "Q5_K": 1.40, "Q4_K": 1.09, "Q5_0": 1.65,
                "Q4_0": 1.0, "Q5_1": 1.79, "Q4_1": 1.46, "IQ4_NL": 0.96, "IQ4_XS": 1.32, "Q3_K": 1.18, "Q2_K": 0.76}
 # --speed, a plan sized by a llama-quantize preset: "preset", also no slower to decode than the preset's file (by
-# DECODE_COST); "any", the size is the only limit
+# DECODE_COST); a number F, at least F x the preset's speed (0.95: up to 1/0.95 of its decode time); "any", the
+# size is the only limit
 SPEEDS = ("preset", "any")
 # the attribute a float layer carries its importance in while the sweep quantizes it (ewq.sensitivity sets it)
 IMPORTANCE_ATTR = "ewq_importance"
@@ -92,6 +94,21 @@ SAVE_METHOD = None
 
 def ggml_type(precision: str) -> str:
     return TORCH_MENU_AS.get(precision, precision)
+
+
+def check_speed(speed) -> str | float:
+    """--speed as a plan records it: "preset", "any", or the fraction F of the preset's speed the file must reach."""
+    text = str(speed).strip().lower()
+    if text in SPEEDS:
+        return text
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 4:
+        raise EWQError(f"--speed takes preset, any, or the fraction of the preset's decode speed the file must reach "
+                       f"(0.95: at least 0.95x its tokens/s), got {speed!r}")
+    return "preset" if fraction == 1 else fraction
 
 
 def raw_type(ckpt) -> str:
