@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     result = {"schema_version": 1, "cpu": cpu, "build": build, "layers": args.layers, "threads": args.threads,
               "rounds": args.rounds, "repetitions": args.repetitions, "n_gen": args.n_gen, "formats": table,
               "note": "cost = Q4_0's median tok/s / this format's at the same thread count: time per weight relative to "
-                      "Q4_0 (every file holds the same weights; the fixed per-token work pulls ratios towards 1)"}
+                      "Q4_0 (every file holds the same weights; the fixed per-token work pulls ratios towards 1); "
+                      "in_decode_cost_table: ewq.backends.llamacpp.DECODE_COST when this ran, to compare"}
     path = write_json_atomic(out / "decode_cost.json", result)
     log(f"wrote {path}")
     return 0

@@ -67,7 +67,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ewq.backends.llamacpp import check_speed, parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
 from ewq.presets import file_stats, preset_size
 
@@ -506,6 +505,8 @@ def check_args(args) -> tuple[Path, list, list, list]:
 
     for preset in presets:
         preset_ftype(preset)  # an unknown name is one line before anything is built
+    from ewq.backends.llamacpp import check_speed, parse_formats  # here: the module imports torch
+
     if args.ewq_formats is not None:
         args.ewq_formats = list(parse_formats(args.ewq_formats, "--ewq-formats"))
     args.ewq_speed = check_speed(args.ewq_speed)

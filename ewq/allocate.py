@@ -153,7 +153,7 @@ def optimal_allocation(costs, sizes, budget: float) -> list:
 
 def timed_allocation(costs, sizes, budget: float, times, time_budget: float) -> list:
     """optimal_allocation with a second limit: sum(times[i][p_i]) <= time_budget as well (the decode time a
-    llama.cpp plan may take, ewq.backends.llamacpp.decode_cost). Lagrangian relaxation: the exact byte-limited DP
+    llama.cpp plan may take by ewq.backends.llamacpp.DECODE_COST). Lagrangian relaxation: the exact byte-limited DP
     on cost + lam x time, with lam the smallest (bisected) that meets the time limit. Within both limits always;
     optimal for the two together up to the duality gap (a plan between two lam's breakpoints is not seen).
     Refuses, in one line, a time limit no plan within the bytes meets."""

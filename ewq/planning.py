@@ -145,21 +145,20 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     return path, plan, False
 
 
-def llamacpp_decode_limit(source, ckpt, items, sizes, target: dict, imatrix: bool) -> tuple | None:
-    """(times, limit) for a plan held to its preset's decode speed (target["speed"] "preset", or a fraction F of it:
-    the limit is the preset's time / F): each
-    item's decode time in each format it can take (its weights x DECODE_COST of the format; nothing for the token
-    embeddings of a model with its own head: one row of them is read per token) and the preset file's time. None
-    without the limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
+def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tuple | None:
+    """(times, preset time, limit) for a plan held to its preset's decode speed (target["speed"] "preset", or a
+    fraction F of it: the limit is the preset's time / F): each item's decode time in each format it can take (its
+    weights x DECODE_COST of the format; nothing for the token embeddings of a model with its own head: one row of
+    them is read per token) and the preset file's (`preset`: presets.preset_size of `shape`). None without the
+    limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
     from . import presets
     from .backends.llamacpp import DECODE_COST, ggml_type, raw_type
 
     speed = target.get("speed")
     if not (speed == "preset" or isinstance(speed, float)):
         return None
-    shape = presets.model_shape(source.path)
     weights = presets.decode_weights(shape)
-    types = presets.preset_size(source.path, target["preset"], imatrix, shape=shape).types
+    types = preset.types
     raw = raw_type(ckpt)
     missing = sorted(({types[n] for n in weights} | {raw}) - set(DECODE_COST))
     if missing:
@@ -170,8 +169,8 @@ def llamacpp_decode_limit(source, ckpt, items, sizes, target: dict, imatrix: boo
     for it, s in zip(items, sizes):
         decoded = it["block"] is not None or gguf_name.get(it["matrix"]) in weights
         times.append({p: decoded * it["params"] * DECODE_COST[raw if p == "raw" else ggml_type(p)] for p in s})
-    fraction = 1.0 if speed == "preset" else speed
-    return times, sum(w * DECODE_COST[types[n]] for n, w in weights.items()) / fraction
+    preset_time = sum(w * DECODE_COST[types[n]] for n, w in weights.items())
+    return times, preset_time, preset_time / (1.0 if speed == "preset" else speed)
 
 
 def llamacpp_target(preset, target_bpw, target_bits, max_weight_gb, backend: str) -> dict | None:
@@ -202,15 +201,15 @@ IMATRIX_KV_RESERVE = {"quantize.imatrix.file": "x" * 256, "quantize.imatrix.data
                       "quantize.imatrix.entries_count": 0, "quantize.imatrix.chunks_count": 0}
 
 
-def llamacpp_budget(source, items, sizes, target: dict, menu, imatrix: bool = False) -> float:
+def llamacpp_budget(source, items, sizes, target: dict, menu, shape, preset, imatrix: bool = False) -> float:
     """Bytes the planned matrices (`items`, whole tensors) may take so that the GGUF EWQ writes meets `target`:
     a preset's file (header and 32-byte padding of every tensor counted; `target` gains the preset's file_bytes,
     bits per weight and whether it was sized with an importance matrix) or bits per weight of all the file's tensors
     (llama-quantize's figure: tensor bytes x 8 / every element, norms included). Refuses a target below the smallest
-    file the menu allows, in one line."""
+    file the menu allows, in one line. `shape`: presets.model_shape of the checkpoint; `preset`: the preset's
+    presets.preset_size (None for --target-bpw)."""
     from . import presets
 
-    shape = presets.model_shape(source.path)
     fixed = [t for t in shape.tensors if t.type == "F32"]  # norms, biases, rope factors: F32 in every file
     fixed_bytes = sum(4 * t.numel for t in fixed)
     n_elements = sum(t.numel for t in shape.tensors)
@@ -219,7 +218,6 @@ def llamacpp_budget(source, items, sizes, target: dict, menu, imatrix: bool = Fa
                        f"needs every matrix planned")
     smallest = sum(min(s[p] for p in s if p != "raw") if len(s) > 1 else s["raw"] for s in sizes)
     if "preset" in target:
-        preset = presets.preset_size(source.path, target["preset"], imatrix, shape=shape)
         target.update(file_bytes=preset.file_bytes, preset_bpw=round(preset.bpw, 4), imatrix=imatrix)
         header = presets.header_bytes(source.path, extra_kv=IMATRIX_KV_RESERVE if imatrix else None)
         # every tensor is padded to 32 bytes: the F32 ones exactly, the planned ones at most 31 bytes each
@@ -279,9 +277,13 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
     if file_target is not None:
         # an importance-weighted plan ("calibration" or a file; "none": plain rounding) aims at the preset as
         # llama-quantize makes it with an importance matrix: some presets choose other types then
+        from . import presets
+
         weighted = getattr(settings, "imatrix", "none") not in ("none", None)
-        budget = llamacpp_budget(source, items, sizes, target, menu, weighted)
-        decode = llamacpp_decode_limit(source, ckpt, items, sizes, target, weighted)
+        shape = presets.model_shape(source.path)  # the GGUF's tensors, and the preset's file of them: read once
+        preset = presets.preset_size(source.path, target["preset"], weighted, shape=shape) if "preset" in target else None
+        budget = llamacpp_budget(source, items, sizes, target, menu, shape, preset, weighted)
+        decode = llamacpp_decode_limit(ckpt, items, sizes, target, shape, preset)
     else:
         budget = allocate.budget_bytes(blocks, other, target.get("target_bits"), target.get("max_weight_gb"),
                                        group_size, menu, settings.backend, raw_bits, items)
@@ -366,10 +368,9 @@ def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, s
     if decode is None:
         precisions = allocate.optimal_allocation(costs, sizes, budget)
     else:  # no slower than the preset either: the decode time each item takes in each format, and the preset's
-        times, limit = decode
+        times, preset_time, limit = decode
         precisions = allocate.timed_allocation(costs, sizes, budget, times, limit)
         unlimited = allocate.optimal_allocation(costs, sizes, budget)
-        preset_time = limit * (1.0 if method_info["target"]["speed"] == "preset" else method_info["target"]["speed"])
         method_info["decode_cost"] = {
             "plan": round(sum(t[p] for t, p in zip(times, precisions)) / preset_time, 4),
             "without_limit": round(sum(t[p] for t, p in zip(times, unlimited)) / preset_time, 4),
