@@ -55,8 +55,10 @@ Public API:
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import gguf
 import numpy as np
@@ -84,7 +86,8 @@ class TypeInfo:
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS",
+                  "IQ3_XXS", "IQ3_S")
 
 
 def _type_info(name: str) -> TypeInfo:
@@ -96,7 +99,8 @@ TYPES: dict[str, TypeInfo] = {name: _type_info(name) for name in FLOAT_TYPES + E
 
 # llama-quant.cpp tensor_type_fallback(): what a too-short / misaligned row gets instead of the requested type.
 # A fallback that still does not divide the row length becomes F16.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
+             "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
 
 
 def _canonical(type_name: str) -> str:
@@ -835,6 +839,191 @@ def _dequant_iq4_xs(f):
     return (dl[..., None] * _IQ4_VALUES[f["L"]].view(nb, 8, 32)).reshape(nb, QK_K)
 
 
+# ------------------------------------------------------------------------------------------- IQ3_XXS / IQ3_S
+# quantize_row_iq3_xxs_impl(256, ...) / quantize_row_iq3_s_impl(32, ...) (what ggml_quantize_chunk calls; an
+# importance is optional for both): per sub-block of 32, signs stored apart and |x| matched to a grid of 256 / 512
+# points of 4 levels each (value 2l+1, l in 0..7; gguf.quants holds the same grids, in the order ggml indexes them).
+# 31 / 19 trial scales; a group of 4 whose nearest levels are not a grid point takes the best of its listed
+# neighbours (iq3xs_init_impl: the points at the 2 / 3 smallest distances, in (distance, index) order); the best
+# trial by sumqx^2/sumq2 is kept, off-grid groups are re-fitted at its least-squares scale, and the 8 scales become
+# 4-bit levels under one fp16 d per 256 (d * 1.0125 / 1.033 stored, ggml's fudge factors). IQ3_XXS also flips the
+# sign of the least important weight of an 8-group with an odd count of negatives (7 sign bits stored, the 8th is
+# their parity). Returned as the packed blocks; gguf.quants dequantizes them (ggml's dequantize_row_iq3_*).
+
+_IQ3 = {"IQ3_XXS": dict(trials=range(-15, 16), fudge=1.0125, nwant=2),
+        "IQ3_S": dict(trials=range(-9, 10), fudge=1.033, nwant=3)}
+
+
+@lru_cache(maxsize=None)
+def _iq3_tables(name: str):
+    """(grid levels as the odd values 2l+1, float [G, 4]; map from the 12-bit code of 4 levels to the grid index or
+    -1, long [4096]; the off-grid codes' neighbour lists as iq3xs_init_impl orders them, concatenated, long [P]; where
+    each code's list starts in it and how long it is, long [4096] each)."""
+    cls = getattr(gguf.quants, name)
+    cls.init_grid()
+    values = np.asarray(cls.grid).reshape(-1, 4).astype(np.int64)
+    levels = np.searchsorted(np.asarray(cls.grid_map), values)  # grid_map is ascending: value -> level 0..7
+    shifts = 3 * np.arange(4)
+    kmap = np.full(4096, -1, dtype=np.int64)
+    kmap[(levels << shifts).sum(1)] = np.arange(len(levels))
+    codes = np.arange(4096)
+    pos = 2 * ((codes[:, None] >> shifts) & 7) + 1  # [4096, 4]
+    d2 = ((2 * levels[None] + 1 - pos[:, None]) ** 2).sum(-1)  # [4096, G]
+    order = np.argsort(d2 * len(levels) + np.arange(len(levels)), axis=1, kind="stable")  # by (d2, index)
+    sorted_d2 = np.take_along_axis(d2, order, 1)
+    rank = np.concatenate([np.zeros((4096, 1), np.int64), np.cumsum(np.diff(sorted_d2, axis=1) > 0, 1)], 1)
+    keep = (rank < _IQ3[name]["nwant"]) & (kmap < 0)[:, None]
+    count = keep.sum(1)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    return (
+        torch.from_numpy(2 * levels + 1).float(), torch.from_numpy(kmap), torch.from_numpy(order[keep]),
+        torch.from_numpy(start), torch.from_numpy(count))
+
+
+def _iq3_codes(L):
+    """[..., 4] levels -> the 12-bit code l0 | l1 << 3 | l2 << 6 | l3 << 9."""
+    return (L << torch.tensor([0, 3, 6, 9])).sum(-1)
+
+
+def _iq3_levels(xval, inv):
+    """clamp(nearest_int(0.5*(inv*xval - 1)), 0, 7), long."""
+    return _nearest_int(_f32(0.5) * (inv * xval - _ONE)).clamp(0, 7)
+
+
+def _iq3_fit_groups(xval, waux, L, scale, name):
+    """Snap every group of 4 levels (xval, waux, L [n, 4]; scale [n]) to the grid: kept where the code is a grid
+    point, else iq3_find_best_neighbour's choice (the first neighbour of least sum waux*(scale*q - x)^2). The lists
+    are 1-38 long (5-7 on average), so the (group, neighbour) pairs are laid out flat. Returns (grid index [n], on
+    the grid as given [n])."""
+    grid, kmap, flat, start, count = _iq3_tables(name)
+    code = _iq3_codes(L)
+    index = kmap[code]
+    off = torch.nonzero(index < 0).squeeze(1)
+    if off.numel():
+        c = count[code[off]]
+        group = torch.repeat_interleave(torch.arange(off.numel()), c)  # the pair's group (of the off-grid ones)
+        first = torch.cumsum(c, 0) - c  # each group's first pair
+        pair = torch.arange(group.numel())
+        cand = flat.index_select(0, start.index_select(0, code.index_select(0, off)).index_select(0, group)
+                                 + pair - first.index_select(0, group))
+        rows = off.index_select(0, group)
+        diff = scale.index_select(0, rows)[:, None] * grid.index_select(0, cand) - xval.index_select(0, rows)
+        term = (waux.index_select(0, rows) * diff) * diff
+        d2 = ((term[:, 0] + term[:, 1]) + term[:, 2]) + term[:, 3]
+        least = torch.empty(off.numel()).scatter_reduce_(0, group, d2, "amin", include_self=False)
+        at = torch.where(d2 == least.index_select(0, group), pair, group.numel())
+        chosen = torch.empty(off.numel(), dtype=torch.long).scatter_reduce_(0, group, at, "amin", include_self=False)
+        index = index.clone()
+        index[off] = cand[chosen]
+    return index, index == kmap[code]
+
+
+def _iq3_sums(w, xval, index, name):
+    """sumqx, sumq2 over each sub-block of 32 (q = the grid's 2l+1), accumulated in order as ggml does."""
+    q = _iq3_tables(name)[0][index].view(-1, 32)
+    wt, xt, qt = w.T, xval.T, q.T
+    return _seqsum((wt * xt) * qt), _seqsum((wt * qt) * qt)
+
+
+def _quant_iq3(xb, qw, name):
+    """The packed blocks [nb, bytes] of quantize_row_iq3_xxs_impl / quantize_row_iq3_s_impl for blocks xb [nb, 256]."""
+    xxs = name == "IQ3_XXS"
+    nb = xb.shape[0]
+    weight = xb * xb if qw is None else _importance_weights(xb, qw, _row_sigma2(xb, QK_K, 2.0))
+    x, w = xb.reshape(-1, 32), weight.reshape(-1, 32)
+    B = x.shape[0]
+    waux = _sqrtf(w)
+    neg = ~(x >= 0)
+    xval = torch.where(neg, -x, x)
+    bits = neg.view(B, 4, 8).long()
+    if xxs:  # an even count of negatives per 8: flip the one of least weight*x*x (the first such)
+        odd = bits.sum(-1) % 2 == 1
+        imin = ((w * x) * x).view(B, 4, 8).argmin(-1)
+        flip = torch.nn.functional.one_hot(imin, 8).bool() & odd[..., None]
+        xval = torch.where(flip.view(B, 32), -xval, xval)
+        bits = bits ^ flip.long()
+    signs = (bits << torch.arange(8)).sum(-1)  # [B, 4]
+    if xxs:
+        signs = signs & 127
+    mx = xval.amax(1)
+    zero = mx < _f32(1e-8) if xxs else mx == 0
+    mx = torch.where(zero, _ONE, mx)
+    xg, wg = xval.view(-1, 4), waux.view(-1, 4)
+    best = torch.zeros(B)
+    scale = mx / _f32(15.0)
+    L = torch.zeros(B * 8, dtype=torch.long)  # grid index per group of 4
+    on_grid = torch.full((B * 8,), xxs)
+    for t in _IQ3[name]["trials"]:
+        inv = (_f32(15.0) + _f32(float(t)) * _f32(0.2)) / mx
+        this_scale = (_ONE / inv).repeat_interleave(8)
+        index, got = _iq3_fit_groups(xg, wg, _iq3_levels(xg, inv.repeat_interleave(8)[:, None]).view(-1, 4),
+                                     this_scale, name)
+        sumqx, sumq2 = _iq3_sums(w, xval, index, name)
+        take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        scale = torch.where(take, sumqx / sumq2, scale)
+        best = torch.where(take, scale * sumqx, best)
+        take8 = take.repeat_interleave(8)
+        L = torch.where(take8, index, L)
+        on_grid = torch.where(take8, got, on_grid)
+    refit = ((~on_grid).view(B, 8).any(1) & (scale > 0)).repeat_interleave(8)
+    redo = refit & ~on_grid if xxs else refit  # IQ3_S re-fits every group, IQ3_XXS only the off-grid ones
+    if redo.any():
+        inv = _ONE / torch.where(scale > 0, scale, _ONE)
+        s8 = scale.repeat_interleave(8)
+        index, _ = _iq3_fit_groups(xg[redo], wg[redo], _iq3_levels(xg[redo], inv.repeat_interleave(8)[redo][:, None]),
+                                     s8[redo], name)
+        L = L.clone()
+        L[redo] = index
+        sumqx, sumq2 = _iq3_sums(w, xval, L, name)
+        scale = torch.where(refit.view(B, 8)[:, 0] & (sumq2 > 0), sumqx / sumq2, scale)
+    flipped = scale < 0
+    signs = torch.where(flipped[:, None], ~signs & (127 if xxs else 255), signs)
+    scale = torch.where(flipped, -scale, scale)
+    scale = _where0(~zero, scale)
+    L = torch.where(zero.repeat_interleave(8), 0, L).view(nb, 8, 8)
+    signs = torch.where(zero[:, None], 0, signs).view(nb, 8, 4)
+    scales = scale.view(nb, 8)
+    max_scale = scales.amax(1)
+    d = max_scale / _f32(31.0)
+    dh = _fp16(d * _f32(_IQ3[name]["fudge"]))
+    inv_d = _ONE / torch.where(max_scale > 0, d, _ONE)
+    ls = _nearest_int(_f32(0.5) * (inv_d[:, None] * scales - _ONE)).clamp(0, 15)
+    empty = (max_scale == 0).numpy()
+    dh = torch.where(max_scale > 0, dh, torch.zeros((), dtype=torch.float16))
+    L, signs, ls = L.numpy(), signs.numpy(), ls.numpy()
+    if xxs:
+        sas = (signs[..., 0] | (signs[..., 1] << 7) | (signs[..., 2] << 14) | (signs[..., 3] << 21) | (ls << 28))
+        out = np.concatenate([_fp16_bytes(dh), _u8(L.reshape(nb, 64)),
+                              sas.astype("<u4").view(np.uint8).reshape(nb, 32)], axis=1)
+        out[empty] = 0
+        return {"bytes": out}
+    # IQ3_S: qh[ib] bit k = bit 8 of group k's index. ggml skips a sub-block whose max is 0 without advancing its
+    # qs and signs pointers, so the later sub-blocks' indices and signs land that many places earlier.
+    qh = ((L >> 8) << np.arange(8)).sum(-1)
+    slot = np.cumsum(~zero.view(nb, 8).numpy(), 1) - 1  # where each written sub-block's data lands
+    qs = np.zeros((nb, 8, 8), dtype=np.int64)
+    sg = np.zeros((nb, 8, 4), dtype=np.int64)
+    rows, subs = np.nonzero(~zero.view(nb, 8).numpy())
+    qs[rows, slot[rows, subs]] = L[rows, subs] & 255
+    sg[rows, slot[rows, subs]] = signs[rows, subs]
+    scales_b = ls[:, 0::2] | (ls[:, 1::2] << 4)
+    return {"bytes": np.concatenate([_fp16_bytes(dh), _u8(qs.reshape(nb, 64)), _u8(qh), _u8(sg.reshape(nb, 32)),
+                                     _u8(scales_b)], axis=1)}
+
+
+def _quant_iq3_xxs(xb, qw=None, row_sigma2=None):
+    return _quant_iq3(xb, qw, "IQ3_XXS")
+
+
+def _quant_iq3_s(xb, qw=None, row_sigma2=None):
+    return _quant_iq3(xb, qw, "IQ3_S")
+
+
+def _dequant_packed(name):
+    qtype = gguf.GGMLQuantizationType[name]
+    return lambda f: torch.from_numpy(gguf.quants.dequantize(f["bytes"], qtype)).view(f["bytes"].shape[0], -1)
+
+
 # ------------------------------------------------------------------------------------------------- packing
 
 def _u8(t) -> np.ndarray:
@@ -971,13 +1160,15 @@ _IMPL = {
     "Q2_K": (_quant_q2_k, _dequant_q2_k, _pack_q2_k),
     "IQ4_NL": (_quant_iq4_nl, _dequant_iq4_nl, _pack_iq4_nl),
     "IQ4_XS": (_quant_iq4_xs, _dequant_iq4_xs, _pack_iq4_xs),
+    "IQ3_XXS": (_quant_iq3_xxs, _dequant_packed("IQ3_XXS"), lambda f: f["bytes"]),
+    "IQ3_S": (_quant_iq3_s, _dequant_packed("IQ3_S"), lambda f: f["bytes"]),
 }
 # with an imatrix: fn(xb, qw, row_sigma2). Q8_0 ignores the importance (quantize_q8_0 never reads it).
 _IMPL_IMATRIX = {
     "Q4_0": _quant_q4_0_imatrix, "Q5_0": _quant_q5_0_imatrix, "Q4_1": _quant_q4_1_imatrix,
     "Q5_1": _quant_q5_1_imatrix, "Q6_K": _quant_q6_k_imatrix, "Q5_K": _quant_q5_k_imatrix,
     "Q4_K": _quant_q4_k_imatrix, "Q3_K": _quant_q3_k_imatrix, "Q2_K": _quant_q2_k_imatrix,
-    "IQ4_NL": _quant_iq4_nl, "IQ4_XS": _quant_iq4_xs,
+    "IQ4_NL": _quant_iq4_nl, "IQ4_XS": _quant_iq4_xs, "IQ3_XXS": _quant_iq3_xxs, "IQ3_S": _quant_iq3_s,
 }
 
 

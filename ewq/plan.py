@@ -26,7 +26,9 @@ SCHEMA_VERSION = 1
 # the torch executors' menu (bitsandbytes, torchao, torch-dynamic) ...
 TORCH_PRECISIONS = ("raw", "8-bit", "4-bit")
 # ... and llama.cpp's own formats (ggml types), which a plan for the llama.cpp executor names directly
-GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+# (ewq.ggml_quants.EMULATED_TYPES, which imports torch; tests/test_ggml_quants.py checks the two agree)
+GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K",
+              "IQ3_XXS", "IQ3_S")
 PRECISIONS = TORCH_PRECISIONS + GGML_TYPES
 BUILTIN_PLANS = {"raw": "raw", "uniform-8bit": "8-bit", "uniform-4bit": "4-bit"}
 

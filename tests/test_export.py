@@ -127,6 +127,32 @@ def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, 
     assert 4.8 < presets.file_stats(tmp_path / "bpw.gguf")["bpw"] <= 5.0
 
 
+def test_the_3_bit_i_quants_are_written_and_offered_to_their_presets(tiny_factory, tmp_path, capsys):
+    """IQ3_XXS / IQ3_S: a plan naming them is written type for type, as ggml rounds them;
+    a plan sized by an IQ3/IQ2 preset offers them by default, the other presets do not (they are slow to sweep)."""
+    model = tiny_factory("llama", **KQ)
+    path, plan, _ = make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp",
+                              target_bpw=3.4, formats=("IQ3_S", "IQ3_XXS", "IQ4_NL"), out_dir=tmp_path,
+                              progress=False, calib_tokens=200)
+    assert {"IQ3_S", "IQ3_XXS"} <= set(plan["matrix_counts"])
+    out = tmp_path / "iq3.gguf"
+    code, io = run_export(path, model, out, capsys)
+    assert code == 0, io.err
+    assert "imatrix" not in plan["method"]  # a position plan measured nothing: plain rounding
+    types = export.tensor_types(load_plan(path), open_checkpoint(model))
+    written = tensors(out)
+    with safe_open(model / "model.safetensors", framework="pt") as f:
+        for layer in (0, 1):
+            hf = f"model.layers.{layer}.mlp.down_proj.weight"
+            t = written[f"blk.{layer}.ffn_down.weight"]
+            assert t.tensor_type.name == types[hf]
+            want = quantize_dequantize(f.get_tensor(hf), types[hf])
+            np.testing.assert_array_equal(dequant(t), want.numpy())
+    menu = lambda preset: make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp",  # noqa
+                                    target=preset, out_dir=tmp_path, progress=False)[1]["method"]["formats"]["menu"]
+    assert {"IQ3_XXS", "IQ3_S"} <= set(menu("IQ3_M")) and not {"IQ3_XXS", "IQ3_S"} & set(menu("Q3_K_M"))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--target-bpw", "1.0"], "the size target cannot be met: the smallest GGUF the formats"),
     (["--target", "Q4_K_M", "--formats", "Q8_0"], "the smallest GGUF the formats Q8_0 allow"),

@@ -26,11 +26,13 @@ GOLDEN = {
     False: {"Q8_0": "27922422a3790327", "Q6_K": "944ba89ba80d0a31", "Q5_K": "5fe3f266f1939086",
             "Q4_K": "47ceea10901bcef4", "Q4_0": "dbb71cd61c3bc89d", "Q5_0": "6e823f74347b4edd",
             "Q4_1": "88257073b5ba15a4", "Q5_1": "e5bebd32aac2583e", "Q3_K": "cc8e1de805b8b888",
-            "Q2_K": "92e39830ab150c2e", "IQ4_NL": "03d990889c40df99", "IQ4_XS": "7033c02f4f38772a"},
+            "Q2_K": "92e39830ab150c2e", "IQ4_NL": "03d990889c40df99", "IQ4_XS": "7033c02f4f38772a",
+            "IQ3_XXS": "7743b8b8ad2bf28b", "IQ3_S": "c620fd83f9c02e09"},
     True: {"Q8_0": "48ec5ea7bae2ea8a", "Q6_K": "d66327187a7c008f", "Q5_K": "95f2fbcce35a4167",
            "Q4_K": "dc4ce3af29eb0fa1", "Q4_0": "f70f9ea609f5bb75", "Q5_0": "1076b6340072ceed",
            "Q4_1": "a637d41a6411a90e", "Q5_1": "f9cafe2e42d127c6", "Q3_K": "f7c21118666769a7",
-           "Q2_K": "66b9db4cc04d0fba", "IQ4_NL": "660a8c33f76a3b95", "IQ4_XS": "567375b347e09e45"},
+           "Q2_K": "66b9db4cc04d0fba", "IQ4_NL": "660a8c33f76a3b95", "IQ4_XS": "567375b347e09e45",
+           "IQ3_XXS": "1e2ff78cfefa0542", "IQ3_S": "20ff61e355e9d367"},
 }
 # sha256[:16] of ggml_quantize_chunk(type, det_matrix(32, 4096), imatrix=det_importance(4096)): llama-quantize
 # --imatrix's rounding (quantize_row_*_impl), same ggml build
@@ -38,7 +40,11 @@ GOLDEN_IMATRIX = {
     "Q8_0": "47374645e7e8ef52", "Q6_K": "ce37d4966d65ea64", "Q5_K": "1369815ca13e6daa", "Q4_K": "cf4d729f1aed9614",
     "Q4_0": "545e3e70f059184c", "Q5_0": "5c0ae5028cc36a0f", "Q4_1": "20b88ec765436142", "Q5_1": "f875d48f3f9148e6",
     "Q3_K": "3f86cfdf02f6bb6b", "Q2_K": "71d2b442e5f65708", "IQ4_NL": "9b03ca07af871904", "IQ4_XS": "e85c0cc98c313352",
+    "IQ3_XXS": "56a8c3daeff538d9", "IQ3_S": "de2e22f2854b5ce7",
 }
+# the 3-bit i-quants on det_matrix(8, 1024) with all-zero sub-blocks of 32 (one in every row, a whole super-block,
+# a row's last): IQ3_S skips such a sub-block without advancing its write pointers, which the emulation repeats
+GOLDEN_HOLES = {"IQ3_XXS": "785fb03034f4fcf7", "IQ3_S": "98161aee60338ddd"}
 
 
 def det_matrix(rows, cols, coarse=False):
@@ -91,11 +97,19 @@ def one_thread():
 
 def test_type_table_bits_per_weight():
     expected = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0,
-                "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "F16": 16.0, "BF16": 16.0,
-                "F32": 32.0}
+                "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "IQ3_XXS": 3.0625,
+                "IQ3_S": 3.4375, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
     assert {k: v.bits_per_weight for k, v in G.TYPES.items()} == expected
     assert G.TYPES["Q6_K"] == G.TypeInfo(256, 210, 6.5625)
     assert G.TYPES["Q8_0"] == G.TypeInfo(32, 34, 8.5)
+
+
+def test_plans_name_every_emulated_type():
+    from ewq.backends.llamacpp import ACCEPTS, DECODE_COST, TORCH_MENU_AS
+    from ewq.plan import GGML_TYPES
+
+    assert set(GGML_TYPES) == set(G.EMULATED_TYPES) == set(ACCEPTS) - set(TORCH_MENU_AS)
+    assert set(G.EMULATED_TYPES) | {"F16", "BF16"} <= set(DECODE_COST)  # every format a plan may hold is timed
 
 
 def test_shape_rules_and_llama_quantize_fallback():
@@ -108,6 +122,7 @@ def test_shape_rules_and_llama_quantize_fallback():
     assert G.llama_quantize_fallback("Q3_K", 576) == "Q4_0"
     assert G.llama_quantize_fallback("Q2_K", 576) == "Q4_0"
     assert G.llama_quantize_fallback("IQ4_XS", 576) == "IQ4_NL"
+    assert G.llama_quantize_fallback("IQ3_XXS", 576) == G.llama_quantize_fallback("IQ3_S", 576) == "IQ4_NL"
     assert G.llama_quantize_fallback("Q4_K", 4096) == "Q4_K"
     assert G.llama_quantize_fallback("Q4_K", 100) == "F16"
     assert G.llama_quantize_fallback("Q8_0", 100) == "F16"
@@ -148,6 +163,17 @@ def test_bytes_match_ggml_golden(name, coarse):
 def test_bytes_with_importance_match_ggml_golden(name):
     packed = G.quantize_to_bytes(det_matrix(32, 4096), name, importance=det_importance(4096))
     assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_IMATRIX[name]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_HOLES))
+def test_iq3_zero_sub_blocks_match_ggml_golden(name):
+    w = det_matrix(8, 1024).clone()
+    w[:, 64:96] = 0
+    w[2, 256:512] = 0
+    w[5, 992:] = 0
+    packed = G.quantize_to_bytes(w, name)
+    assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_HOLES[name]
+    np.testing.assert_array_equal(G.quantize_dequantize(w, name)[2, 256:512].numpy(), 0)
 
 
 def test_importance_changes_rounding_where_ggml_reads_it():
@@ -217,9 +243,10 @@ def test_relative_rms_error_ordering_and_size():
     chain = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
     assert all(rel[a] < rel[b] for a, b in itertools.pairwise(chain)), rel
     assert rel["Q5_K"] < rel["Q5_1"] < rel["Q5_0"] < rel["Q4_K"] < rel["Q4_1"] < rel["Q4_0"] < rel["Q3_K"], rel
+    assert rel["Q3_K"] < rel["IQ3_S"] < rel["IQ3_XXS"] < rel["Q2_K"], rel  # 3.44, 3.44, 3.06, 2.63 bits
     # Gaussian data, ~2.2 sigma block max: the step / sqrt(12) rule of thumb, with margin both ways
     expected = {"Q8_0": 0.0053, "Q6_K": 0.0177, "Q5_K": 0.036, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_K": 0.072,
-                "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.15, "Q2_K": 0.30}
+                "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.15, "Q2_K": 0.30, "IQ3_S": 0.165, "IQ3_XXS": 0.21}
     for n, e in expected.items():
         assert 0.8 * e < rel[n] < 1.2 * e, (n, rel[n])
 

@@ -72,15 +72,22 @@ _backend_ready = False
 # embedded SmolLM2 did) and would look falsely lossless there.
 PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
 TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
+# the 3-bit i-quants (3.06 / 3.44 bits per weight, rows of whole 256-blocks): their grid searches make them the
+# slowest to emulate (~5 us per weight on one core, 4x IQ4_XS, 20x Q3_K), so a sweep measures them only when asked
+# (--formats) or when the --target preset itself uses them
+IQ3 = ("IQ3_XXS", "IQ3_S")
 # what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
-ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + tuple(TORCH_MENU_AS)
+ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + IQ3 + tuple(TORCH_MENU_AS)
 # Relative time per weight of llama.cpp's CPU matrix-vector kernels, each format's own (Q4_0 = 1): the decode time
 # of a token is about the summed weights x this of their formats. From tg64 of one-type files (llama-quantize --pure)
 # of a random 1.1B-shaped llama, medians at 1 and 2 threads averaged, on this repository's 2-core AVX2 EPYC (python
 # bench/decode_cost.py; docs/RESULTS.md, "Decode cost per format"). Other CPUs order the formats differently
 # (AVX-512, ARM, GPUs): re-measure there. F16/BF16: a plan's "raw" matrices.
 DECODE_COST = {"BF16": 2.95, "F16": 2.93, "Q8_0": 1.86, "Q6_K": 1.47, "Q5_K": 1.40, "Q4_K": 1.09, "Q5_0": 1.65,
-               "Q4_0": 1.0, "Q5_1": 1.79, "Q4_1": 1.46, "IQ4_NL": 0.96, "IQ4_XS": 1.32, "Q3_K": 1.18, "Q2_K": 0.76}
+               "Q4_0": 1.0, "Q5_1": 1.79, "Q4_1": 1.46, "IQ4_NL": 0.96, "IQ4_XS": 1.32, "Q3_K": 1.18, "Q2_K": 0.76,
+               # a later run beside Q4_0 (docs/results/decode_cost/decode_cost_iq3.json): the 3-bit i-quants'
+               # grid lookups make them the slowest quantized formats on this CPU
+               "IQ3_XXS": 2.21, "IQ3_S": 2.63}
 # --speed, a plan sized by a llama-quantize preset: "preset", also no slower to decode than the preset's file (by
 # DECODE_COST); a number F, at least F x the preset's speed (0.95: up to 1/0.95 of its decode time); "any", the
 # size is the only limit
@@ -166,6 +173,17 @@ LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to
 def menu(settings) -> tuple:
     """The formats a sweep measures and a plan chooses from: --formats, else PRECISIONS."""
     return checked_formats(tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS)
+
+
+def preset_formats(preset) -> tuple:
+    """The menu for a plan sized by a preset when --formats is not given: () (PRECISIONS) unless the preset is one
+    of the i-quant presets below 4 bits (IQ3_*, IQ2_*, IQ1_*), whose own mix has IQ3_XXS / IQ3_S tensors; then
+    PRECISIONS + IQ3, so EWQ may choose what the preset it is compared with uses."""
+    from ..presets import preset_ftype
+
+    if preset is None or not any(f"_IQ{n}_" in preset_ftype(preset) for n in (1, 2, 3)):
+        return ()
+    return PRECISIONS + IQ3
 
 
 def checked_formats(chosen: tuple, flag: str = "--formats") -> tuple:
