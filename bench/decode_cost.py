@@ -32,15 +32,13 @@ from bench.llamacpp import (DEFAULT_CACHE, REPO, build_tools, cpu_info, export_r
                             measure_speed, reused, run)
 from ewq.backends.llamacpp import DECODE_COST, parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
+from ewq.presets import NEEDS_IMATRIX
 
 TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
              "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64,
              "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
 FORMATS = "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0,Q5_1,Q4_1,IQ4_NL,IQ4_XS,Q3_K,Q2_K,IQ3_XXS,IQ3_S"
-# llama-quantize refuses these without an importance matrix (llama-quant.cpp tensor_requires_imatrix); for timing any
-# importance will do, so llama-imatrix runs on a few chunks of the repository's README with the random model
-NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 
 
 def parse_args(argv=None):
@@ -94,6 +92,8 @@ def main(argv=None) -> int:
     model = checkpoint(out, args.layers)
     reference = export_reference(model, out / "bf16.gguf", "BF16", args)
     rows = [{"name": "BF16", "file": reference}]
+    # llama-quantize refuses some types without an importance matrix; for timing any will do: llama-imatrix on the
+    # repository's README with the random model
     imatrix = make_imatrix(bin_dir, reference, REPO / "README.md", out / "imatrix.gguf", 2, args) \
         if set(formats) & set(NEEDS_IMATRIX) else None
     for f in ("F16", *formats):  # F16: what a plan's "raw" matrices are written in for an fp16 checkpoint

@@ -536,12 +536,25 @@ def cpu_flags(cpu: dict) -> str:
     return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
 
 
-def ladder_rows(name: str, presets: list, args) -> list:
-    """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix."""
+def ladder_rows(name: str, presets: list, args, plain_refused=()) -> list:
+    """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix.
+    plain_refused: presets llama-quantize will not make without an importance matrix (IQ3_XXS, IQ2_*): no "preset"
+    row for them."""
     kinds = [k for k in ("preset", "preset+imatrix", "ewq", "ewq+imatrix")
              if not (args.no_imatrix and k.endswith("imatrix")) and not (args.no_ewq and k.startswith("ewq"))]
     return [(f"{name}-{ewq_tag(args) if k.startswith('ewq') else ''}{p}{'-imatrix' if k.endswith('imatrix') else ''}.gguf",
-             k, p) for p in presets for k in kinds]
+             k, p) for p in presets for k in kinds if not (k == "preset" and p in plain_refused)]
+
+
+def plain_refused(model: Path, presets: list, reference_type: str) -> list:
+    """The presets whose file without --imatrix has tensors llama-quantize refuses to write so (said once)."""
+    from ewq.presets import model_shape, needs_imatrix
+
+    shape = model_shape(model, reference_type)
+    refused = [p for p in presets if needs_imatrix(shape, preset_size(model, p, False, reference_type, shape=shape).types)]
+    if refused:
+        log(f"no plain row for {', '.join(refused)}: llama-quantize requires an importance matrix for their types")
+    return refused
 
 
 def ewq_tag(args) -> str:
@@ -571,7 +584,7 @@ def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, 
     bf16 = export_reference(model, out_dir / reference, args.reference_type, args)
     planned = [{"name": f"{name}-plan-{plan.stem}.gguf", "kind": "plan", "plan": str(plan),
                 "file": export_plan(plan, model, out_dir / f"{name}-plan-{plan.stem}.gguf")} for plan in plans]
-    ladder = ladder_rows(name, presets, args)
+    ladder = ladder_rows(name, presets, args, plain_refused(model, presets, args.reference_type))
     ewq = {file: export_target(model, preset, out_dir / file, out_dir / "plans", args, kind == "ewq+imatrix")
            for file, kind, preset in ladder if kind.startswith("ewq")}
     bin_dir, tools = build_tools(args)

@@ -329,6 +329,18 @@ def preset_tensor_types(m: ModelShape, preset: str, imatrix: bool = False) -> tu
     return types, qs.fallbacks
 
 
+# llama-quant.cpp tensor_requires_imatrix: the types llama-quantize refuses to write without --imatrix (but for the
+# token embeddings and the output head, which it writes anyway)
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+
+
+def needs_imatrix(m: ModelShape, types: dict) -> list:
+    """The tensors of a type choice ({name: type}) that llama-quantize would refuse to write without an importance
+    matrix ("this quantization requires an imatrix!")."""
+    out = {t.name for t in m.tensors if _category(t.name) in ("TOKEN_EMBD", "OUTPUT")}
+    return [n for n, t in types.items() if t in NEEDS_IMATRIX and n not in out]
+
+
 # ---- the checkpoint's tensors and the file's header ----
 
 def model_shape(model_dir, reference_type: str = "BF16") -> ModelShape:

@@ -16,7 +16,7 @@ from ewq.gguf_export import export_gguf
 gguf = pytest.importorskip("gguf")
 
 KQ = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K", "Q4_0")
+LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K", "Q4_0", "IQ3_S", "IQ3_M")
 
 
 def llama_quantize():
@@ -65,6 +65,16 @@ def test_decode_counts_the_matrices_a_token_is_multiplied_through(tiny_factory, 
     matrices = {t.name: t.numel for t in shape.tensors if len(t.shape) == 2}
     assert ("output.weight" in matrices) is not tied
     assert decode == (matrices if tied else {k: v for k, v in matrices.items() if k != "token_embd.weight"})
+
+
+def test_presets_llama_quantize_makes_only_with_an_importance_matrix(tiny_factory):
+    """IQ3_XXS's (and the IQ2s') matrices need --imatrix in llama-quantize; the embeddings and head never do."""
+    model = tiny_factory("llama", **KQ)
+    shape = presets.model_shape(model)
+    refused = presets.needs_imatrix(shape, presets.preset_size(model, "IQ3_XXS", shape=shape).types)
+    assert refused and all(n.startswith("blk.") for n in refused)
+    assert not presets.needs_imatrix(shape, presets.preset_size(model, "Q2_K", shape=shape).types)
+    assert not presets.needs_imatrix(shape, {"token_embd.weight": "IQ3_XXS", "output.weight": "IQ2_XS"})
 
 
 def test_unknown_preset_and_unsized_type_are_one_line():
