@@ -954,10 +954,8 @@ def _quant_iq3(xb, qw, name):
     L = torch.zeros(B * 8, dtype=torch.long)  # grid index per group of 4
     on_grid = torch.full((B * 8,), xxs)
     for t in _IQ3[name]["trials"]:
-        inv = (_f32(15.0) + _f32(float(t)) * _f32(0.2)) / mx
-        this_scale = (_ONE / inv).repeat_interleave(8)
-        index, got = _iq3_fit_groups(xg, wg, _iq3_levels(xg, inv.repeat_interleave(8)[:, None]).view(-1, 4),
-                                     this_scale, name)
+        inv = ((_f32(15.0) + _f32(float(t)) * _f32(0.2)) / mx).repeat_interleave(8)  # per group of 4
+        index, got = _iq3_fit_groups(xg, wg, _iq3_levels(xg, inv[:, None]), _ONE / inv, name)
         sumqx, sumq2 = _iq3_sums(w, xval, index, name)
         take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         scale = torch.where(take, sumqx / sumq2, scale)
