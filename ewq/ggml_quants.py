@@ -65,6 +65,9 @@ import numpy as np
 import torch
 
 from ewq.common import EWQError
+from ewq.ggml_types import FLOAT_TYPES, GGML_TYPES, bits_per_weight
+from ewq.ggml_types import block as ggml_block
+from ewq.ggml_types import llama_quantize_fallback as _llama_quantize_fallback
 
 QK_K = 256
 # ggml-quants.c: a group whose max |x| is below this is written as all zeros
@@ -85,22 +88,11 @@ class TypeInfo:
     bits_per_weight: float  # exact: 8 * bytes_per_block / block_size
 
 
-FLOAT_TYPES = ("F32", "F16", "BF16")
-EMULATED_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS",
-                  "IQ3_XXS", "IQ3_S")
+EMULATED_TYPES = GGML_TYPES  # every type a plan may name (tests check each has its quantizer here)
 
 
-def _type_info(name: str) -> TypeInfo:
-    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
-    return TypeInfo(block, nbytes, 8 * nbytes / block)
-
-
-TYPES: dict[str, TypeInfo] = {name: _type_info(name) for name in FLOAT_TYPES + EMULATED_TYPES}
-
-# llama-quant.cpp tensor_type_fallback(): what a too-short / misaligned row gets instead of the requested type.
-# A fallback that still does not divide the row length becomes F16.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-             "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
+TYPES: dict[str, TypeInfo] = {name: TypeInfo(*ggml_block(name), bits_per_weight(name))
+                               for name in FLOAT_TYPES + EMULATED_TYPES}
 
 
 def _canonical(type_name: str) -> str:
@@ -117,19 +109,10 @@ def can_quantize(shape, type_name: str) -> bool:
 
 
 def llama_quantize_fallback(type_name: str, n_cols: int) -> str:
-    """The type llama-quantize actually writes for rows of n_cols weights (src/llama-quant.cpp
-    tensor_type_fallback): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 if the row length
-    is not even a multiple of 32. It warns ("N of M tensor(s) required fallback quantization") and goes on.
-    Applies to the mixture's own choices and to --tensor-type overrides. Not to --token-embedding-type /
-    --output-tensor-type: those are used as given, and a type the rows cannot take aborts the run ("quantized
-    data validation failed"). The output tensor (and a tied token_embd) whose rows do not fit the mixture's block
-    gets Q8_0 instead of Q6_K. SmolLM2's hidden size 576 is not a multiple of 256, so its Q4_K_M is mostly Q5_0."""
-    name = _canonical(type_name)
-    block = TYPES[name].block_size
-    if n_cols % block == 0:
-        return name
-    fallback = _FALLBACK.get(name, name)  # a 32-block type has nothing smaller to fall back to
-    return fallback if n_cols % TYPES[fallback].block_size == 0 else "F16"
+    """The type llama-quantize actually writes for rows of n_cols weights (ewq.ggml_types.llama_quantize_fallback).
+    The output tensor (and a tied token_embd) whose rows do not fit the mixture's block gets Q8_0 instead of Q6_K
+    (ewq.presets)."""
+    return _llama_quantize_fallback(_canonical(type_name), n_cols)
 
 
 def check_shape(shape, type_name: str) -> None:

@@ -70,18 +70,15 @@ from pathlib import Path
 import numpy as np
 
 from .common import EWQError
+from .ggml_types import FLOAT_TYPES, GGML_TYPES, llama_quantize_fallback, row_bytes
+from .ggml_types import block as _block
 
 # ---------------------------------------------------------------------------------------------------------------
 # types
 
 NUMPY_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")  # gguf.quants.quantize can write them
-KQUANT_TYPES = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S")  # gguf-py cannot
+KQUANT_TYPES = tuple(t for t in GGML_TYPES if t not in NUMPY_TYPES)  # gguf-py cannot: ewq.ggml_quants writes them
 TYPES = NUMPY_TYPES + KQUANT_TYPES
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
-# llama-quantize's tensor_type_fallback (src/llama-quant.cpp): the type used when a row does not fit the block
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
 
 # general.file_type of a file whose matrices are mostly of one type (llama-quantize's QUANT_OPTIONS aliases)
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
@@ -112,22 +109,7 @@ def normalize_type(name: str, where: str = "") -> str:
 
 
 def block_size(t: str) -> int:
-    gguf = _gguf()
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
-
-
-def row_bytes(t: str, n: int) -> int:
-    gguf = _gguf()
-    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
-    return n // bs * ts
-
-
-def fallback_type(t: str, ncols: int) -> str:
-    """The type llama-quantize's tensor_type_fallback uses for a row of `ncols` weights (t itself if it fits)."""
-    if ncols % block_size(t) == 0:
-        return t
-    f = FALLBACK.get(t, t)
-    return f if ncols % block_size(f) == 0 else "F16"
+    return _block(t)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,7 +433,7 @@ def resolve_plan(entries: dict, tensor_types: dict, default_type: str | None, st
             unplanned.append(name)
             continue
         ncols = e["shape"][-1]
-        used = fallback_type(t, ncols)
+        used = llama_quantize_fallback(t, ncols)
         if used != t:
             if strict:
                 raise EWQError(f"{name}: rows of {ncols} are not a multiple of {block_size(t)}, as {t} needs")

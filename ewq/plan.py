@@ -21,26 +21,18 @@ from pathlib import Path
 
 from . import __version__
 from .common import EWQError, peak_rss_gb
+from .ggml_types import GGML_TYPES
+from .ggml_types import block as ggml_block
 
 SCHEMA_VERSION = 1
 # the torch executors' menu (bitsandbytes, torchao, torch-dynamic) ...
 TORCH_PRECISIONS = ("raw", "8-bit", "4-bit")
-# ... and llama.cpp's own formats (ggml types), which a plan for the llama.cpp executor names directly
-# (ewq.ggml_quants.EMULATED_TYPES, which imports torch; tests/test_ggml_quants.py checks the two agree)
-GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K",
-              "IQ3_XXS", "IQ3_S")
+# ... and llama.cpp's own formats (ggml types, ewq.ggml_types.GGML_TYPES), which a llama.cpp plan names directly
 PRECISIONS = TORCH_PRECISIONS + GGML_TYPES
 BUILTIN_PLANS = {"raw": "raw", "uniform-8bit": "8-bit", "uniform-4bit": "4-bit"}
 
 
 DEFAULT_GROUP_SIZE = 64
-
-
-def ggml_block(precision: str) -> tuple:
-    """(weights per block, bytes per block) of a ggml type, from the gguf package's table (exact)."""
-    import gguf
-
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[precision]]
 
 
 def fits(precision: str, shape) -> bool:

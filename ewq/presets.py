@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import EWQError
+from .ggml_types import block, llama_quantize_fallback, row_bytes
 
 # tools/quantize/quantize.cpp QUANT_OPTIONS: preset name -> llama_ftype (LLAMA_FTYPE_* without the prefix)
 PRESETS = {
@@ -55,33 +56,10 @@ DEFAULT_TYPE = {
     "MOSTLY_IQ3_M": "IQ3_S",
 }
 
-# tensor_type_fallback: a 256-block type whose rows are not whole blocks (then F16 if that does not fit either)
-FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
-            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_0": "Q4_0", "Q2_K": "Q4_0",
-            "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-
 GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT: the header and every tensor are padded to it
 IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
                 "quantize.imatrix.chunks_count")
 _LOW_IQ = ("MOSTLY_IQ2_XXS", "MOSTLY_IQ2_XS", "MOSTLY_IQ1_S", "MOSTLY_IQ2_S", "MOSTLY_IQ2_M", "MOSTLY_IQ1_M")
-
-
-def block(type_name: str) -> tuple[int, int]:
-    """(weights per block, bytes per block) of a ggml type (gguf-py's table; Q2_0, newer than it, from ggml)."""
-    import gguf
-
-    if type_name == "Q2_0":  # ggml-common.h: block_q2_0 = fp16 scale + 64 2-bit weights
-        return 64, 18
-    try:
-        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    except KeyError:
-        raise EWQError(f"unknown ggml type {type_name}") from None
-
-
-def row_bytes(type_name: str, n: int) -> int:
-    """ggml_row_size: bytes of one row of n weights (n whole blocks)."""
-    weights, nbytes = block(type_name)
-    return n // weights * nbytes
 
 
 def pad(n: int, align: int = GGUF_ALIGNMENT) -> int:
@@ -294,17 +272,9 @@ def _choose(qs: _State, m: ModelShape, new: str, t: TensorShape, ftype: str, cat
 
 def _fallback(qs: _State, t: TensorShape, target: str) -> str:
     """tensor_type_fallback: a row that is not whole blocks of the target type."""
-    ncols = t.shape[-1]
-    if ncols % block(target)[0] == 0:
-        return target
-    used = FALLBACK.get(target)
-    if used is None:
-        if block(target)[0] > 32:
-            raise EWQError(f"llama-quantize defines no fallback for {target} (rows of {ncols} in {t.name})")
-        used = target
-    if ncols % block(used)[0]:
-        used = "F16"
-    qs.fallbacks.append((t.name, target, used))
+    used = llama_quantize_fallback(target, t.shape[-1])
+    if used != target:
+        qs.fallbacks.append((t.name, target, used))
     return used
 
 

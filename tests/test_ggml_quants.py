@@ -106,9 +106,14 @@ def test_type_table_bits_per_weight():
 
 def test_plans_name_every_emulated_type():
     from ewq.backends.llamacpp import ACCEPTS, DECODE_COST, TORCH_MENU_AS
-    from ewq.plan import GGML_TYPES
+    from ewq.gguf_export import TYPES as WRITABLE
+    from ewq.plan import PRECISIONS
 
-    assert set(GGML_TYPES) == set(G.EMULATED_TYPES) == set(ACCEPTS) - set(TORCH_MENU_AS)
+    # every type a plan may name is rounded here (plainly, and with importance where ggml uses it), written by the
+    # exporter, accepted by the llama.cpp backend and timed by the decode-cost table
+    assert set(G.EMULATED_TYPES) <= set(PRECISIONS) and set(G.EMULATED_TYPES) <= set(WRITABLE)
+    assert set(G.EMULATED_TYPES) == set(ACCEPTS) - set(TORCH_MENU_AS) == set(G._IMPL)
+    assert set(G._IMPL_IMATRIX) == set(G.EMULATED_TYPES) - {"Q8_0"}
     assert set(G.EMULATED_TYPES) | {"F16", "BF16"} <= set(DECODE_COST)  # every format a plan may hold is timed
 
 
