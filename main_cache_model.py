@@ -96,9 +96,10 @@ def parse_args(argv):
                         "whole blocks of it; Q4_1/Q5_1 are left out by default because they re-find the "
                         "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats; IQ3_XXS and IQ3_S, the 3-bit i-quants, "
-                        "join the default only with --target IQ3_*/IQ2_*/IQ1_*: they take ~5 us per weight to "
-                        "emulate in the sweep and decode 2.2-2.6x slower than Q4_0 on CPU; name them to offer them "
-                        "elsewhere)")
+                        "join the default only with --target IQ3_*/IQ2_*/IQ1_*, and IQ2_XS (2.31 bits, rounded only "
+                        "with an importance matrix, never for the embeddings) with --target IQ2_*/IQ1_*: they take "
+                        "~5-7 us per weight to emulate in the sweep and decode more slowly than Q4_0 on CPU; name "
+                        "them to offer them elsewhere)")
     p.add_argument("--speed", default="preset", metavar="preset|F|any",
                    help="--method sensitivity with --target PRESET: preset (default), the GGUF also decodes no slower "
                         "than the preset's, by llama.cpp's CPU kernel time per weight of each format (measured on "

@@ -178,6 +178,11 @@ def main():
     torch.set_num_threads(args.threads)
     ggml = Ggml(find_lib(args.llama_cpp))
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    if not args.imatrix:  # ggml aborts the process on these without an importance (GGML_ASSERT)
+        skipped = [t for t in types if t in G.NEEDS_IMPORTANCE]
+        types = [t for t in types if t not in G.NEEDS_IMPORTANCE]
+        if skipped:
+            print(f"{', '.join(skipped)}: rounded only with an importance matrix; checked with --imatrix")
     mats = list(matrices(args.model, args.real, args.seed))
 
     print(f"{'type':6} {'matrix':44} {'values':>9} {'max|diff|':>10} {'identical':>10} {'bytes eq':>9} "

@@ -32,13 +32,27 @@ from bench.llamacpp import (DEFAULT_CACHE, REPO, build_tools, cpu_info, export_r
                             measure_speed, reused, run)
 from ewq.backends.llamacpp import DECODE_COST, parse_formats
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
+from ewq.ggml_types import NEEDS_IMPORTANCE
 from ewq.presets import NEEDS_IMATRIX
 
 TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
              "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64,
              "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
-FORMATS = "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0,Q5_1,Q4_1,IQ4_NL,IQ4_XS,Q3_K,Q2_K,IQ3_XXS,IQ3_S"
+FORMATS = "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0,Q5_1,Q4_1,IQ4_NL,IQ4_XS,Q3_K,Q2_K,IQ3_XXS,IQ3_S,IQ2_XS"
+
+
+def with_embedding_entry(imatrix: Path, out: Path) -> Path:
+    """A copy of the importance matrix with entries for the token embeddings and the output head, which llama-imatrix
+    does not collect by default: `llama-quantize --pure` to a type ggml rounds only with importance (IQ2_XS) gives
+    them that type too and would abort without one. For timing only: the entries copy a layer's of the same width."""
+    from ewq.imatrix import load_imatrix, save_imatrix
+
+    im = load_imatrix(imatrix)
+    source = next(n for n in im.sums if n.endswith("attn_q.weight"))  # input width = the hidden size, as the table
+    for name in ("token_embd.weight", "output.weight"):
+        im.sums[name], im.counts[name] = im.sums[source], im.counts[source]
+    return save_imatrix(im, out)
 
 
 def parse_args(argv=None):
@@ -96,12 +110,16 @@ def main(argv=None) -> int:
     # repository's README with the random model
     imatrix = make_imatrix(bin_dir, reference, REPO / "README.md", out / "imatrix.gguf", 2, args) \
         if set(formats) & set(NEEDS_IMATRIX) else None
+    if set(formats) & set(NEEDS_IMPORTANCE):  # --pure gives the token embeddings IQ2_XS too: ggml needs their entry
+        imatrix = with_embedding_entry(imatrix, out / "imatrix-embd.gguf")
     for f in ("F16", *formats):  # F16: what a plan's "raw" matrices are written in for an fp16 checkpoint
         pure = out / f"pure-{f}.gguf"
         if not reused(pure, args):
             log(f"llama-quantize --pure {f}")
             extra = ["--imatrix", imatrix] if f in NEEDS_IMATRIX else []
-            run([bin_dir / "llama-quantize", "--pure", *extra, reference, pure, f, 2], f"llama-quantize --pure {f}")
+            part = pure.with_name(pure.name + ".part")  # a run that fails leaves no file --reuse would take
+            run([bin_dir / "llama-quantize", "--pure", *extra, reference, part, f, 2], f"llama-quantize --pure {f}")
+            part.replace(pure)
         rows.append({"name": f, "file": pure})
     build = measure_speed(rows, bin_dir, args)
     # medians over every sample of every round: one round disturbed by another job moves a mean, not a median

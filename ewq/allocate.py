@@ -24,6 +24,7 @@ from collections import Counter
 from .common import EWQError
 import numpy as np
 
+from .ggml_types import NEEDS_IMPORTANCE
 from .plan import DEFAULT_GROUP_SIZE, TORCH_PRECISIONS, estimated_bytes, fits
 
 GRANULARITIES = ("block", "matrix")
@@ -43,10 +44,19 @@ def plan_items(blocks, granularity: str = "block", other: dict | None = None) ->
                     for name, (o, i) in (other or {}).items()]
 
 
+def item_takes(item, precision: str) -> bool:
+    """Whether an item can take a precision: every matrix of it fits the format's blocks, and a format rounded only
+    with an importance matrix (IQ2_XS) goes to the blocks' matrices alone (the importance EWQ collects, and the
+    imatrix files llama.cpp writes, have no entry for the token embeddings)."""
+    if precision in NEEDS_IMPORTANCE and item["block"] is None:
+        return False
+    return all(fits(precision, shape) for shape in item.get("shapes", []))
+
+
 def item_sizes(items, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16, menu=TORCH_MENU) -> list:
-    """Bytes of each item per precision it can take: raw and every menu precision all its matrices fit."""
+    """Bytes of each item per precision it can take: raw and every menu precision it takes (item_takes)."""
     return [{p: estimated_bytes(it["params"], it["rows"], p, group_size, raw_bits)
-             for p in ("raw",) + tuple(menu) if all(fits(p, shape) for shape in it.get("shapes", []))} for it in items]
+             for p in ("raw",) + tuple(menu) if item_takes(it, p)} for it in items]
 
 
 def block_sizes(blocks, group_size: int = DEFAULT_GROUP_SIZE, raw_bits: int = 16) -> list:

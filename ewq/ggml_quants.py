@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ewq.common import EWQError
-from ewq.ggml_types import FLOAT_TYPES, GGML_TYPES, bits_per_weight
+from ewq.ggml_types import FLOAT_TYPES, GGML_TYPES, NEEDS_IMPORTANCE, bits_per_weight
 from ewq.ggml_types import block as ggml_block
 from ewq.ggml_types import llama_quantize_fallback as _llama_quantize_fallback
 
@@ -76,7 +76,7 @@ GROUP_MAX_EPS = 1e-15
 # enough to amortise Python overhead; Q6_K's [16 elements, 19 candidates, sub-blocks] tensors want to stay
 # cache-sized (measured on 1 thread: 2^16 is ~2x faster than 2^18 for Q6_K, 2^18 ~2x faster than 2^16 for Q4_K).
 _CHUNK_WEIGHTS = 1 << 18
-_CHUNK_WEIGHTS_BY_TYPE = {"Q6_K": 1 << 16, "IQ4_NL": 1 << 16, "IQ4_XS": 1 << 16}
+_CHUNK_WEIGHTS_BY_TYPE = {"Q6_K": 1 << 16, "IQ4_NL": 1 << 16, "IQ4_XS": 1 << 16, "IQ3_S": 1 << 16, "IQ2_XS": 1 << 15}
 # with an importance matrix Q4_0/Q5_0 run make_qx_quants' 19 grids at once ([32, 19, blocks] tensors): small chunks
 _CHUNK_WEIGHTS_IMATRIX = {"Q4_0": 1 << 14, "Q5_0": 1 << 14}
 
@@ -822,64 +822,79 @@ def _dequant_iq4_xs(f):
     return (dl[..., None] * _IQ4_VALUES[f["L"]].view(nb, 8, 32)).reshape(nb, QK_K)
 
 
-# ------------------------------------------------------------------------------------------- IQ3_XXS / IQ3_S
-# quantize_row_iq3_xxs_impl(256, ...) / quantize_row_iq3_s_impl(32, ...) (what ggml_quantize_chunk calls; an
-# importance is optional for both): per sub-block of 32, signs stored apart and |x| matched to a grid of 256 / 512
-# points of 4 levels each (value 2l+1, l in 0..7; gguf.quants holds the same grids, in the order ggml indexes them).
-# 31 / 19 trial scales; a group of 4 whose nearest levels are not a grid point takes the best of its listed
-# neighbours (iq3xs_init_impl: the points at the 2 / 3 smallest distances, in (distance, index) order); the best
-# trial by sumqx^2/sumq2 is kept, off-grid groups are re-fitted at its least-squares scale, and the 8 scales become
-# 4-bit levels under one fp16 d per 256 (d * 1.0125 / 1.033 stored, ggml's fudge factors). IQ3_XXS also flips the
-# sign of the least important weight of an 8-group with an odd count of negatives (7 sign bits stored, the 8th is
-# their parity). Returned as the packed blocks; gguf.quants dequantizes them (ggml's dequantize_row_iq3_*).
+# ----------------------------------------------------------------------------------- IQ3_XXS / IQ3_S / IQ2_XS
+# quantize_row_iq3_xxs_impl(256, ...) / quantize_row_iq3_s_impl(32, ...) / quantize_row_iq2_xs_impl (what
+# ggml_quantize_chunk calls; an importance is optional for the IQ3s, required for IQ2_XS): per sub-block of 32 (16),
+# signs stored apart and |x| matched to a grid of 256 / 512 / 512 points of 4 / 4 / 8 levels each (value 2l+1, l in
+# 0..7 / 0..7 / 0..2; gguf.quants holds the same grids, in the order ggml indexes them). 31 / 19 / 19 trial scales; a
+# group whose nearest levels are not a grid point takes the best of its listed neighbours (iq3xs_init_impl /
+# iq2xs_init_impl: the points at the 2 / 3 / 2 smallest distances, in (distance, index) order); the best trial by
+# sumqx^2/sumq2 is kept, off-grid groups are re-fitted at its least-squares scale, and the sub-block scales become
+# 4-bit levels under one fp16 d per 256 (IQ3: d * 1.0125 / 1.033 stored, ggml's fudge factors). IQ3_XXS and IQ2_XS
+# flip the sign of the least important weight of an 8-group with an odd count of negatives (7 sign bits stored, the
+# 8th is their parity). Returned as the packed blocks; gguf.quants dequantizes them (ggml's dequantize_row_iq*).
 
-_IQ3 = {"IQ3_XXS": dict(trials=range(-15, 16), fudge=1.0125, nwant=2),
-        "IQ3_S": dict(trials=range(-9, 10), fudge=1.033, nwant=3)}
+_IQGRID = {
+    "IQ3_XXS": dict(group=4, bits=3, kmax=8, sub=32, base=15.0, step=0.2, trials=range(-15, 16), nwant=2,
+                    sigma=2.0, eps=1e-8, parity=True, refit_all=False, fudge=1.0125),
+    "IQ3_S": dict(group=4, bits=3, kmax=8, sub=32, base=15.0, step=0.2, trials=range(-9, 10), nwant=3,
+                  sigma=2.0, eps=0.0, parity=False, refit_all=True, fudge=1.033),
+    "IQ2_XS": dict(group=8, bits=2, kmax=3, sub=16, base=5.0, step=0.1, trials=range(-9, 10), nwant=2,
+                   sigma=1.0, eps=GROUP_MAX_EPS, parity=True, refit_all=False, fudge=1.0),
+}
 
 
 @lru_cache(maxsize=None)
-def _iq3_tables(name: str):
-    """(grid levels as the odd values 2l+1, float [G, 4]; map from the 12-bit code of 4 levels to the grid index or
-    -1, long [4096]; the off-grid codes' neighbour lists as iq3xs_init_impl orders them, concatenated, long [P]; where
-    each code's list starts in it and how long it is, long [4096] each)."""
+def _iqgrid_tables(name: str):
+    """(grid levels as the odd values 2l+1, float [G, n]; map from the code of n levels to the grid index or -1,
+    long [C]; the off-grid codes' neighbour lists as ggml's init orders them, concatenated, long [P]; where each
+    code's list starts in it and how long it is, long [C] each). n = 4 levels of 3 bits (C = 4096) or 8 of 2 (C =
+    65536)."""
+    p = _IQGRID[name]
+    n, bits = p["group"], p["bits"]
     cls = getattr(gguf.quants, name)
     cls.init_grid()
-    values = np.asarray(cls.grid).reshape(-1, 4).astype(np.int64)
-    levels = np.searchsorted(np.asarray(cls.grid_map), values)  # grid_map is ascending: value -> level 0..7
-    shifts = 3 * np.arange(4)
-    kmap = np.full(4096, -1, dtype=np.int64)
+    values = np.asarray(cls.grid).reshape(-1, n).astype(np.int64)
+    levels = np.searchsorted(np.asarray(cls.grid_map), values)  # grid_map is ascending: value -> level
+    shifts = bits * np.arange(n)
+    ncodes = 1 << (bits * n)
+    kmap = np.full(ncodes, -1, dtype=np.int64)
     kmap[(levels << shifts).sum(1)] = np.arange(len(levels))
-    codes = np.arange(4096)
-    pos = 2 * ((codes[:, None] >> shifts) & 7) + 1  # [4096, 4]
-    d2 = ((2 * levels[None] + 1 - pos[:, None]) ** 2).sum(-1)  # [4096, G]
-    order = np.argsort(d2 * len(levels) + np.arange(len(levels)), axis=1, kind="stable")  # by (d2, index)
-    sorted_d2 = np.take_along_axis(d2, order, 1)
-    rank = np.concatenate([np.zeros((4096, 1), np.int64), np.cumsum(np.diff(sorted_d2, axis=1) > 0, 1)], 1)
-    keep = (rank < _IQ3[name]["nwant"]) & (kmap < 0)[:, None]
-    count = keep.sum(1)
+    odd = 2 * levels + 1
+    flat, count = [], np.zeros(ncodes, np.int64)
+    for lo in range(0, ncodes, 4096):  # [4096, G] distances at a time
+        codes = np.arange(lo, min(lo + 4096, ncodes))
+        pos = 2 * ((codes[:, None] >> shifts) & ((1 << bits) - 1)) + 1
+        d2 = ((odd[None] - pos[:, None]) ** 2).sum(-1)
+        order = np.argsort(d2 * len(levels) + np.arange(len(levels)), axis=1, kind="stable")  # by (d2, index)
+        sorted_d2 = np.take_along_axis(d2, order, 1)
+        rank = np.concatenate([np.zeros((len(codes), 1), np.int64), np.cumsum(np.diff(sorted_d2, axis=1) > 0, 1)], 1)
+        keep = (rank < p["nwant"]) & (kmap[codes] < 0)[:, None]
+        count[codes] = keep.sum(1)
+        flat.append(order[keep])
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    return (
-        torch.from_numpy(2 * levels + 1).float(), torch.from_numpy(kmap), torch.from_numpy(order[keep]),
-        torch.from_numpy(start), torch.from_numpy(count))
+    return (torch.from_numpy(odd).float(), torch.from_numpy(kmap), torch.from_numpy(np.concatenate(flat)),
+            torch.from_numpy(start), torch.from_numpy(count))
 
 
-def _iq3_codes(L):
-    """[..., 4] levels -> the 12-bit code l0 | l1 << 3 | l2 << 6 | l3 << 9."""
-    return (L << torch.tensor([0, 3, 6, 9])).sum(-1)
+def _iqgrid_codes(L, name):
+    """[..., n] levels -> the code l0 | l1 << b | l2 << 2b | ..."""
+    p = _IQGRID[name]
+    return (L << (p["bits"] * torch.arange(p["group"]))).sum(-1)
 
 
-def _iq3_levels(xval, inv):
-    """clamp(nearest_int(0.5*(inv*xval - 1)), 0, 7), long."""
-    return _nearest_int(_f32(0.5) * (inv * xval - _ONE)).clamp(0, 7)
+def _iqgrid_levels(xval, inv, name):
+    """clamp(nearest_int(0.5*(inv*xval - 1)), 0, kMaxQ-1), long."""
+    return _nearest_int(_f32(0.5) * (inv * xval - _ONE)).clamp(0, _IQGRID[name]["kmax"] - 1)
 
 
-def _iq3_fit_groups(xval, waux, L, scale, name):
-    """Snap every group of 4 levels (xval, waux, L [n, 4]; scale [n]) to the grid: kept where the code is a grid
-    point, else iq3_find_best_neighbour's choice (the first neighbour of least sum waux*(scale*q - x)^2). The lists
-    are 1-38 long (5-7 on average), so the (group, neighbour) pairs are laid out flat. Returns (grid index [n], on
-    the grid as given [n])."""
-    grid, kmap, flat, start, count = _iq3_tables(name)
-    code = _iq3_codes(L)
+def _iqgrid_fit_groups(xval, waux, L, scale, name):
+    """Snap every group of n levels (xval, waux, L [g, n]; scale [g]) to the grid: kept where the code is a grid
+    point, else iq*_find_best_neighbour's choice (the first neighbour of least sum waux*(scale*q - x)^2). The lists
+    are a few to a few dozen long, so the (group, neighbour) pairs are laid out flat. Returns (grid index [g], on
+    the grid as given [g])."""
+    grid, kmap, flat, start, count = _iqgrid_tables(name)
+    code = _iqgrid_codes(L, name)
     index = kmap[code]
     off = torch.nonzero(index < 0).squeeze(1)
     if off.numel():
@@ -892,7 +907,9 @@ def _iq3_fit_groups(xval, waux, L, scale, name):
         rows = off.index_select(0, group)
         diff = scale.index_select(0, rows)[:, None] * grid.index_select(0, cand) - xval.index_select(0, rows)
         term = (waux.index_select(0, rows) * diff) * diff
-        d2 = ((term[:, 0] + term[:, 1]) + term[:, 2]) + term[:, 3]
+        d2 = term[:, 0]
+        for i in range(1, term.shape[1]):
+            d2 = d2 + term[:, i]
         least = torch.empty(off.numel()).scatter_reduce_(0, group, d2, "amin", include_self=False)
         at = torch.where(d2 == least.index_select(0, group), pair, group.numel())
         chosen = torch.empty(off.numel(), dtype=torch.long).scatter_reduce_(0, group, at, "amin", include_self=False)
@@ -901,78 +918,92 @@ def _iq3_fit_groups(xval, waux, L, scale, name):
     return index, index == kmap[code]
 
 
-def _iq3_sums(w, xval, index, name):
-    """sumqx, sumq2 over each sub-block of 32 (q = the grid's 2l+1), accumulated in order as ggml does."""
-    q = _iq3_tables(name)[0][index].view(-1, 32)
+def _iqgrid_sums(w, xval, index, name):
+    """sumqx, sumq2 over each sub-block (q = the grid's 2l+1), accumulated in order as ggml does."""
+    q = _iqgrid_tables(name)[0][index].view(-1, _IQGRID[name]["sub"])
     wt, xt, qt = w.T, xval.T, q.T
     return _seqsum((wt * xt) * qt), _seqsum((wt * qt) * qt)
 
 
-def _quant_iq3(xb, qw, name):
-    """The packed blocks [nb, bytes] of quantize_row_iq3_xxs_impl / quantize_row_iq3_s_impl for blocks xb [nb, 256]."""
-    xxs = name == "IQ3_XXS"
+def _quant_iqgrid(xb, qw, name):
+    """The packed blocks [nb, bytes] of quantize_row_iq3_xxs_impl / quantize_row_iq3_s_impl /
+    quantize_row_iq2_xs_impl for blocks xb [nb, 256]."""
+    p = _IQGRID[name]
+    sub, n = p["sub"], p["group"]
+    per = sub // n  # groups per sub-block
+    if qw is None and name in NEEDS_IMPORTANCE:
+        raise EWQError(f"{name} is rounded only with an importance matrix (ggml asserts one); drop --no-imatrix, "
+                       f"or {name} from --formats")
     nb = xb.shape[0]
-    weight = xb * xb if qw is None else _importance_weights(xb, qw, _row_sigma2(xb, QK_K, 2.0))
-    x, w = xb.reshape(-1, 32), weight.reshape(-1, 32)
+    weight = xb * xb if qw is None else _importance_weights(xb, qw, _row_sigma2(xb, QK_K, p["sigma"]))
+    x, w = xb.reshape(-1, sub), weight.reshape(-1, sub)
     B = x.shape[0]
     waux = _sqrtf(w)
     neg = ~(x >= 0)
     xval = torch.where(neg, -x, x)
-    bits = neg.view(B, 4, 8).long()
-    if xxs:  # an even count of negatives per 8: flip the one of least weight*x*x (the first such)
+    bits = neg.view(B, sub // 8, 8).long()
+    if p["parity"]:  # an even count of negatives per 8: flip the one of least weight*x*x (the first such)
         odd = bits.sum(-1) % 2 == 1
-        imin = ((w * x) * x).view(B, 4, 8).argmin(-1)
+        imin = ((w * x) * x).view(B, sub // 8, 8).argmin(-1)
         flip = torch.nn.functional.one_hot(imin, 8).bool() & odd[..., None]
-        xval = torch.where(flip.view(B, 32), -xval, xval)
+        xval = torch.where(flip.view(B, sub), -xval, xval)
         bits = bits ^ flip.long()
-    signs = (bits << torch.arange(8)).sum(-1)  # [B, 4]
-    if xxs:
+    signs = (bits << torch.arange(8)).sum(-1)  # [B, sub/8]
+    if p["parity"]:
         signs = signs & 127
     mx = xval.amax(1)
-    zero = mx < _f32(1e-8) if xxs else mx == 0
+    zero = mx < _f32(p["eps"]) if p["eps"] else mx == 0
     mx = torch.where(zero, _ONE, mx)
-    xg, wg = xval.view(-1, 4), waux.view(-1, 4)
+    xg, wg = xval.view(-1, n), waux.view(-1, n)
     best = torch.zeros(B)
-    scale = mx / _f32(15.0)
-    L = torch.zeros(B * 8, dtype=torch.long)  # grid index per group of 4
-    on_grid = torch.full((B * 8,), xxs)
-    for t in _IQ3[name]["trials"]:
-        inv = ((_f32(15.0) + _f32(float(t)) * _f32(0.2)) / mx).repeat_interleave(8)  # per group of 4
-        index, got = _iq3_fit_groups(xg, wg, _iq3_levels(xg, inv[:, None]), _ONE / inv, name)
-        sumqx, sumq2 = _iq3_sums(w, xval, index, name)
+    top = _f32(2 * p["kmax"] - 1)
+    scale = mx / top
+    L = torch.zeros(B * per, dtype=torch.long)  # grid index per group
+    on_grid = torch.full((B * per,), not p["refit_all"])
+    for t in p["trials"]:
+        inv = ((top + _f32(float(t)) * _f32(p["step"])) / mx).repeat_interleave(per)  # per group
+        index, got = _iqgrid_fit_groups(xg, wg, _iqgrid_levels(xg, inv[:, None], name), _ONE / inv, name)
+        sumqx, sumq2 = _iqgrid_sums(w, xval, index, name)
         take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         scale = torch.where(take, sumqx / sumq2, scale)
         best = torch.where(take, scale * sumqx, best)
-        take8 = take.repeat_interleave(8)
-        L = torch.where(take8, index, L)
-        on_grid = torch.where(take8, got, on_grid)
-    refit = ((~on_grid).view(B, 8).any(1) & (scale > 0)).repeat_interleave(8)
-    redo = refit & ~on_grid if xxs else refit  # IQ3_S re-fits every group, IQ3_XXS only the off-grid ones
+        take_g = take.repeat_interleave(per)
+        L = torch.where(take_g, index, L)
+        on_grid = torch.where(take_g, got, on_grid)
+    refit = ((~on_grid).view(B, per).any(1) & (scale > 0)).repeat_interleave(per)
+    redo = refit if p["refit_all"] else refit & ~on_grid  # IQ3_S re-fits every group, the others the off-grid ones
     if redo.any():
         inv = _ONE / torch.where(scale > 0, scale, _ONE)
-        s8 = scale.repeat_interleave(8)
-        index, _ = _iq3_fit_groups(xg[redo], wg[redo], _iq3_levels(xg[redo], inv.repeat_interleave(8)[redo][:, None]),
-                                     s8[redo], name)
+        s_g = scale.repeat_interleave(per)
+        index, _ = _iqgrid_fit_groups(xg[redo], wg[redo],
+                                      _iqgrid_levels(xg[redo], inv.repeat_interleave(per)[redo][:, None], name),
+                                      s_g[redo], name)
         L = L.clone()
         L[redo] = index
-        sumqx, sumq2 = _iq3_sums(w, xval, L, name)
-        scale = torch.where(refit.view(B, 8)[:, 0] & (sumq2 > 0), sumqx / sumq2, scale)
+        sumqx, sumq2 = _iqgrid_sums(w, xval, L, name)
+        scale = torch.where(refit.view(B, per)[:, 0] & (sumq2 > 0), sumqx / sumq2, scale)
     flipped = scale < 0
-    signs = torch.where(flipped[:, None], ~signs & (127 if xxs else 255), signs)
+    signs = torch.where(flipped[:, None], ~signs & (127 if p["parity"] else 255), signs)
     scale = torch.where(flipped, -scale, scale)
     scale = _where0(~zero, scale)
-    L = torch.where(zero.repeat_interleave(8), 0, L).view(nb, 8, 8)
-    signs = torch.where(zero[:, None], 0, signs).view(nb, 8, 4)
-    scales = scale.view(nb, 8)
+    nsub = QK_K // sub
+    L = torch.where(zero.repeat_interleave(per), 0, L).view(nb, nsub, per)
+    signs = torch.where(zero[:, None], 0, signs).view(nb, nsub, sub // 8)
+    scales = scale.view(nb, nsub)
     max_scale = scales.amax(1)
     d = max_scale / _f32(31.0)
-    dh = _fp16(d * _f32(_IQ3[name]["fudge"]))
+    dh = _fp16(d * _f32(p["fudge"])) if p["fudge"] != 1.0 else _fp16(d)
     inv_d = _ONE / torch.where(max_scale > 0, d, _ONE)
     ls = _nearest_int(_f32(0.5) * (inv_d[:, None] * scales - _ONE)).clamp(0, 15)
     empty = (max_scale == 0).numpy()
     dh = torch.where(max_scale > 0, dh, torch.zeros((), dtype=torch.float16))
     L, signs, ls = L.numpy(), signs.numpy(), ls.numpy()
-    if xxs:
+    if name == "IQ2_XS":  # qs[2*ib + k] = grid index | signs << 9 (uint16), then 4-bit scales, even ib low
+        qs = (L | (signs << 9)).astype("<u2").view(np.uint8).reshape(nb, 64)
+        out = np.concatenate([_fp16_bytes(dh), qs, _u8(ls[:, 0::2] | (ls[:, 1::2] << 4))], axis=1)
+        out[empty] = 0
+        return {"bytes": out}
+    if name == "IQ3_XXS":
         sas = (signs[..., 0] | (signs[..., 1] << 7) | (signs[..., 2] << 14) | (signs[..., 3] << 21) | (ls << 28))
         out = np.concatenate([_fp16_bytes(dh), _u8(L.reshape(nb, 64)),
                               sas.astype("<u4").view(np.uint8).reshape(nb, 32)], axis=1)
@@ -993,11 +1024,15 @@ def _quant_iq3(xb, qw, name):
 
 
 def _quant_iq3_xxs(xb, qw=None, row_sigma2=None):
-    return _quant_iq3(xb, qw, "IQ3_XXS")
+    return _quant_iqgrid(xb, qw, "IQ3_XXS")
 
 
 def _quant_iq3_s(xb, qw=None, row_sigma2=None):
-    return _quant_iq3(xb, qw, "IQ3_S")
+    return _quant_iqgrid(xb, qw, "IQ3_S")
+
+
+def _quant_iq2_xs(xb, qw=None, row_sigma2=None):
+    return _quant_iqgrid(xb, qw, "IQ2_XS")
 
 
 def _dequant_packed(name):
@@ -1143,6 +1178,7 @@ _IMPL = {
     "IQ4_XS": (_quant_iq4_xs, _dequant_iq4_xs, _pack_iq4_xs),
     "IQ3_XXS": (_quant_iq3_xxs, _dequant_packed("IQ3_XXS"), lambda f: f["bytes"]),
     "IQ3_S": (_quant_iq3_s, _dequant_packed("IQ3_S"), lambda f: f["bytes"]),
+    "IQ2_XS": (_quant_iq2_xs, _dequant_packed("IQ2_XS"), lambda f: f["bytes"]),
 }
 # with an imatrix: fn(xb, qw, row_sigma2). Q8_0 ignores the importance (quantize_q8_0 never reads it).
 _IMPL_IMATRIX = {
@@ -1150,6 +1186,7 @@ _IMPL_IMATRIX = {
     "Q5_1": _quant_q5_1_imatrix, "Q6_K": _quant_q6_k_imatrix, "Q5_K": _quant_q5_k_imatrix,
     "Q4_K": _quant_q4_k_imatrix, "Q3_K": _quant_q3_k_imatrix, "Q2_K": _quant_q2_k_imatrix,
     "IQ4_NL": _quant_iq4_nl, "IQ4_XS": _quant_iq4_xs, "IQ3_XXS": _quant_iq3_xxs, "IQ3_S": _quant_iq3_s,
+    "IQ2_XS": _quant_iq2_xs,
 }
 
 

@@ -14,7 +14,10 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # The quantized types a plan may name for the llama.cpp executor: ewq.ggml_quants emulates each bit for bit (with
 # and without an importance matrix) and ewq.gguf_export writes each. Order: roughly large to small, as menus show.
 GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K",
-              "IQ3_XXS", "IQ3_S")
+              "IQ3_XXS", "IQ3_S", "IQ2_XS")
+# the types ggml rounds only with an importance matrix (quantize_row_iq2_xs_impl asserts one): a matrix without one
+# (EWQ's own importance covers the blocks' matrices, not the token embeddings) cannot take them
+NEEDS_IMPORTANCE = ("IQ2_XS",)
 
 # llama-quant.cpp tensor_type_fallback(): the type llama-quantize writes when a row is not whole blocks of the type
 # it chose (then F16 if the fallback does not fit either). SmolLM2's hidden size 576 is not a multiple of 256, so

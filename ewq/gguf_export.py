@@ -11,7 +11,7 @@ BF16 gives the converter's `--outtype bf16` file: same metadata, same tensor nam
 Types
   * F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: quantized here with gguf-py's numpy code
     (gguf.quants.quantize, bit-exact with ggml's reference quantizers) and written in the final type.
-  * Q6_K, Q5_K, Q4_K, Q3_K, Q2_K (k-quants), IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S: gguf-py cannot quantize them. Unless a `quantize_fn` is
+  * Q6_K, Q5_K, Q4_K, Q3_K, Q2_K (k-quants), IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_XS: gguf-py cannot quantize them. Unless a `quantize_fn` is
     given (see below), they are written losslessly in a 16-bit intermediate (the checkpoint's own
     16-bit type, F32 for fp32 checkpoints) and the result's "llama_quantize_args" are the arguments
     with which llama.cpp's `llama-quantize` turns that file into the plan (see llama_quantize_args).
@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import EWQError
-from .ggml_types import FLOAT_TYPES, GGML_TYPES, llama_quantize_fallback, row_bytes
+from .ggml_types import FLOAT_TYPES, GGML_TYPES, NEEDS_IMPORTANCE, llama_quantize_fallback, row_bytes
 from .ggml_types import block as _block
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,12 +85,13 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
               "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
               "Q6_K": "MOSTLY_Q6_K", "Q5_K": "MOSTLY_Q5_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q3_K": "MOSTLY_Q3_K_M",
               "Q2_K": "MOSTLY_Q2_K", "IQ4_NL": "MOSTLY_IQ4_NL", "IQ4_XS": "MOSTLY_IQ4_XS", "IQ3_XXS": "MOSTLY_IQ3_XXS",
-              "IQ3_S": "MOSTLY_IQ3_S"}
+              "IQ3_S": "MOSTLY_IQ3_S", "IQ2_XS": "MOSTLY_IQ2_XS"}
 
 # ggml_type_name() spellings, as llama-quantize prints and parses them (it compares case-insensitively)
 GGML_NAMES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q5_0": "q5_0", "Q5_1": "q5_1",
               "Q4_0": "q4_0", "Q4_1": "q4_1", "Q6_K": "q6_K", "Q5_K": "q5_K", "Q4_K": "q4_K", "Q3_K": "q3_K",
-              "Q2_K": "q2_K", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s"}
+              "Q2_K": "q2_K", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s",
+              "IQ2_XS": "iq2_xs"}
 
 SLAB_BYTES = 64 << 20  # float32 bytes converted / quantized at a time
 
@@ -795,6 +796,13 @@ def _importance_used(entries: dict, written: dict, importance: dict) -> dict:
             raise EWQError(f"the importance of {e['gguf']} has {len(imp)} values, its rows {e['shape'][-1]}: an "
                            f"importance matrix of another model")
         used[e["gguf"]] = imp
+    unweighted = {e["gguf"]: written[name] for name, e in entries.items()
+                  if written[name] in NEEDS_IMPORTANCE and e["gguf"] not in used}
+    if unweighted:
+        first = ", ".join(f"{n} ({t})" for n, t in list(unweighted.items())[:2])
+        more = f" and {len(unweighted) - 2} more" if len(unweighted) > 2 else ""
+        raise EWQError(f"{first}{more}: ggml rounds that type only with an importance matrix, and the importance "
+                       f"has no entry for it; give an importance matrix that covers it, or plan another type there")
     return used
 
 

@@ -110,7 +110,7 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     if file_target is not None and "preset" in file_target and method == "sensitivity":
         file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
     if backend == "llama.cpp" and not formats and target is not None:
-        formats = get_backend(backend).preset_formats(target)  # an IQ3/IQ2 preset: its 3-bit i-quants too
+        formats = get_backend(backend).preset_formats(target, imatrix != "none")  # an IQ3/IQ2 preset: its i-quants
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
                              int8_activations=int8_activations, imatrix=imatrix if backend == "llama.cpp" else "none")
     if method == "sensitivity":

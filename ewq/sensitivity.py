@@ -54,7 +54,7 @@ from .apply import matrix_shape, quantizable_layers, quantize_layer
 from .backends import QuantSettings, float_weight, get_backend
 from .common import EWQError, write_json_atomic
 from .device import pick_dtype
-from .plan import fits
+from .allocate import item_takes
 from .quality import BATCH, TOP_K, kl_to_reference, load_corpus, make_windows
 from .source import load_tokenizer
 from .stream import StreamedModel, in_threads, release_freed_memory
@@ -350,8 +350,8 @@ class Calibration:
         self._layers.clear()
 
     def menu_of(self, item) -> list:
-        """The precisions an item is measured at: the menu's, where every matrix of the item can take them."""
-        return [p for p in self.menu if all(fits(p, shape) for shape in item.get("shapes", []))]
+        """The precisions an item is measured at: the menu's that the item takes (allocate.item_takes)."""
+        return [p for p in self.menu if item_takes(item, p)]
 
     @contextmanager
     def swapped(self, i: int, assignments):

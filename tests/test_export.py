@@ -153,6 +153,44 @@ def test_the_3_bit_i_quants_are_written_and_offered_to_their_presets(tiny_factor
     assert {"IQ3_XXS", "IQ3_S"} <= set(menu("IQ3_M")) and not {"IQ3_XXS", "IQ3_S"} & set(menu("Q3_K_M"))
 
 
+def test_iq2_xs_is_written_only_with_importance(tiny_factory, tmp_path, capsys):
+    """IQ2_XS, which ggml rounds only with an importance matrix: never offered to the embeddings, refused for a plan
+    rounded without importance, refused by the exporter where the importance has no entry (one line, nothing
+    written), and written as ggml rounds it when an importance matrix covers it; IQ2 presets offer it by default."""
+    from ewq.imatrix import Imatrix, save_imatrix
+
+    model = tiny_factory("llama", **KQ)
+    kwargs = dict(method="position", granularity="matrix", backend="llama.cpp", out_dir=tmp_path, progress=False)
+    with pytest.raises(EWQError, match="IQ2_XS is rounded only with an importance matrix.*--no-imatrix"):
+        make_plan(str(model), target_bpw=3.0, formats=("IQ2_XS", "IQ4_NL"), imatrix="none", **kwargs)
+    path, plan, _ = make_plan(str(model), target_bpw=3.0, formats=("IQ2_XS", "IQ4_NL"), **kwargs)
+    assert "IQ2_XS" in plan["matrix_counts"] and "IQ2_XS" not in plan["other"]["matrices"].values()
+    out = tmp_path / "iq2.gguf"
+    code, io = run_export(path, model, out, capsys)  # a position plan measured nothing: no importance recorded
+    assert code == 2 and "ggml rounds that type only with an importance matrix" in io.err and not out.exists()
+    blocks = {t.name: t.shape for t in presets.model_shape(model).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    imp = {n: (np.arange(s[-1], dtype=np.float32) % 7 + 1) for n, s in blocks.items()}
+    imatrix = save_imatrix(Imatrix(sums=imp, counts={n: 1 for n in imp}, datasets=["t"], chunk_count=1,
+                                   chunk_size=1), tmp_path / "imatrix.gguf")
+    code, io = run_export(path, model, out, capsys, "--imatrix", str(imatrix))
+    assert code == 0, io.err
+    types = export.tensor_types(load_plan(path), open_checkpoint(model))
+    written = tensors(out)
+    checked = 0
+    with safe_open(model / "model.safetensors", framework="pt") as f:
+        for layer in (0, 1):
+            hf = f"model.layers.{layer}.mlp.down_proj.weight"
+            t = written[f"blk.{layer}.ffn_down.weight"]
+            assert t.tensor_type.name == types[hf]
+            if types[hf] == "IQ2_XS":
+                want = quantize_dequantize(f.get_tensor(hf), "IQ2_XS", importance=imp[f"blk.{layer}.ffn_down.weight"])
+                np.testing.assert_array_equal(dequant(t), want.numpy())
+                checked += 1
+    assert checked
+    menu = lambda preset: make_plan(str(model), target=preset, **kwargs)[1]["method"]["formats"]["menu"]  # noqa
+    assert "IQ2_XS" in menu("IQ2_XS") and "IQ2_XS" not in menu("IQ3_M")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--target-bpw", "1.0"], "the size target cannot be met: the smallest GGUF the formats"),
     (["--target", "Q4_K_M", "--formats", "Q8_0"], "the smallest GGUF the formats Q8_0 allow"),

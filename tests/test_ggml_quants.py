@@ -40,11 +40,15 @@ GOLDEN_IMATRIX = {
     "Q8_0": "47374645e7e8ef52", "Q6_K": "ce37d4966d65ea64", "Q5_K": "1369815ca13e6daa", "Q4_K": "cf4d729f1aed9614",
     "Q4_0": "545e3e70f059184c", "Q5_0": "5c0ae5028cc36a0f", "Q4_1": "20b88ec765436142", "Q5_1": "f875d48f3f9148e6",
     "Q3_K": "3f86cfdf02f6bb6b", "Q2_K": "71d2b442e5f65708", "IQ4_NL": "9b03ca07af871904", "IQ4_XS": "e85c0cc98c313352",
-    "IQ3_XXS": "56a8c3daeff538d9", "IQ3_S": "de2e22f2854b5ce7",
+    "IQ3_XXS": "56a8c3daeff538d9", "IQ3_S": "de2e22f2854b5ce7", "IQ2_XS": "2b4976b925780c34",
 }
+# ggml rounds these only with an importance (quantize_row_iq2_xs_impl asserts one): no plain golden
+PLAIN = tuple(n for n in G.EMULATED_TYPES if n not in G.NEEDS_IMPORTANCE)
 # the 3-bit i-quants on det_matrix(8, 1024) with all-zero sub-blocks of 32 (one in every row, a whole super-block,
 # a row's last): IQ3_S skips such a sub-block without advancing its write pointers, which the emulation repeats
 GOLDEN_HOLES = {"IQ3_XXS": "785fb03034f4fcf7", "IQ3_S": "98161aee60338ddd"}
+# IQ2_XS on the same matrix, with det_importance(1024)
+GOLDEN_HOLES_IMATRIX = {"IQ2_XS": "9780f0e493a0af1b"}
 
 
 def det_matrix(rows, cols, coarse=False):
@@ -98,7 +102,7 @@ def one_thread():
 def test_type_table_bits_per_weight():
     expected = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0,
                 "Q5_1": 6.0, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "IQ3_XXS": 3.0625,
-                "IQ3_S": 3.4375, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
+                "IQ3_S": 3.4375, "IQ2_XS": 2.3125, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
     assert {k: v.bits_per_weight for k, v in G.TYPES.items()} == expected
     assert G.TYPES["Q6_K"] == G.TypeInfo(256, 210, 6.5625)
     assert G.TYPES["Q8_0"] == G.TypeInfo(32, 34, 8.5)
@@ -156,7 +160,7 @@ def test_refuses_bad_input():
 # ------------------------------------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("coarse", [False, True])
-@pytest.mark.parametrize("name", G.EMULATED_TYPES)
+@pytest.mark.parametrize("name", PLAIN)
 def test_bytes_match_ggml_golden(name, coarse):
     packed = G.quantize_to_bytes(det_matrix(64, 4096, coarse), name)
     info = G.TYPES[name]
@@ -170,21 +174,28 @@ def test_bytes_with_importance_match_ggml_golden(name):
     assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_IMATRIX[name]
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN_HOLES))
-def test_iq3_zero_sub_blocks_match_ggml_golden(name):
+@pytest.mark.parametrize("name", sorted(GOLDEN_HOLES) + sorted(GOLDEN_HOLES_IMATRIX))
+def test_iq_zero_sub_blocks_match_ggml_golden(name):
     w = det_matrix(8, 1024).clone()
     w[:, 64:96] = 0
     w[2, 256:512] = 0
     w[5, 992:] = 0
-    packed = G.quantize_to_bytes(w, name)
-    assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_HOLES[name]
-    np.testing.assert_array_equal(G.quantize_dequantize(w, name)[2, 256:512].numpy(), 0)
+    imp = det_importance(1024) if name in GOLDEN_HOLES_IMATRIX else None
+    packed = G.quantize_to_bytes(w, name, importance=imp)
+    assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == {**GOLDEN_HOLES, **GOLDEN_HOLES_IMATRIX}[name]
+    np.testing.assert_array_equal(G.quantize_dequantize(w, name, importance=imp)[2, 256:512].numpy(), 0)
+
+
+def test_types_rounded_only_with_importance_refuse_without():
+    assert G.NEEDS_IMPORTANCE == ("IQ2_XS",)
+    with pytest.raises(EWQError, match="IQ2_XS is rounded only with an importance matrix"):
+        G.quantize_dequantize(gauss(4, 256), "IQ2_XS")
 
 
 def test_importance_changes_rounding_where_ggml_reads_it():
     w = gauss(16, 512, seed=4)
     imp = torch.from_numpy(det_importance(512))
-    for name in G.EMULATED_TYPES:
+    for name in PLAIN:
         plain, weighted = G.quantize_dequantize(w, name), G.quantize_dequantize(w, name, importance=imp)
         assert torch.equal(plain, weighted) == (not G.uses_importance(name)), name  # Q8_0 ignores it
         err = lambda q: float((((q - w) ** 2) * imp).sum())  # noqa: E731 -- the error the importance weights
@@ -228,9 +239,10 @@ def test_equals_gguf_round_trip(name, shape):
 @pytest.mark.parametrize("name", G.EMULATED_TYPES)
 def test_bytes_read_back_by_gguf_equal_round_trip(name):
     w = torch.cat([gauss(21, 512, seed=1), _special_rows(512)])
-    packed = G.quantize_to_bytes(w, name)
+    imp = det_importance(512) if name in G.NEEDS_IMPORTANCE else None
+    packed = G.quantize_to_bytes(w, name, importance=imp)
     back = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[name]).astype(np.float32)
-    np.testing.assert_array_equal(bits(back), bits(G.quantize_dequantize(w, name)))
+    np.testing.assert_array_equal(bits(back), bits(G.quantize_dequantize(w, name, importance=imp)))
 
 
 def test_accepts_fp16_and_returns_float32_on_cpu():
@@ -244,11 +256,13 @@ def test_accepts_fp16_and_returns_float32_on_cpu():
 
 def test_relative_rms_error_ordering_and_size():
     w = gauss(64, 1024, seed=2)
-    rel = {n: ((w - G.quantize_dequantize(w, n)).norm() / w.norm()).item() for n in G.EMULATED_TYPES}
+    flat = torch.ones(1024)  # a uniform importance where ggml needs one
+    rel = {n: ((w - G.quantize_dequantize(w, n, importance=flat if n in G.NEEDS_IMPORTANCE else None)).norm()
+               / w.norm()).item() for n in G.EMULATED_TYPES}
     chain = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
     assert all(rel[a] < rel[b] for a, b in itertools.pairwise(chain)), rel
     assert rel["Q5_K"] < rel["Q5_1"] < rel["Q5_0"] < rel["Q4_K"] < rel["Q4_1"] < rel["Q4_0"] < rel["Q3_K"], rel
-    assert rel["Q3_K"] < rel["IQ3_S"] < rel["IQ3_XXS"] < rel["Q2_K"], rel  # 3.44, 3.44, 3.06, 2.63 bits
+    assert rel["Q3_K"] < rel["IQ3_S"] < rel["IQ3_XXS"] < rel["Q2_K"] < rel["IQ2_XS"], rel  # 3.44 3.44 3.06 2.63 2.31
     # Gaussian data, ~2.2 sigma block max: the step / sqrt(12) rule of thumb, with margin both ways
     expected = {"Q8_0": 0.0053, "Q6_K": 0.0177, "Q5_K": 0.036, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_K": 0.072,
                 "Q4_1": 0.078, "Q4_0": 0.086, "Q3_K": 0.15, "Q2_K": 0.30, "IQ3_S": 0.165, "IQ3_XXS": 0.21}
@@ -316,5 +330,5 @@ def test_symmetric_types_are_idempotent(name):
 
 @pytest.mark.parametrize("name", G.EMULATED_TYPES)
 def test_zero_matrix_stays_zero(name):
-    out = G.quantize_dequantize(torch.zeros(2, 256), name)
+    out = G.quantize_dequantize(torch.zeros(2, 256), name, importance=torch.ones(256))
     assert (out == 0).all()

@@ -17,6 +17,8 @@ gguf = pytest.importorskip("gguf")
 
 KQ = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K", "Q4_0", "IQ3_S", "IQ3_M")
+# presets llama-quantize makes only with --imatrix (their mixes change with one too)
+WEIGHTED_LADDER = ("IQ3_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ4_XS")
 
 
 def llama_quantize():
@@ -94,10 +96,25 @@ def test_preset_size_matches_llama_quantize(tiny_factory, tmp_path):
         bf16 = tmp_path / f"{model.name}-bf16.gguf"
         export_gguf(model, bf16, {}, default_type="BF16", progress=False)
         shape = presets.model_shape(model)
-        for preset in LADDER:
-            out = tmp_path / f"{model.name}-{preset}.gguf"
-            p = subprocess.run([str(tool), str(bf16), str(out), preset, "1"], capture_output=True, text=True)
+        imatrix = _flat_imatrix(shape, tmp_path / f"{model.name}.imatrix.gguf")
+        for preset, weighted in [(p, False) for p in LADDER] + [(p, True) for p in WEIGHTED_LADDER]:
+            out = tmp_path / f"{model.name}-{preset}{'-imatrix' if weighted else ''}.gguf"
+            extra = ["--imatrix", str(imatrix)] if weighted else []
+            p = subprocess.run([str(tool), *extra, str(bf16), str(out), preset, "1"], capture_output=True, text=True)
             assert p.returncode == 0, p.stderr[-500:]
-            size = presets.preset_size(model, preset, shape=shape)
-            assert file_types(out) == size.types, (model.name, preset)
+            size = presets.preset_size(model, preset, weighted, shape=shape)
+            assert file_types(out) == size.types, (model.name, preset, weighted)
             assert abs(out.stat().st_size - size.file_bytes) <= 0.001 * out.stat().st_size, (model.name, preset)
+
+
+def _flat_imatrix(shape, path):
+    """An importance of 1 for every column of every block matrix, as a llama-imatrix GGUF (what the weighted presets
+    need; the values do not change the types)."""
+    import numpy as np
+
+    from ewq.imatrix import Imatrix, save_imatrix
+
+    names = [t for t in shape.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    im = Imatrix(sums={t.name: np.ones(t.shape[-1], np.float32) for t in names},
+                 counts={t.name: 1 for t in names}, datasets=["flat"], chunk_count=1, chunk_size=1)
+    return save_imatrix(im, path)

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from ..common import EWQError
+from ..ggml_types import NEEDS_IMPORTANCE
 from . import as_linear
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -76,8 +77,11 @@ TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
 # slowest to emulate (~5 us per weight on one core, 4x IQ4_XS, 20x Q3_K), so a sweep measures them only when asked
 # (--formats) or when the --target preset itself uses them
 IQ3 = ("IQ3_XXS", "IQ3_S")
+# IQ2_XS (2.31 bits per weight, rows of whole 256-blocks), rounded only with an importance matrix and the slowest to
+# emulate (~7 us per weight): measured only when asked, or when the --target preset is an IQ2/IQ1 one
+IQ2 = ("IQ2_XS",)
 # what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
-ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + IQ3 + tuple(TORCH_MENU_AS)
+ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + IQ3 + IQ2 + tuple(TORCH_MENU_AS)
 # Relative time per weight of llama.cpp's CPU matrix-vector kernels, each format's own (Q4_0 = 1): the decode time
 # of a token is about the summed weights x this of their formats. From tg64 of one-type files (llama-quantize --pure)
 # of a random 1.1B-shaped llama, medians at 1 and 2 threads averaged, on this repository's 2-core AVX2 EPYC (python
@@ -87,7 +91,9 @@ DECODE_COST = {"BF16": 2.95, "F16": 2.93, "Q8_0": 1.86, "Q6_K": 1.47, "Q5_K": 1.
                "Q4_0": 1.0, "Q5_1": 1.79, "Q4_1": 1.46, "IQ4_NL": 0.96, "IQ4_XS": 1.32, "Q3_K": 1.18, "Q2_K": 0.76,
                # a later run beside Q4_0 (docs/results/decode_cost/decode_cost_iq3.json): the 3-bit i-quants'
                # grid lookups make them the slowest quantized formats on this CPU
-               "IQ3_XXS": 2.21, "IQ3_S": 2.63}
+               "IQ3_XXS": 2.21, "IQ3_S": 2.63,
+               # decode_cost_iq2.json (IQ2_XS 1.80; IQ3_XXS measured 2.36 beside it)
+               "IQ2_XS": 1.80}
 # --speed, a plan sized by a llama-quantize preset: "preset", also no slower to decode than the preset's file (by
 # DECODE_COST); a number F, at least F x the preset's speed (0.95: up to 1/0.95 of its decode time); "any", the
 # size is the only limit
@@ -171,19 +177,27 @@ LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to
 
 
 def menu(settings) -> tuple:
-    """The formats a sweep measures and a plan chooses from: --formats, else PRECISIONS."""
-    return checked_formats(tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS)
+    """The formats a sweep measures and a plan chooses from: --formats, else PRECISIONS. A format rounded only with
+    an importance matrix (IQ2_XS) is refused for a plan rounded without one (--no-imatrix)."""
+    chosen = checked_formats(tuple(getattr(settings, "formats", ()) or ()) or PRECISIONS)
+    plain = [f for f in chosen if f in NEEDS_IMPORTANCE]
+    if plain and (getattr(settings, "imatrix", "none") or "none") == "none":
+        raise EWQError(f"{', '.join(plain)} is rounded only with an importance matrix (ggml refuses without one, as "
+                       f"llama-quantize does); drop --no-imatrix, or {', '.join(plain)} from --formats")
+    return chosen
 
 
-def preset_formats(preset) -> tuple:
+def preset_formats(preset, weighted: bool = True) -> tuple:
     """The menu for a plan sized by a preset when --formats is not given: () (PRECISIONS) unless the preset is one
-    of the i-quant presets below 4 bits (IQ3_*, IQ2_*, IQ1_*), whose own mix has IQ3_XXS / IQ3_S tensors; then
-    PRECISIONS + IQ3, so EWQ may choose what the preset it is compared with uses."""
+    of the i-quant presets below 4 bits, whose own mix has these types: IQ3_* presets add IQ3_XXS / IQ3_S, IQ2_* and
+    IQ1_* presets IQ2_XS too (rounded with importance: `weighted`), so EWQ may choose what the preset it is compared
+    with uses."""
     from ..presets import preset_ftype
 
-    if preset is None or not any(f"_IQ{n}_" in preset_ftype(preset) for n in (1, 2, 3)):
-        return ()
-    return PRECISIONS + IQ3
+    ftype = "" if preset is None else preset_ftype(preset)
+    if any(f"_IQ{n}_" in ftype for n in (1, 2)):
+        return PRECISIONS + IQ3 + (IQ2 if weighted else ())
+    return PRECISIONS + IQ3 if "_IQ3_" in ftype else ()
 
 
 def checked_formats(chosen: tuple, flag: str = "--formats") -> tuple:
