@@ -108,7 +108,8 @@ def save_wordpiece_tokenizer(directory) -> int:
     return len(vocab)
 
 
-def build_tiny_encoder(kind: str, directory: Path, seed: int = 0, pooling: str | None = "mean") -> Path:
+def build_tiny_encoder(kind: str, directory: Path, seed: int = 0, pooling: str | None = "mean",
+                       outlier_gain: float = 0.0) -> Path:
     import json
 
     import transformers
@@ -126,6 +127,10 @@ def build_tiny_encoder(kind: str, directory: Path, seed: int = 0, pooling: str |
         for name, p in model.named_parameters():
             if p.dim() == 2 and ".layer." in name:
                 p.mul_(1 + int(name.split(".layer.")[1].split(".")[0]))
+        if outlier_gain:  # one activation channel far above the rest at every FFN input, as in MiniLM-L6: random
+            for name, p in model.named_parameters():  # weights alone have none, and whether a per-tensor int8
+                if name.endswith("attention.output.LayerNorm.weight"):  # kernel then gains from outlier channels
+                    p[0] *= outlier_gain  # depends on the CPU (VNNI or not)
     model.save_pretrained(directory, safe_serialization=True)
     if pooling:  # sentence-transformers' pooling files, as all-MiniLM-L6-v2 ships them
         (directory / "1_Pooling").mkdir()

@@ -81,7 +81,7 @@ def test_export_follows_the_plan_in_sentence_transformers_layout(bert_export):
     assert list(scale.dims) == [64]
 
 
-def test_backend_measures_what_the_file_computes(bert_export, tmp_path):
+def test_backend_measures_what_the_file_computes(tiny_encoder, tmp_path):
     """The executor the sweep and benchmarks use (each matrix through ONNX Runtime's quantizer and kernel, outlier
     channels chosen on calibration sentences) gives the exported file's vectors: what is measured is what users run.
     The outlier channels are split out of the int8 products with standard ops (Mul, Gather, MatMul)."""
@@ -94,12 +94,15 @@ def test_backend_measures_what_the_file_computes(bert_export, tmp_path):
     from ewq.onnx_export import onnx_file
     from ewq.source import load_tokenizer
 
-    model, plan_path, _ = bert_export
+    model = tiny_encoder("bert", outlier_gain=30.0)
+    plan_path = tmp_path / "plan.json"
+    write_plan(model, plan_path)
     out = tmp_path / "outliers"
     assert run_cli(export_main, ["onnx", "--plan", str(plan_path), "--model", str(model), "--out", str(out),
                                  "--outlier-channels", "1"]) == 0  # (1: two candidates a matrix, quick)
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["outlier_channels"] == 1 and meta["outliers"]
+    # the planted channel is taken out of the int8 product of each block's 8-bit FFN input matrix
+    assert meta["outlier_channels"] == 1 and {"1.intermediate.dense": [0]}.items() <= meta["outliers"].items(), meta
     graph = onnx_lib.load(str(onnx_file(out))).graph
     assert sum(n.op_type == "Gather" and "ewq_outliers" in n.name for n in graph.node) == len(meta["outliers"])
     ckpt = open_checkpoint(model)
