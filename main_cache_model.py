@@ -105,6 +105,10 @@ def parse_args(argv):
                         "than the preset's, by llama.cpp's CPU kernel time per weight of each format (measured on "
                         "AVX2: ewq.backends.llamacpp.DECODE_COST); a number F, at least F x the preset's speed; any: "
                         "the size is the only limit (slower formats such as Q5_0 may then buy quality)")
+    p.add_argument("--decode-cost", default=None, metavar="FILE",
+                   help="with --target PRESET: time --speed by the kernel costs measured on the CPU the GGUF will run "
+                        "on (the decode_cost.json of python bench/decode_cost.py there) instead of the built-in AVX2 "
+                        "table")
     imatrix = p.add_mutually_exclusive_group()
     imatrix.add_argument("--imatrix", default=None, metavar="FILE",
                          help="--backend llama.cpp: weight the rounding with this llama.cpp importance matrix "
@@ -176,7 +180,8 @@ def main(argv=None):
                                    int8_activations=args.int8_activations, sweep=args.sweep, device=args.device,
                                    target=args.target, target_bpw=args.target_bpw,
                                    imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
-                                   formats=parse_formats(args.formats), speed=args.speed)
+                                   formats=parse_formats(args.formats), speed=args.speed,
+                                   decode_cost=args.decode_cost)
     print(format_summary(plan))
     if args.write_hf_config:
         from ewq.hf import write_plan_hf_config

@@ -245,7 +245,8 @@ def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, we
     cmd = [sys.executable, "-m", "ewq.export", "gguf", "--model", model, "--target", preset, "--out", out,
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
            *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"]),
-           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", str(args.ewq_speed)]
+           *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", str(args.ewq_speed),
+           *(["--decode-cost", args.ewq_decode_cost] if args.ewq_decode_cost else [])]
     p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
     plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
     log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
@@ -469,6 +470,10 @@ def parse_args(argv=None):
                    help="python -m ewq.export gguf --speed: preset (default), EWQ's files also decode no slower than "
                         "the preset's by EWQ's kernel cost table; F, at least F x its speed; any: size is their only "
                         "limit (files named ...-ewq-any-PRESET... or ...-ewq-speedF-PRESET..., beside the default's)")
+    p.add_argument("--ewq-decode-cost", default=None, metavar="FILE",
+                   help="python -m ewq.export gguf --decode-cost: time EWQ's speed limit by this CPU's kernel costs "
+                        "(bench/decode_cost.py's decode_cost.json) instead of the built-in AVX2 table (files named "
+                        "...-ewq-dcXXXXXX-PRESET...)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
                         "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
@@ -505,11 +510,15 @@ def check_args(args) -> tuple[Path, list, list, list]:
 
     for preset in presets:
         preset_ftype(preset)  # an unknown name is one line before anything is built
-    from ewq.backends.llamacpp import check_speed, parse_formats  # here: the module imports torch
+    from ewq.backends.llamacpp import check_speed, decode_cost_table, parse_formats  # here: it imports torch
 
     if args.ewq_formats is not None:
         args.ewq_formats = list(parse_formats(args.ewq_formats, "--ewq-formats"))
     args.ewq_speed = check_speed(args.ewq_speed)
+    if args.ewq_decode_cost is not None:
+        if args.ewq_speed == "any":
+            raise EWQError("--ewq-decode-cost times EWQ's files against the presets': drop --ewq-speed any")
+        decode_cost_table(args.ewq_decode_cost)  # an unreadable table is one line before anything is built
     if args.calib_tokens < 2:
         raise EWQError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     for flag, f in (("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
@@ -559,11 +568,13 @@ def plain_refused(model: Path, presets: list, reference_type: str) -> list:
 
 def ewq_tag(args) -> str:
     """'ewq-' for the default menu and speed limit, with '<6 hex of the --ewq-formats list>-' for another menu and
-    'any-' without the speed limit: files of different settings never share a name (nor does --reuse take one for
-    the other)."""
+    'any-' without the speed limit, 'dc<6 hex of the file>-' timed by an --ewq-decode-cost table: files of different
+    settings never share a name (nor does --reuse take one for the other)."""
     menu = f"{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-" if args.ewq_formats else ""
     speed = "" if args.ewq_speed == "preset" else "any-" if args.ewq_speed == "any" else f"speed{args.ewq_speed:g}-"
-    return f"ewq-{menu}{speed}"
+    table = f"dc{hashlib.sha256(Path(args.ewq_decode_cost).read_bytes()).hexdigest()[:6]}-" \
+        if args.ewq_decode_cost else ""
+    return f"ewq-{menu}{speed}{table}"
 
 
 def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:
@@ -676,7 +687,8 @@ def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, 
                      "rounds": args.rounds, "ctx": args.ctx, "chunks": args.chunks,
                      "scored_tokens": args.chunks * (args.ctx - 1 - args.ctx // 2), "kld_reference": bf16.name,
                      "kld_units": "nats", "mb": "1e6 bytes",
-                     "ewq_formats": args.ewq_formats or "default menu", "ewq_speed": args.ewq_speed},
+                     "ewq_formats": args.ewq_formats or "default menu", "ewq_speed": args.ewq_speed,
+                     "ewq_decode_cost": args.ewq_decode_cost or "built-in (AVX2)"},
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),
     }

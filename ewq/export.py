@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import check_speed, ggml_type, parse_formats, raw_type
+from .backends.llamacpp import check_speed, decode_cost_table, ggml_type, parse_formats, raw_type
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -137,9 +137,13 @@ def add_gguf_parser(formats):
     g.add_argument("--speed", default=None, metavar="preset|F|any",
                    help="no --plan, --target PRESET: preset (default), the file also decodes no slower than the "
                         "preset's, by llama.cpp's CPU kernel time per weight of each format (measured on AVX2: "
-                        "ewq.backends.llamacpp.DECODE_COST); a number F, at least F x the preset's speed (0.95 trades "
+                        "ewq.backends.llamacpp.DECODE_COST, or --decode-cost); a number F, at least F x the preset's speed (0.95 trades "
                         "5%% of it for quality); any: the size is the only limit (slower formats such as Q5_0 may then "
                         "buy quality)")
+    g.add_argument("--decode-cost", default=None, metavar="FILE",
+                   help="no --plan, --target PRESET: time --speed by the kernel costs measured on the CPU the file "
+                        "will run on (the decode_cost.json of python bench/decode_cost.py there, ~15 minutes) instead "
+                        "of the built-in AVX2 table; other CPUs order the formats differently")
     g.add_argument("--calib-text", default=None,
                    help="no --plan: UTF-8 calibration text for the sweep (default: the end of gensim's "
                         "lee_background.cor); evaluate on other text")
@@ -166,7 +170,7 @@ def add_gguf_parser(formats):
 
 
 PLANNING_FLAGS = (("--formats", "formats"), ("--calib-text", "calib_text"), ("--calib-tokens", "calib_tokens"),
-                  ("--sweep", "sweep"), ("--speed", "speed"))
+                  ("--sweep", "sweep"), ("--speed", "speed"), ("--decode-cost", "decode_cost"))
 
 
 def plan_for_target(args) -> Path:
@@ -185,7 +189,7 @@ def plan_for_target(args) -> Path:
                                    calib_text=args.calib_text, formats=formats, sweep=args.sweep or "fast",
                                    models_dir=args.models_dir, out_dir=args.plans_dir, progress=not args.no_progress,
                                    imatrix="none" if args.no_imatrix else args.imatrix or "calibration",
-                                   speed=args.speed or "preset")
+                                   speed=args.speed or "preset", decode_cost=args.decode_cost)
     print(f"{'reused' if reused else 'made'} plan {path}")
     return path
 
@@ -204,6 +208,11 @@ def check_gguf_args(args) -> None:
         raise EWQError("--speed compares the file's decode speed with a preset's: it needs --target PRESET")
     if args.speed is not None:
         check_speed(args.speed)
+    if args.decode_cost is not None:
+        if args.target is None or str(check_speed(args.speed or "preset")) == "any":
+            raise EWQError("--decode-cost times the file against its preset's: it needs --target PRESET and a "
+                           "--speed other than any")
+        decode_cost_table(args.decode_cost)  # an unreadable table is one line before the checkpoint is opened
     if target and args.llama_quantize_args:
         raise EWQError("--llama-quantize-args writes the k-quants unquantized, so the file cannot meet a size "
                        f"target; drop one of them")
@@ -254,7 +263,8 @@ def gguf_main(args) -> None:
               f"bytes smaller")
     if "decode_cost" in method:
         print(f"decode time by llama.cpp's CPU kernel costs (--speed {target['speed']}): {method['decode_cost']['plan']:.3f}x the "
-              f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x)")
+              f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x); kernel costs "
+              f"{method['decode_cost'].get('table', 'built-in')}")
     elif str(target.get("speed", "")).startswith("any:"):
         print(f"decode speed not limited: {target['speed'][len('any: '):]}")
     print(f"plan: {plan_path}")

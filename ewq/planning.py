@@ -18,7 +18,7 @@ import torch
 from . import allocate, sensitivity
 from .analysis import analyze
 from .backends import GROUP_SIZES, QuantSettings, get_backend
-from .backends.llamacpp import check_speed
+from .backends.llamacpp import check_speed, decode_cost_table
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -72,7 +72,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
               force: bool = False, models_dir="models", out_dir="quantized_models", progress: bool = True,
               backend: str = "bitsandbytes", group_size: int = DEFAULT_GROUP_SIZE, granularity: str = "block",
               device: str = "cpu", calib_sentences=None, int8_activations: bool = False, sweep: str = "fast",
-              formats=(), target=None, target_bpw=None, imatrix: str = "calibration", speed: str = "preset"):
+              formats=(), target=None, target_bpw=None, imatrix: str = "calibration", speed: str = "preset",
+              decode_cost=None):
     """checkpoint -> analysis -> (sensitivity) -> plan file. Returns (path, plan, reused).
 
     Without a size target, `entropy` at block granularity applies the mu/sigma rule; every other method
@@ -83,7 +84,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     llama-quantize --imatrix: "calibration" (EWQ's own from the calibration text), a llama.cpp imatrix file, or
     "none" (plain rounding). `speed` (a sensitivity plan for a preset): "preset", the file must also decode no
     slower than the preset's by llama.cpp's CPU kernel cost per format (ewq.backends.llamacpp.DECODE_COST); a number
-    F, at least F x the preset's speed; "any", the size is the only limit."""
+    F, at least F x the preset's speed; "any", the size is the only limit. `decode_cost`: the kernel cost table of
+    the CPU the file will run on (bench/decode_cost.py's decode_cost.json) instead of DECODE_COST's AVX2 one."""
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if not math.isfinite(k) or k < 0:
@@ -109,6 +111,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
     if file_target is not None and "preset" in file_target and method == "sensitivity":
         file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
+    if decode_cost is not None:
+        if file_target is None or "preset" not in file_target or method != "sensitivity" or speed == "any":
+            raise EWQError("--decode-cost times a plan against its preset's file: it needs --target PRESET (a "
+                           "sensitivity plan, --backend llama.cpp) and a --speed other than any")
+        file_target["decode_cost"] = decode_cost_table(decode_cost)  # so is the table it was timed by
     if backend == "llama.cpp" and not formats and target is not None:
         formats = get_backend(backend).preset_formats(target, imatrix != "none")  # an IQ3/IQ2 preset: its i-quants
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
@@ -148,21 +155,24 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
 
 
 def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tuple | None:
-    """(times, preset time, limit) for a plan held to its preset's decode speed (target["speed"] "preset", or a
+    """(times, preset time, limit, where the kernel costs were measured) for a plan held to its preset's decode speed (target["speed"] "preset", or a
     fraction F of it: the limit is the preset's time / F): each item's decode time in each format it can take (its
-    weights x DECODE_COST of the format; nothing for the token embeddings of a model with its own head: one row of
+    weights x the kernel cost of the format, target["decode_cost"]'s table or DECODE_COST; nothing for the token embeddings of a model with its own head: one row of
     them is read per token) and the preset file's (`preset`: presets.preset_size of `shape`). None without the
     limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
     from . import presets
-    from .backends.llamacpp import DECODE_COST, ggml_type, raw_type
+    from .backends.llamacpp import ggml_type, raw_type
 
     speed = target.get("speed")
     if not (speed == "preset" or isinstance(speed, float)):
         return None
+    measured = target.get("decode_cost") or decode_cost_table()
+    cost, source = measured["table"], measured["source"]
     weights = presets.decode_weights(shape)
     types = preset.types
     raw = raw_type(ckpt)
-    missing = sorted(({types[n] for n in weights} | {raw}) - set(DECODE_COST))
+    missing = sorted(({types[n] for n in weights} | {raw} | {ggml_type(p) for s in sizes for p in s if p != "raw"})
+                     - set(cost))
     if missing:
         target["speed"] = f"any: no kernel cost measured for {', '.join(missing)}"
         return None
@@ -170,9 +180,9 @@ def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tu
     times = []
     for it, s in zip(items, sizes):
         decoded = it["block"] is not None or gguf_name.get(it["matrix"]) in weights
-        times.append({p: decoded * it["params"] * DECODE_COST[raw if p == "raw" else ggml_type(p)] for p in s})
-    preset_time = sum(w * DECODE_COST[types[n]] for n, w in weights.items())
-    return times, preset_time, preset_time / (1.0 if speed == "preset" else speed)
+        times.append({p: decoded * it["params"] * cost[raw if p == "raw" else ggml_type(p)] for p in s})
+    preset_time = sum(w * cost[types[n]] for n, w in weights.items())
+    return times, preset_time, preset_time / (1.0 if speed == "preset" else speed), source
 
 
 def llamacpp_target(preset, target_bpw, target_bits, max_weight_gb, backend: str) -> dict | None:
@@ -370,14 +380,14 @@ def sensitivity_allocation(source, ckpt, analysis, items, sizes, budget, menu, s
     if decode is None:
         precisions = allocate.optimal_allocation(costs, sizes, budget)
     else:  # no slower than the preset either: the decode time each item takes in each format, and the preset's
-        times, preset_time, limit = decode
+        times, preset_time, limit, table = decode
         precisions = allocate.timed_allocation(costs, sizes, budget, times, limit)
         unlimited = allocate.optimal_allocation(costs, sizes, budget)
         method_info["decode_cost"] = {
             "plan": round(sum(t[p] for t, p in zip(times, precisions)) / preset_time, 4),
             "without_limit": round(sum(t[p] for t, p in zip(times, unlimited)) / preset_time, 4),
-            "unit": "x the preset's file: summed weights x llama.cpp CPU kernel time per weight of their format "
-                    "(ewq.backends.llamacpp.DECODE_COST)"}
+            "unit": "x the preset's file: summed weights x llama.cpp CPU kernel time per weight of their format",
+            "table": table}
     how = "estimated to second order (Fisher, fast sweep)" if calibration.sweep_kind == "fast" else "measured"
     if calibration.imatrix_file is not None:  # the file export rounds with by default (python -m ewq.export gguf)
         method_info["imatrix"] = {"file": str(Path(calibration.imatrix_file).resolve()),

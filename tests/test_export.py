@@ -108,6 +108,26 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
     any_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
     assert any_plan["method"]["target"]["speed"] == "any" and "decode_cost" not in any_plan["method"]
     assert any_plan["run"]["sensitivity_cached"] and plan_hash(any_plan) != plan_hash(plan)
+    # --decode-cost FILE: the limit timed by the kernel costs measured on the CPU the file will run on (here a CPU
+    # whose k-quant and IQ4_XS kernels are 4x faster than this table's, relative to Q4_0, Q5_0, Q8_0, IQ4_NL)
+    fast = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS")
+    measured = {f: round(c * (0.25 if f in fast else 1.0), 4) for f, c in DECODE_COST.items()}
+    table = write_json_atomic(tmp_path / "decode_cost.json", {
+        "schema_version": 1, "cpu": {"model_name": "Other CPU", "flags": {"avx512f": True}},
+        "formats": [{"format": f, "cost_vs_q4_0_mean": c} for f, c in measured.items()]})
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "dc.gguf"),
+                                 "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress",
+                                 "--decode-cost", str(table)])
+    io = capsys.readouterr()
+    assert code == 0, io.err
+    dc_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "dc.gguf").tensors}
+    timed = sum(n * measured[written[k]] for k, n in decode.items())
+    preset_time = sum(n * measured[target.types[k]] for k, n in decode.items())
+    assert timed <= preset_time and dc_plan["method"]["decode_cost"]["plan"] == pytest.approx(timed / preset_time,
+                                                                                              abs=1e-3)
+    assert dc_plan["method"]["target"]["decode_cost"]["table"] == measured and plan_hash(dc_plan) != plan_hash(plan)
+    assert dc_plan["method"]["decode_cost"]["table"].startswith("measured: Other CPU") and "Other CPU" in io.out
 
 
 def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, capsys):
@@ -201,6 +221,9 @@ def test_iq2_xs_is_written_only_with_importance(tiny_factory, tmp_path, capsys):
     (["--target-bpw", "-1"], "--target-bpw must be a positive number"),
     ([], "give --plan PLAN, or --target PRESET"),
     (["--target", "Q4_K_M", "--llama-quantize-args"], "cannot meet a size target"),
+    (["--target-bpw", "5", "--decode-cost", "decode_cost.json"], "--decode-cost times the file against its preset's"),
+    (["--target", "Q4_K_M", "--decode-cost", "no_such.json"], "--decode-cost no_such.json: no such file"),
+    (["--target", "Q4_K_M", "--decode-cost", "README.md"], "is not a decode cost table"),
 ])
 def test_a_target_that_cannot_be_met_is_one_line_and_writes_nothing(tiny_factory, tmp_path, capsys, args, message):
     model = tiny_factory("llama", **KQ)

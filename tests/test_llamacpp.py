@@ -65,14 +65,22 @@ def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_
         args = bench.parse_args(["--model", model, "--presets", "Q8_0", "--ewq-speed", speed])
         bench.check_args(args)
         names[speed] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
+    table = tmp_path / "decode_cost.json"  # --ewq-decode-cost: files timed by another CPU's table are named apart
+    table.write_text(json.dumps({"schema_version": 1, "formats": [{"format": "Q4_0", "cost_vs_q4_0_mean": 1.0}]}))
+    args = bench.parse_args(["--model", model, "--presets", "Q8_0", "--ewq-decode-cost", str(table)])
+    bench.check_args(args)
+    names["dc"] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
+    assert names["dc"][0].startswith("m-ewq-dc") and names["dc"][0] not in names[None]
     assert names["any"][0] == "m-ewq-any-Q8_0.gguf" and names["0.95"][0] == "m-ewq-speed0.95-Q8_0.gguf"
     assert names[None] == ["m-ewq-Q8_0.gguf", "m-ewq-Q8_0-imatrix.gguf"]
     assert names["Q8_0,Q5_1"] == names["q8_0, Q5_1"]  # the same menu, however written
-    assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 10
+    assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 12
     out = tmp_path / "out"
-    assert run_cli(bench.main, ["--model", model, "--out-dir", str(out), "--ewq-formats", "Q8_0,Q7_K"]) == 2
-    err = capsys.readouterr().err
-    assert "Q7_K" in err and err.count("\n") == 1 and not out.exists()
+    for bad, message in ((["--ewq-formats", "Q8_0,Q7_K"], "Q7_K"), (["--ewq-decode-cost", str(model)], "is not a decode "
+                                                                     "cost table")):
+        assert run_cli(bench.main, ["--model", model, "--out-dir", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_bench_ladder_table_gives_kld_and_speed_as_multiples_of_the_imatrix_preset():

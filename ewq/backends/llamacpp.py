@@ -124,6 +124,34 @@ def check_speed(speed) -> str | float:
     return "preset" if fraction == 1 else fraction
 
 
+def decode_cost_table(path=None) -> dict:
+    """{"table": {ggml type: time per weight relative to Q4_0}, "source": where it was measured}: DECODE_COST (this
+    repository's AVX2 EPYC), or the table bench/decode_cost.py measured on the CPU the file will run on (its
+    decode_cost.json: each format's cost_vs_q4_0_mean), for --decode-cost FILE. A file that lacks a type the plan or
+    its preset needs makes the speed limit say so (planning.llamacpp_decode_limit)."""
+    if path is None:
+        return {"table": dict(DECODE_COST), "source": "built-in: AMD EPYC, AVX2 (ewq.backends.llamacpp.DECODE_COST)"}
+    import json
+
+    path = Path(path)
+    fix = "give the decode_cost.json that bench/decode_cost.py writes"
+    try:
+        measured = json.loads(path.read_text())
+        rows = measured["formats"]
+        table = {r["format"]: float(r["cost_vs_q4_0_mean"]) for r in rows if r.get("cost_vs_q4_0_mean") is not None}
+    except FileNotFoundError:
+        raise EWQError(f"--decode-cost {path}: no such file; {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise EWQError(f"--decode-cost {path} is not a decode cost table; {fix}") from None
+    if measured.get("schema_version") != 1 or table.get("Q4_0") != 1.0 or not all(v > 0 for v in table.values()):
+        raise EWQError(f"--decode-cost {path} is not a decode cost table measured against Q4_0 (schema_version 1, "
+                       f"Q4_0 = 1); {fix} (with Q4_0 among its --formats)")
+    cpu = measured.get("cpu") or {}
+    flags = ", ".join(f for f, on in (cpu.get("flags") or {}).items() if on)
+    return {"table": {k: round(v, 4) for k, v in sorted(table.items())},
+            "source": f"measured: {cpu.get('model_name', 'unknown CPU')}{f' ({flags})' if flags else ''}"}
+
+
 def raw_type(ckpt) -> str:
     """The lossless 16-bit type a plan's "raw" matrices are written in (F16 for fp16 weights, BF16 otherwise)."""
     dtypes = {t.dtype for b in ckpt.blocks for t in b.matrices}
