@@ -353,10 +353,19 @@ def grab(pattern: str, text: str, what: str, n: int = 1):
     return tuple(float(m.group(i + 1)) for i in range(n)) if n > 1 else float(m.group(1))
 
 
+def perplexity_flags(cpu: dict) -> list:
+    """llama-perplexity's extra flags on this CPU: --no-repack where the CPU reports AMX. This llama.cpp's AMX matrix
+    kernel (the weights repacked for it, used for batches of tokens) dies with SIGILL at its first `tilezero` on
+    this repository's 2-core Xeon VM, whose cpuid reports amx_tile/amx_int8 (every quantized file; BF16 and tg64 were
+    unaffected); without the repacked layout the same product runs in the AVX-512 kernels."""
+    return ["--no-repack"] if cpu["flags"].get("amx") else []
+
+
 def perplexity_base(bin_dir: Path, bf16: Path, text: Path, base: Path, args) -> dict:
     start = time.perf_counter()
     p = run([bin_dir / "llama-perplexity", "-m", bf16, "-f", text, "--kl-divergence-base", base, "-c", args.ctx,
-             "--chunks", args.chunks, "-t", max(args.threads), "-tb", max(args.threads), "--seed", 0],
+             "--chunks", args.chunks, "-t", max(args.threads), "-tb", max(args.threads), "--seed", 0,
+             *args.perplexity_flags],
             "llama-perplexity --kl-divergence-base")
     out = p.stdout + p.stderr
     chunks = int(grab(r"over (\d+) chunks", out, "the chunk count"))
@@ -371,8 +380,8 @@ def perplexity_base(bin_dir: Path, bf16: Path, text: Path, base: Path, args) -> 
 def perplexity_kld(bin_dir: Path, gguf: Path, base: Path, args) -> dict:
     start = time.perf_counter()
     p = run([bin_dir / "llama-perplexity", "-m", gguf, "--kl-divergence-base", base, "--kl-divergence",
-             "-c", args.ctx, "--chunks", args.chunks, "-t", max(args.threads), "-tb", max(args.threads), "--seed", 0],
-            f"llama-perplexity --kl-divergence on {gguf.name}")
+             "-c", args.ctx, "--chunks", args.chunks, "-t", max(args.threads), "-tb", max(args.threads), "--seed", 0,
+             *args.perplexity_flags], f"llama-perplexity --kl-divergence on {gguf.name}")
     out = p.stdout + p.stderr
     ppl, ppl_unc = grab(rf"Mean PPL\(Q\)\s*:\s*{FLOAT}\s*±\s*{FLOAT}", out, "Mean PPL(Q)", 2)
     kld, kld_unc = grab(rf"Mean\s+KLD:\s*{FLOAT}\s*±\s*{FLOAT}", out, "Mean KLD", 2)
@@ -688,7 +697,8 @@ def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, 
                      "scored_tokens": args.chunks * (args.ctx - 1 - args.ctx // 2), "kld_reference": bf16.name,
                      "kld_units": "nats", "mb": "1e6 bytes",
                      "ewq_formats": args.ewq_formats or "default menu", "ewq_speed": args.ewq_speed,
-                     "ewq_decode_cost": args.ewq_decode_cost or "built-in (AVX2)"},
+                     "ewq_decode_cost": args.ewq_decode_cost or "built-in (AVX2)",
+                     "perplexity_flags": getattr(args, "perplexity_flags", [])},
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),
     }
@@ -726,6 +736,10 @@ def main(argv=None) -> int:
     calib, text = texts(args, model, out_dir)
     cpu = cpu_info()
     log(f"CPU: {cpu['model_name']}, {cpu['logical_cpus']} logical CPUs; " + cpu_flags(cpu))
+    args.perplexity_flags = perplexity_flags(cpu)
+    if args.perplexity_flags:
+        log(f"llama-perplexity {' '.join(args.perplexity_flags)}: this CPU has AMX, whose kernel in this llama.cpp "
+            f"dies with SIGILL in batched products (bench/llamacpp.py, perplexity_flags)")
 
     bf16, rows, bin_dir, tools, imatrix = make_files(args, model, out_dir, names[0], presets, extra, plans,
                                                      Path(calib["file"]))
