@@ -93,8 +93,8 @@ def parse_args(argv):
     p.add_argument("--formats", default=None,
                    help="--backend llama.cpp: the ggml types a plan chooses from, comma-separated (default "
                         "Q8_0,Q6_K,Q5_K,Q4_K,Q5_0,Q4_0,IQ4_NL,IQ4_XS,Q3_K,Q2_K, each only where a matrix's rows are "
-                        "whole blocks of it; Q4_1/Q5_1 are left out by default because they re-find the "
-                        "embedded SmolLM2's Q4_1 grid; on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
+                        "whole blocks of it, and for a sensitivity plan Q5_1,Q4_1 unless the weights sit on a Q4_1 grid, "
+                        "as the embedded SmolLM2's do (they went through GGUF Q4_1: those formats re-find it); on that model Q4_K/Q5_K, with a minimum per 32, can partly too: "
                         "Q8_0,Q6_K,Q5_0,Q4_0 keeps only symmetric formats; IQ3_XXS and IQ3_S, the 3-bit i-quants, "
                         "join the default only with --target IQ3_*/IQ2_*/IQ1_*, and IQ2_XS (2.31 bits, rounded only "
                         "with an importance matrix, never for the embeddings) with --target IQ2_*/IQ1_*: they take "

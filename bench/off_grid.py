@@ -31,27 +31,11 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ewq.analysis import GRID_BLOCK, q4_1_grid_distance, q4_1_steps  # noqa: E402
 from ewq.common import EWQError  # noqa: E402
 
-BLOCK = 32  # Q4_1's block
-
-
-def q4_1_steps(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocks of 32 along each row: their minimum, their Q4_1 step, and the weights viewed as (blocks, 32)."""
-    blocks = weight.float().reshape(-1, BLOCK)
-    low, high = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
-    return low, ((high - low) / 15).clamp_min(1e-12), blocks
-
-
-def grid_distance(weight: torch.Tensor) -> float:
-    """Mean distance of a weight to the nearest point of its block's Q4_1 grid, in steps (0 = on the grid)."""
-    low, step, blocks = q4_1_steps(weight)
-    position = (blocks - low) / step
-    return float((position - position.round()).abs().mean())
-
-
 def off_grid(weight: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
-    _, step, blocks = q4_1_steps(weight)
+    blocks, _, step = q4_1_steps(weight)
     moved = blocks + torch.randn(blocks.shape, generator=generator) * step * noise
     return moved.reshape(weight.shape).to(weight.dtype)
 
@@ -99,10 +83,10 @@ def main(argv=None) -> int:
             for name in f.keys():
                 weight = f.get_tensor(name)
                 # the matrices GGUF quantized: 2-D, rows of whole 32-blocks (norms stayed float in the GGUF)
-                if weight.dim() == 2 and weight.shape[1] % BLOCK == 0:
+                if weight.dim() == 2 and weight.shape[1] % GRID_BLOCK == 0:
                     moved = off_grid(weight, args.noise, generator)
-                    stats["before"].append(grid_distance(weight))
-                    stats["after"].append(grid_distance(moved))
+                    stats["before"].append(q4_1_grid_distance(weight))
+                    stats["after"].append(q4_1_grid_distance(moved))
                     stats["relative_change"].append(float((moved.float() - weight.float()).norm() / weight.float().norm()))
                     stats["moved"] += 1
                     weight = moved

@@ -149,3 +149,43 @@ def fingerprint_in_memory(ckpt: Checkpoint, tensors: dict) -> str:
 
 def fingerprint(ckpt: Checkpoint, progress: bool = True) -> str:
     return analyze(ckpt, progress=progress, fingerprint_only=True).fingerprint
+
+
+# A checkpoint converted from a GGUF file with a float minimum per 32 weights (Q4_1: the embedded SmolLM2's) has every
+# block weight on its 32-block's 16-level grid (minimum + step x q, step = (max - min) / 15). Formats of that family
+# (Q4_1, Q5_1) re-find the grid and look near-lossless there, which says nothing of the method, so the llama.cpp
+# sweep offers them only to checkpoints off such a grid (ewq.planning).
+GRID_BLOCK = 32
+GRID_SAMPLE_ROWS = 64
+ON_GRID_STEPS = 0.05  # mean distance to the grid, in steps: ~0.002 on SmolLM2, ~0.25 for weights with no grid
+
+
+def q4_1_steps(weight: torch.Tensor) -> tuple:
+    """(the weights as 32-blocks along each row, [n, 32] float32; each block's minimum; its Q4_1 grid step)."""
+    blocks = weight.float().reshape(-1, GRID_BLOCK)
+    low, high = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
+    return blocks, low, ((high - low) / 15).clamp_min(1e-12)
+
+
+def q4_1_grid_distance(weight: torch.Tensor) -> float:
+    """Mean distance of a weight to the nearest point of its 32-block's Q4_1 grid, in grid steps (0: on the grid;
+    about 0.25 for weights with no grid). `weight`'s last dimension is whole 32-blocks."""
+    blocks, low, step = q4_1_steps(weight)
+    position = (blocks - low) / step
+    return float((position - position.round()).abs().mean())
+
+
+def on_q4_1_grid(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint's block weights sit on a Q4_1 grid (it went through GGUF Q4_1): the mean grid distance
+    of the first GRID_SAMPLE_ROWS rows of every matrix of the first block whose rows are whole 32-blocks (a few
+    hundred KB read) is below ON_GRID_STEPS."""
+    distances = []
+    for t in ckpt.blocks[0].matrices if ckpt.blocks else ():
+        if len(t.shape) == 2 and t.shape[-1] % GRID_BLOCK == 0:
+            try:
+                with safe_open(str(t.file), framework="pt") as f:
+                    distances.append(q4_1_grid_distance(f.get_slice(t.name)[:GRID_SAMPLE_ROWS]))
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt data
+                raise EWQError(f"cannot read tensor {t.name} from {t.file}: {e}; the file is corrupt or truncated") \
+                    from None
+    return bool(distances) and sum(distances) / len(distances) < ON_GRID_STEPS

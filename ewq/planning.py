@@ -11,14 +11,15 @@ byte budget by entropy order, by position, or by measured sensitivity (allocate.
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import allocate, sensitivity
-from .analysis import analyze
+from .analysis import analyze, on_q4_1_grid
 from .backends import GROUP_SIZES, QuantSettings, get_backend
-from .backends.llamacpp import check_speed, decode_cost_table
+from .backends.llamacpp import FLOAT_MINIMUM, PRECISIONS, check_speed, decode_cost_table
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -116,7 +117,8 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
             raise EWQError("--decode-cost times a plan against its preset's file: it needs --target PRESET (a "
                            "sensitivity plan, --backend llama.cpp) and a --speed other than any")
         file_target["decode_cost"] = decode_cost_table(decode_cost)  # so is the table it was timed by
-    if backend == "llama.cpp" and not formats and target is not None:
+    default_menu = backend == "llama.cpp" and not formats
+    if default_menu and target is not None:
         formats = get_backend(backend).preset_formats(target, imatrix != "none")  # an IQ3/IQ2 preset: its i-quants
     settings = QuantSettings(backend=backend, quant_type=quant_type, group_size=group_size, formats=tuple(formats),
                              int8_activations=int8_activations, imatrix=imatrix if backend == "llama.cpp" else "none")
@@ -127,6 +129,9 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     out_dir = check_writable_dir(out_dir)
     source = resolve_model(model, models_dir)
     ckpt = open_checkpoint(source.path)
+    if default_menu and method == "sensitivity" and ckpt.kind == "decoder" and not on_q4_1_grid(ckpt):
+        # the float-minimum formats are measured too, unless the weights sit on the Q4_1 grid they would re-find
+        settings = replace(settings, formats=(settings.formats or PRECISIONS) + FLOAT_MINIMUM)
     wrong = "--calib-tokens" if ckpt.kind == "encoder" and calib_tokens is not None else \
         "--calib-sentences" if ckpt.kind == "decoder" and calib_sentences is not None else None
     if wrong:

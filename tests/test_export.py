@@ -41,6 +41,8 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
                               target_bits=5.5, out_dir=tmp_path, progress=False, calib_tokens=200)
     assert plan["other"]["matrices"] and set(plan["other"]["matrices"]) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert plan["size"]["avg_bits_per_weight"] <= 5.5 + 1e-9 and plan["checks"]["measured_kl"] > 0
+    # random weights sit on no Q4_1 grid: the float-minimum formats are measured beside the default menu
+    assert {"Q5_1", "Q4_1"} <= set(plan["method"]["formats"]["menu"])
     out = tmp_path / "plan.gguf"
     code, io = run_export(path, model, out, capsys)
     assert code == 0, io.err
@@ -313,3 +315,27 @@ def test_benchmark_without_llama_cpp_says_how_to_build_it(tiny_factory, tmp_path
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
     assert not (tmp_path / "q").exists() or not list((tmp_path / "q").glob("*.gguf"))
 
+
+
+def test_a_checkpoint_on_a_q4_1_grid_is_recognised(smollm2_dir, tiny_factory, tmp_path):
+    """The embedded SmolLM2 went through GGUF Q4_1: its weights sit on that grid, so Q4_1/Q5_1 (which re-find it) stay
+    out of its sweep's default menu; random weights sit on none, and the same weights snapped to the grid do."""
+    from safetensors.torch import load_file, save_file
+
+    from ewq.analysis import on_q4_1_grid, q4_1_steps
+
+    assert on_q4_1_grid(open_checkpoint(smollm2_dir))
+    model = tiny_factory("llama", **KQ)
+    assert not on_q4_1_grid(open_checkpoint(model))
+    snapped = tmp_path / "snapped"
+    snapped.mkdir()
+    for f in model.iterdir():
+        if f.suffix != ".safetensors":
+            (snapped / f.name).write_bytes(f.read_bytes())
+    weights = load_file(model / "model.safetensors")
+    for name, w in weights.items():
+        if w.dim() == 2 and w.shape[-1] % 32 == 0:
+            blocks, low, step = q4_1_steps(w)
+            weights[name] = (low + ((blocks - low) / step).round() * step).reshape(w.shape).to(w.dtype)
+    save_file(weights, snapped / "model.safetensors")
+    assert on_q4_1_grid(open_checkpoint(snapped))

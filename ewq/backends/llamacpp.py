@@ -68,10 +68,12 @@ TOKEN_NULL = -1  # LLAMA_TOKEN_NULL
 _backend_ready = False
 
 # the sweep's menu, the whole ladder from 8.5 down to 2.625 bits per weight (each offered only to matrices whose rows
-# are whole blocks of it: IQ4_NL and the legacy types blocks of 32, the k-quants and IQ4_XS 256). Q4_1/Q5_1 (float
-# minimum per 32) are left out by default: they re-find the grid of a checkpoint that went through GGUF Q4_1 (the
-# embedded SmolLM2 did) and would look falsely lossless there.
+# are whole blocks of it: IQ4_NL and the legacy types blocks of 32, the k-quants and IQ4_XS 256), and FLOAT_MINIMUM
+# (Q5_1/Q4_1, a float minimum per 32), which a sensitivity plan measures too unless the checkpoint's weights sit on
+# a Q4_1 grid (ewq.analysis.on_q4_1_grid: it went through GGUF Q4_1, as the embedded SmolLM2 did), where they re-find
+# it and would look falsely lossless.
 PRECISIONS = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+FLOAT_MINIMUM = ("Q5_1", "Q4_1")
 TORCH_MENU_AS = {"8-bit": "Q8_0", "4-bit": "Q4_0"}
 # the 3-bit i-quants (3.06 / 3.44 bits per weight, rows of whole 256-blocks): their grid searches make them the
 # slowest to emulate (~5 us per weight on one core, 4x IQ4_XS, 20x Q3_K), so a sweep measures them only when asked
@@ -81,7 +83,7 @@ IQ3 = ("IQ3_XXS", "IQ3_S")
 # emulate (~7 us per weight): measured only when asked, or when the --target preset is an IQ2/IQ1 one
 IQ2 = ("IQ2_XS",)
 # what a plan for this executor may name: every ggml type the exporter writes, and the torch menu's two
-ACCEPTS = PRECISIONS + ("Q5_1", "Q4_1") + IQ3 + IQ2 + tuple(TORCH_MENU_AS)
+ACCEPTS = PRECISIONS + FLOAT_MINIMUM + IQ3 + IQ2 + tuple(TORCH_MENU_AS)
 # Relative time per weight of llama.cpp's CPU matrix-vector kernels, each format's own (Q4_0 = 1): the decode time
 # of a token is about the summed weights x this of their formats. From tg64 of one-type files (llama-quantize --pure)
 # of a random 1.1B-shaped llama, medians at 1 and 2 threads averaged, on this repository's 2-core AVX2 EPYC (python
