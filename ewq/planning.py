@@ -160,11 +160,13 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
 
 
 def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tuple | None:
-    """(times, preset time, limit, where the kernel costs were measured) for a plan held to its preset's decode speed (target["speed"] "preset", or a
-    fraction F of it: the limit is the preset's time / F): each item's decode time in each format it can take (its
-    weights x the kernel cost of the format, target["decode_cost"]'s table or DECODE_COST; nothing for the token embeddings of a model with its own head: one row of
-    them is read per token) and the preset file's (`preset`: presets.preset_size of `shape`). None without the
-    limit, or when the preset writes a type the table lacks (target["speed"] then says so)."""
+    """(times, preset time, limit, where the kernel costs were measured) for a plan held to its preset's decode
+    speed (target["speed"] "preset", or a fraction F of it: the limit is the preset's time / F): each item's decode
+    time in each format it can take (its weights x the kernel cost of the format, from target["decode_cost"]'s table
+    or DECODE_COST; nothing for the token embeddings of a model with its own head: one row of them is read per token)
+    and the preset file's (`preset`: presets.preset_size of `shape`). None without the limit, or when the built-in
+    table lacks a type the plan or the preset needs (target["speed"] then says so); a measured table (--decode-cost)
+    that lacks one is refused."""
     from . import presets
     from .backends.llamacpp import ggml_type, raw_type
 
@@ -178,6 +180,9 @@ def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tu
     raw = raw_type(ckpt)
     missing = sorted(({types[n] for n in weights} | {raw} | {ggml_type(p) for s in sizes for p in s if p != "raw"})
                      - set(cost))
+    if missing and "decode_cost" in target:
+        raise EWQError(f"--decode-cost: the table has no cost for {', '.join(missing)}, which this plan or its preset "
+                       f"may use; measure them too (python bench/decode_cost.py --formats ...) or narrow --formats")
     if missing:
         target["speed"] = f"any: no kernel cost measured for {', '.join(missing)}"
         return None

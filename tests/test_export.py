@@ -130,6 +130,14 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
                                                                                               abs=1e-3)
     assert dc_plan["method"]["target"]["decode_cost"]["table"] == measured and plan_hash(dc_plan) != plan_hash(plan)
     assert dc_plan["method"]["decode_cost"]["table"].startswith("measured: Other CPU") and "Other CPU" in io.out
+    # a measured table without a format the plan may choose: refused, not silently unlimited
+    partial = write_json_atomic(tmp_path / "partial.json", {
+        "schema_version": 1, "formats": [{"format": "Q4_0", "cost_vs_q4_0_mean": 1.0}]})
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "p.gguf"),
+                                 "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress",
+                                 "--decode-cost", str(partial)])
+    err = capsys.readouterr().err
+    assert code == 2 and "the table has no cost for" in err and err.count("\n") == 1 and not (tmp_path / "p.gguf").exists()
 
 
 def test_a_planned_file_is_never_larger_than_its_target(tiny_factory, tmp_path, capsys):
