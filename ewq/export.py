@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import check_speed, decode_cost_table, ggml_type, parse_formats, raw_type
+from .backends.llamacpp import (builtin_table_warning, check_speed, decode_cost_table, ggml_type, parse_formats,
+                                raw_type)
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -265,6 +266,9 @@ def gguf_main(args) -> None:
         print(f"decode time by llama.cpp's CPU kernel costs (--speed {target['speed']}): {method['decode_cost']['plan']:.3f}x the "
               f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x); kernel costs "
               f"{method['decode_cost'].get('table', 'built-in')}")
+        warning = None if "decode_cost" in target else builtin_table_warning()
+        if warning:
+            print(warning, file=sys.stderr)
     elif str(target.get("speed", "")).startswith("any:"):
         print(f"decode speed not limited: {target['speed'][len('any: '):]}")
     print(f"plan: {plan_path}")

@@ -35,7 +35,7 @@ def run_export(plan, model, out, capsys, *extra):
     return code, capsys.readouterr()
 
 
-def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsys):
+def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsys, monkeypatch):
     model = tiny_factory("llama", **KQ)
     path, plan, _ = make_plan(str(model), method="sensitivity", granularity="matrix", backend="llama.cpp",
                               target_bits=5.5, out_dir=tmp_path, progress=False, calib_tokens=200)
@@ -102,6 +102,15 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
     assert sum(n * DECODE_COST[written[k]] for k, n in decode.items()) <= \
         sum(n * DECODE_COST[target.types[k]] for k, n in decode.items())
     assert plan["method"]["target"]["speed"] == "preset" and plan["method"]["decode_cost"]["plan"] <= 1.0
+    # the built-in table is an AVX2 CPU's: on another CPU the export says to measure that CPU's own
+    from ewq import probes
+
+    for flags, warned in (({"avx2", "fma"}, False), ({"avx2", "avx512f"}, True)):
+        monkeypatch.setattr(probes, "cpu_info", lambda flags=flags: ("Some CPU", flags))
+        code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(out),
+                                     "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
+        io = capsys.readouterr()
+        assert code == 0 and ("bench/decode_cost.py" in io.err and "--decode-cost" in io.err) == warned, io.err
     # --speed any: the size is the only limit; another plan (its own name), the sweep reused
     code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "any.gguf"),
                                  "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress", "--speed", "any"])
@@ -130,6 +139,7 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
                                                                                               abs=1e-3)
     assert dc_plan["method"]["target"]["decode_cost"]["table"] == measured and plan_hash(dc_plan) != plan_hash(plan)
     assert dc_plan["method"]["decode_cost"]["table"].startswith("measured: Other CPU") and "Other CPU" in io.out
+    assert "bench/decode_cost.py" not in io.err  # (the CPU is still the AVX-512 one patched in above)
     # a measured table without a format the plan may choose: refused, not silently unlimited
     partial = write_json_atomic(tmp_path / "partial.json", {
         "schema_version": 1, "formats": [{"format": "Q4_0", "cost_vs_q4_0_mean": 1.0}]})

@@ -154,6 +154,21 @@ def decode_cost_table(path=None) -> dict:
             "source": f"measured: {cpu.get('model_name', 'unknown CPU')}{f' ({flags})' if flags else ''}"}
 
 
+def builtin_table_warning() -> str | None:
+    """A line for a plan timed by the built-in table on a CPU unlike the one it was measured on (AVX2 without
+    AVX-512): on this repository's AVX-512 Xeon the formats order otherwise (Q5_0 4.6x Q4_0's time per weight, not
+    1.65x; docs/RESULTS.md, round 11). None on an AVX2-only x86 CPU."""
+    from ..probes import cpu_info
+
+    name, flags = cpu_info()
+    if "avx2" in flags and "avx512f" not in flags:
+        return None
+    why = "has AVX-512" if "avx512f" in flags else "is not an AVX2 x86 CPU"
+    return (f"note: the speed limit used the built-in kernel costs (AVX2, no AVX-512); this CPU ({name or 'unknown'}) "
+            f"{why}, where llama.cpp's formats can order otherwise: measure its own with python bench/decode_cost.py "
+            f"(~15 minutes) and plan again with --decode-cost DIR/decode_cost.json")
+
+
 def raw_type(ckpt) -> str:
     """The lossless 16-bit type a plan's "raw" matrices are written in (F16 for fp16 weights, BF16 otherwise)."""
     dtypes = {t.dtype for b in ckpt.blocks for t in b.matrices}
