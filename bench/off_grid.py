@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ewq.analysis import GRID_BLOCK, q4_1_grid_distance, q4_1_steps  # noqa: E402
-from ewq.common import EWQError  # noqa: E402
+from ewq.common import EWQError, run_cli  # noqa: E402
+
 
 def off_grid(weight: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
     blocks, _, step = q4_1_steps(weight)
@@ -50,16 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     src, out = Path(args.model), Path(args.out)
-    try:
-        if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
-            raise EWQError(f"{src} is not a checkpoint directory (config.json + *.safetensors)")
-        if out.exists():
-            raise EWQError(f"{out} exists; give a new directory (nothing is overwritten)")
-        if args.noise <= 0:
-            raise EWQError(f"--noise must be > 0 (got {args.noise})")
-    except EWQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
+        raise EWQError(f"{src} is not a checkpoint directory (config.json + *.safetensors)")
+    if out.exists():
+        raise EWQError(f"{out} exists; give a new directory (nothing is overwritten)")
+    if args.noise <= 0:
+        raise EWQError(f"--noise must be > 0 (got {args.noise})")
     generator = torch.Generator().manual_seed(args.seed)
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

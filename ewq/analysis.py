@@ -35,10 +35,11 @@ class Analysis:
     from_cache: bool = False       # served from the analysis cache (no weight read)
 
 
-def _read(t):
+def _read(t, rows: int | None = None):
+    """Tensor `t` from its file (only its first `rows` rows when given), or one line saying the file is damaged."""
     try:
         with safe_open(str(t.file), framework="pt") as f:
-            return f.get_tensor(t.name)
+            return f.get_tensor(t.name) if rows is None else f.get_slice(t.name)[:rows]
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt data
         raise EWQError(f"cannot read tensor {t.name} from {t.file}: {e}; the file is corrupt or truncated") from None
 
@@ -182,10 +183,5 @@ def on_q4_1_grid(ckpt: Checkpoint) -> bool:
     distances = []
     for t in ckpt.blocks[0].matrices if ckpt.blocks else ():
         if len(t.shape) == 2 and t.shape[-1] % GRID_BLOCK == 0:
-            try:
-                with safe_open(str(t.file), framework="pt") as f:
-                    distances.append(q4_1_grid_distance(f.get_slice(t.name)[:GRID_SAMPLE_ROWS]))
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt data
-                raise EWQError(f"cannot read tensor {t.name} from {t.file}: {e}; the file is corrupt or truncated") \
-                    from None
+            distances.append(q4_1_grid_distance(_read(t, GRID_SAMPLE_ROWS)))
     return bool(distances) and sum(distances) / len(distances) < ON_GRID_STEPS

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import (builtin_table_warning, check_speed, decode_cost_table, ggml_type, parse_formats,
+from .backends.llamacpp import (builtin_table_warning, check_speed, checked_decode_cost, ggml_type, parse_formats,
                                 raw_type)
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
@@ -209,11 +209,7 @@ def check_gguf_args(args) -> None:
         raise EWQError("--speed compares the file's decode speed with a preset's: it needs --target PRESET")
     if args.speed is not None:
         check_speed(args.speed)
-    if args.decode_cost is not None:
-        if args.target is None or str(check_speed(args.speed or "preset")) == "any":
-            raise EWQError("--decode-cost times the file against its preset's: it needs --target PRESET and a "
-                           "--speed other than any")
-        decode_cost_table(args.decode_cost)  # an unreadable table is one line before the checkpoint is opened
+    checked_decode_cost(args.decode_cost, args.target, args.speed or "preset")  # before the checkpoint is opened
     if target and args.llama_quantize_args:
         raise EWQError("--llama-quantize-args writes the k-quants unquantized, so the file cannot meet a size "
                        f"target; drop one of them")

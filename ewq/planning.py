@@ -19,7 +19,7 @@ import torch
 from . import allocate, sensitivity
 from .analysis import analyze, on_q4_1_grid
 from .backends import GROUP_SIZES, QuantSettings, get_backend
-from .backends.llamacpp import FLOAT_MINIMUM, PRECISIONS, check_speed, decode_cost_table
+from .backends.llamacpp import FLOAT_MINIMUM, PRECISIONS, check_speed, checked_decode_cost, decode_cost_table
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -112,11 +112,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
     if file_target is not None and "preset" in file_target and method == "sensitivity":
         file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
-    if decode_cost is not None:
-        if file_target is None or "preset" not in file_target or method != "sensitivity" or speed == "any":
-            raise EWQError("--decode-cost times a plan against its preset's file: it needs --target PRESET (a "
-                           "sensitivity plan, --backend llama.cpp) and a --speed other than any")
-        file_target["decode_cost"] = decode_cost_table(decode_cost)  # so is the table it was timed by
+    measured_cost = checked_decode_cost(decode_cost, target, speed)
+    if measured_cost is not None:
+        if method != "sensitivity":
+            raise EWQError("--decode-cost times a sensitivity plan's formats; drop it for --method " + method)
+        file_target["decode_cost"] = measured_cost  # so is the table it was timed by
     default_menu = backend == "llama.cpp" and not formats
     if default_menu and target is not None:
         formats = get_backend(backend).preset_formats(target, imatrix != "none")  # an IQ3/IQ2 preset: its i-quants

@@ -130,7 +130,7 @@ def decode_cost_table(path=None) -> dict:
     """{"table": {ggml type: time per weight relative to Q4_0}, "source": where it was measured}: DECODE_COST (this
     repository's AVX2 EPYC), or the table bench/decode_cost.py measured on the CPU the file will run on (its
     decode_cost.json: each format's cost_vs_q4_0_mean), for --decode-cost FILE. A file that lacks a type the plan or
-    its preset needs makes the speed limit say so (planning.llamacpp_decode_limit)."""
+    its preset needs is refused when the plan is timed (planning.llamacpp_decode_limit)."""
     if path is None:
         return {"table": dict(DECODE_COST), "source": "built-in: AMD EPYC, AVX2 (ewq.backends.llamacpp.DECODE_COST)"}
     import json
@@ -152,6 +152,17 @@ def decode_cost_table(path=None) -> dict:
     flags = ", ".join(f for f, on in (cpu.get("flags") or {}).items() if on)
     return {"table": {k: round(v, 4) for k, v in sorted(table.items())},
             "source": f"measured: {cpu.get('model_name', 'unknown CPU')}{f' ({flags})' if flags else ''}"}
+
+
+def checked_decode_cost(path, preset, speed) -> dict | None:
+    """--decode-cost FILE as a plan records it (decode_cost_table; None without the flag), refused in one line, before
+    any checkpoint is read, without a --target PRESET to time the file against or with --speed any."""
+    if path is None:
+        return None
+    if preset is None or check_speed(speed) == "any":
+        raise EWQError("--decode-cost times the file against its preset's: it needs --target PRESET and a --speed "
+                       "other than any")
+    return decode_cost_table(path)
 
 
 def builtin_table_warning() -> str | None:
