@@ -102,13 +102,13 @@ def parse_args(argv):
                         "them to offer them elsewhere)")
     p.add_argument("--speed", default="preset", metavar="preset|F|any",
                    help="--method sensitivity with --target PRESET: preset (default), the GGUF also decodes no slower "
-                        "than the preset's, by llama.cpp's CPU kernel time per weight of each format (measured on "
-                        "AVX2: ewq.backends.llamacpp.DECODE_COST); a number F, at least F x the preset's speed; any: "
+                        "than the preset's, by llama.cpp's CPU kernel time per weight of each format (a built-in "
+                        "table measured on a CPU like this one: AVX2, or AVX-512 + AMX); a number F, at least F x the preset's speed; any: "
                         "the size is the only limit (slower formats such as Q5_0 may then buy quality)")
     p.add_argument("--decode-cost", default=None, metavar="FILE",
                    help="with --target PRESET: time --speed by the kernel costs measured on the CPU the GGUF will run "
-                        "on (the decode_cost.json of python bench/decode_cost.py there) instead of the built-in AVX2 "
-                        "table")
+                        "on (the decode_cost.json of python bench/decode_cost.py there) instead of the built-in table "
+                        "chosen by this CPU's flags")
     imatrix = p.add_mutually_exclusive_group()
     imatrix.add_argument("--imatrix", default=None, metavar="FILE",
                          help="--backend llama.cpp: weight the rounding with this llama.cpp importance matrix "

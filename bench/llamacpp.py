@@ -481,7 +481,7 @@ def parse_args(argv=None):
                         "limit (files named ...-ewq-any-PRESET... or ...-ewq-speedF-PRESET..., beside the default's)")
     p.add_argument("--ewq-decode-cost", default=None, metavar="FILE",
                    help="python -m ewq.export gguf --decode-cost: time EWQ's speed limit by this CPU's kernel costs "
-                        "(bench/decode_cost.py's decode_cost.json) instead of the built-in AVX2 table (files named "
+                        "(bench/decode_cost.py's decode_cost.json) instead of the built-in table of this CPU's family (files named "
                         "...-ewq-dcXXXXXX-PRESET...)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
@@ -688,6 +688,8 @@ def measure_speed(rows: list, bin_dir: Path, args) -> dict:
 def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, base: dict, text: dict,
             bf16: Path, busy: list) -> dict:
     """The JSON's content (schema_version 1)."""
+    from ewq.backends.llamacpp import decode_cost_table  # the built-in table EWQ's files were timed by, on this CPU
+
     return {
         "schema_version": SCHEMA_VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(model), "cpu": cpu, "llama_cpp": {**tools, **build, "version": f"llama-cpp-python {VERSION} (vendored)",
@@ -697,7 +699,7 @@ def summary(rows: list, args, model: Path, cpu: dict, tools: dict, build: dict, 
                      "scored_tokens": args.chunks * (args.ctx - 1 - args.ctx // 2), "kld_reference": bf16.name,
                      "kld_units": "nats", "mb": "1e6 bytes",
                      "ewq_formats": args.ewq_formats or "default menu", "ewq_speed": args.ewq_speed,
-                     "ewq_decode_cost": args.ewq_decode_cost or "built-in (AVX2)",
+                     "ewq_decode_cost": args.ewq_decode_cost or decode_cost_table()["source"],
                      "perplexity_flags": getattr(args, "perplexity_flags", [])},
         "text": text, "base_ppl": base["ppl"], "base_ppl_unc": base["ppl_unc"], "rows": rows,
         "contended": bool(busy),

@@ -137,14 +137,15 @@ def add_gguf_parser(formats):
                         "of main_cache_model.py --backend llama.cpp)")
     g.add_argument("--speed", default=None, metavar="preset|F|any",
                    help="no --plan, --target PRESET: preset (default), the file also decodes no slower than the "
-                        "preset's, by llama.cpp's CPU kernel time per weight of each format (measured on AVX2: "
-                        "ewq.backends.llamacpp.DECODE_COST, or --decode-cost); a number F, at least F x the preset's speed (0.95 trades "
+                        "preset's, by llama.cpp's CPU kernel time per weight of each format (a built-in table measured on "
+                        "a CPU like this one: AVX2, or AVX-512 + AMX; or --decode-cost); a number F, at least F x the preset's speed (0.95 trades "
                         "5%% of it for quality); any: the size is the only limit (slower formats such as Q5_0 may then "
                         "buy quality)")
     g.add_argument("--decode-cost", default=None, metavar="FILE",
                    help="no --plan, --target PRESET: time --speed by the kernel costs measured on the CPU the file "
                         "will run on (the decode_cost.json of python bench/decode_cost.py there, ~15 minutes) instead "
-                        "of the built-in AVX2 table; other CPUs order the formats differently")
+                        "of the built-in table chosen by this CPU's flags (AVX2, or AVX-512 + AMX); other CPUs order "
+                        "the formats differently")
     g.add_argument("--calib-text", default=None,
                    help="no --plan: UTF-8 calibration text for the sweep (default: the end of gensim's "
                         "lee_background.cor); evaluate on other text")
@@ -262,7 +263,8 @@ def gguf_main(args) -> None:
         print(f"decode time by llama.cpp's CPU kernel costs (--speed {target['speed']}): {method['decode_cost']['plan']:.3f}x the "
               f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x); kernel costs "
               f"{method['decode_cost'].get('table', 'built-in')}")
-        warning = None if "decode_cost" in target else builtin_table_warning()
+        builtin = str(target.get("decode_cost", {}).get("source", "built-in")).startswith("built-in")
+        warning = builtin_table_warning() if builtin else None
         if warning:
             print(warning, file=sys.stderr)
     elif str(target.get("speed", "")).startswith("any:"):

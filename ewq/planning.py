@@ -84,9 +84,10 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     tensors, as llama-quantize prints it). `imatrix` (llama.cpp): the importance the rounding is weighted with, as
     llama-quantize --imatrix: "calibration" (EWQ's own from the calibration text), a llama.cpp imatrix file, or
     "none" (plain rounding). `speed` (a sensitivity plan for a preset): "preset", the file must also decode no
-    slower than the preset's by llama.cpp's CPU kernel cost per format (ewq.backends.llamacpp.DECODE_COST); a number
-    F, at least F x the preset's speed; "any", the size is the only limit. `decode_cost`: the kernel cost table of
-    the CPU the file will run on (bench/decode_cost.py's decode_cost.json) instead of DECODE_COST's AVX2 one."""
+    slower than the preset's by llama.cpp's CPU kernel cost per format (this CPU family's built-in table:
+    ewq.backends.llamacpp.BUILTIN_DECODE_COST); a number F, at least F x the preset's speed; "any", the size is the
+    only limit. `decode_cost`: the kernel cost table measured on the CPU the file will run on (bench/decode_cost.py's
+    decode_cost.json) instead of the built-in one."""
     if method not in METHODS:
         raise EWQError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if not math.isfinite(k) or k < 0:
@@ -112,11 +113,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
     file_target = llamacpp_target(target, target_bpw, target_bits, max_weight_gb, backend)
     if file_target is not None and "preset" in file_target and method == "sensitivity":
         file_target["speed"] = speed  # part of the plan's identity: a plan made without the limit is another plan
-    measured_cost = checked_decode_cost(decode_cost, target, speed)
-    if measured_cost is not None:
-        if method != "sensitivity":
-            raise EWQError("--decode-cost times a sensitivity plan's formats; drop it for --method " + method)
-        file_target["decode_cost"] = measured_cost  # so is the table it was timed by
+    kernel_costs = checked_decode_cost(decode_cost, target, speed)
+    if decode_cost is not None and method != "sensitivity":
+        raise EWQError("--decode-cost times a sensitivity plan's formats; drop it for --method " + method)
+    if kernel_costs is not None and method == "sensitivity":
+        file_target["decode_cost"] = kernel_costs  # so is the table it was timed by (measured, or this CPU's built-in)
     default_menu = backend == "llama.cpp" and not formats
     if default_menu and target is not None:
         formats = get_backend(backend).preset_formats(target, imatrix != "none")  # an IQ3/IQ2 preset: its i-quants
@@ -162,11 +163,11 @@ def make_plan(model: str, method: str = "entropy", entropy: str = "histogram", k
 def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tuple | None:
     """(times, preset time, limit, where the kernel costs were measured) for a plan held to its preset's decode
     speed (target["speed"] "preset", or a fraction F of it: the limit is the preset's time / F): each item's decode
-    time in each format it can take (its weights x the kernel cost of the format, from target["decode_cost"]'s table
-    or DECODE_COST; nothing for the token embeddings of a model with its own head: one row of them is read per token)
-    and the preset file's (`preset`: presets.preset_size of `shape`). None without the limit, or when the built-in
-    table lacks a type the plan or the preset needs (target["speed"] then says so); a measured table (--decode-cost)
-    that lacks one is refused."""
+    time in each format it can take (its weights x the kernel cost of the format, from target["decode_cost"]'s table:
+    --decode-cost's or this CPU's built-in one; nothing for the token embeddings of a model with its own head: one row
+    of them is read per token) and the preset file's (`preset`: presets.preset_size of `shape`). None without the
+    limit, or when a built-in table lacks a type the plan or the preset needs (target["speed"] then says so); a
+    measured table (--decode-cost) that lacks one is refused."""
     from . import presets
     from .backends.llamacpp import ggml_type, raw_type
 
@@ -180,12 +181,12 @@ def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tu
     raw = raw_type(ckpt)
     missing = sorted(({types[n] for n in weights} | {raw} | {ggml_type(p) for s in sizes for p in s if p != "raw"})
                      - set(cost))
-    if missing and "decode_cost" in target:
-        raise EWQError(f"--decode-cost: the table has no cost for {', '.join(missing)}, which this plan or its preset "
-                       f"may use; measure them too (python bench/decode_cost.py --formats ...) or narrow --formats")
-    if missing:
+    if missing and source.startswith("built-in"):  # (a preset of formats we never timed: IQ1_S, IQ2_XXS, ...)
         target["speed"] = f"any: no kernel cost measured for {', '.join(missing)}"
         return None
+    if missing:
+        raise EWQError(f"--decode-cost: the table has no cost for {', '.join(missing)}, which this plan or its preset "
+                       f"may use; measure them too (python bench/decode_cost.py --formats ...) or narrow --formats")
     gguf_name = {t.hf: t.name for t in shape.tensors if t.hf}
     times = []
     for it, s in zip(items, sizes):

@@ -15,7 +15,7 @@ from ewq.common import EWQError, run_cli, write_json_atomic
 from ewq.ggml_quants import quantize_dequantize
 from ewq.gguf_export import llama_unpermute
 from ewq.imatrix import load_imatrix
-from ewq.backends.llamacpp import DECODE_COST
+from ewq.backends.llamacpp import DECODE_COST, DECODE_COST_AVX512_AMX
 from ewq.plan import load_plan, plan_hash
 from ewq.planning import make_plan
 
@@ -80,6 +80,9 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
 
     # one command from checkpoint to GGUF (the sweep above is cached in tmp_path and reused): no larger than the file
     # llama-quantize's Q4_K_M would give, and it says its size, bits per weight and plan
+    from ewq import probes
+
+    monkeypatch.setattr(probes, "cpu_info", lambda: ("Some CPU", {"avx2", "fma"}))  # the speed limit's table: AVX2's
     out = tmp_path / "F.gguf"
     code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(out),
                                  "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
@@ -95,22 +98,31 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
     assert f"{stats['bpw']:.4f} bits per weight" in io.out and io.out.strip().splitlines()[-1] == str(out)
     # ... and, by default, no slower to decode than the preset's file by the kernel cost table, read from the file
     shape = presets.model_shape(model)
-    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     decode = presets.decode_weights(shape)
     # this llama has its own head: a token reads one row of the embeddings and multiplies through everything else
     assert set(decode) == {t.name for t in shape.tensors if len(t.shape) == 2} - {"token_embd.weight"}
-    assert sum(n * DECODE_COST[written[k]] for k, n in decode.items()) <= \
-        sum(n * DECODE_COST[target.types[k]] for k, n in decode.items())
-    assert plan["method"]["target"]["speed"] == "preset" and plan["method"]["decode_cost"]["plan"] <= 1.0
-    # the built-in table is an AVX2 CPU's: on another CPU the export says to measure that CPU's own
-    from ewq import probes
 
-    for flags, warned in (({"avx2", "fma"}, False), ({"avx2", "avx512f"}, True)):
+    def decode_time(path, table):
+        written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        return sum(n * table[written[k]] for k, n in decode.items())
+
+    assert decode_time(out, DECODE_COST) <= sum(n * DECODE_COST[target.types[k]] for k, n in decode.items())
+    assert plan["method"]["target"]["speed"] == "preset" and plan["method"]["decode_cost"]["plan"] <= 1.0
+    # the built-in table is chosen by the CPU's flags: an AVX-512 + AMX Xeon has its own (its formats order
+    # otherwise); a CPU of no measured family is timed by the AVX2 one and told to measure its own
+    amx = {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}
+    for flags, table, warned in (({"avx2", "avx512f"}, DECODE_COST, True), (amx, DECODE_COST_AVX512_AMX, False)):
         monkeypatch.setattr(probes, "cpu_info", lambda flags=flags: ("Some CPU", flags))
-        code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(out),
+        cpu_out = tmp_path / f"cpu{len(flags)}.gguf"
+        code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(cpu_out),
                                      "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
         io = capsys.readouterr()
         assert code == 0 and ("bench/decode_cost.py" in io.err and "--decode-cost" in io.err) == warned, io.err
+        cpu_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
+        assert cpu_plan["method"]["target"]["decode_cost"]["table"] == table
+        assert decode_time(cpu_out, table) <= sum(n * table[target.types[k]] for k, n in decode.items())
+        assert cpu_plan["run"]["sensitivity_cached"]
+    monkeypatch.setattr(probes, "cpu_info", lambda: ("Some CPU", {"avx2", "avx512f"}))
     # --speed any: the size is the only limit; another plan (its own name), the sweep reused
     code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "any.gguf"),
                                  "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress", "--speed", "any"])

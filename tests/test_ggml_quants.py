@@ -7,6 +7,7 @@ re-derives that comparison against a built llama.cpp.
 
 import hashlib
 import itertools
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -109,7 +110,7 @@ def test_type_table_bits_per_weight():
 
 
 def test_plans_name_every_emulated_type():
-    from ewq.backends.llamacpp import ACCEPTS, DECODE_COST, TORCH_MENU_AS
+    from ewq.backends.llamacpp import ACCEPTS, BUILTIN_DECODE_COST, TORCH_MENU_AS, decode_cost_table
     from ewq.gguf_export import TYPES as WRITABLE
     from ewq.plan import PRECISIONS
 
@@ -118,7 +119,11 @@ def test_plans_name_every_emulated_type():
     assert set(G.EMULATED_TYPES) <= set(PRECISIONS) and set(G.EMULATED_TYPES) <= set(WRITABLE)
     assert set(G.EMULATED_TYPES) == set(ACCEPTS) - set(TORCH_MENU_AS) == set(G._IMPL)
     assert set(G._IMPL_IMATRIX) == set(G.EMULATED_TYPES) - {"Q8_0"}
-    assert set(G.EMULATED_TYPES) | {"F16", "BF16"} <= set(DECODE_COST)  # every format a plan may hold is timed
+    for _, table, _ in BUILTIN_DECODE_COST.values():  # every format a plan may hold is timed, on either CPU family
+        assert set(G.EMULATED_TYPES) | {"F16", "BF16"} <= set(table)
+    # the AVX-512 + AMX table is the measurement on record, as --decode-cost would read it
+    measured = decode_cost_table(Path(__file__).parents[1] / "docs/results/decode_cost/decode_cost_xeon_avx512.json")
+    assert BUILTIN_DECODE_COST["avx512_amx"][1] == measured["table"]
 
 
 def test_shape_rules_and_llama_quantize_fallback():

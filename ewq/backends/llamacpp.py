@@ -96,6 +96,21 @@ DECODE_COST = {"BF16": 2.95, "F16": 2.93, "Q8_0": 1.86, "Q6_K": 1.47, "Q5_K": 1.
                "IQ3_XXS": 2.21, "IQ3_S": 2.63,
                # decode_cost_iq2.json (IQ2_XS 1.80; IQ3_XXS measured 2.36 beside it)
                "IQ2_XS": 1.80}
+# The same, measured the same way on a 2-core Xeon VM with AVX-512 VNNI and AMX (docs/results/decode_cost/
+# decode_cost_xeon_avx512.json, round 11): Q4_0/Q4_1 run llama.cpp's repacked AVX-512 kernels there while Q5_0/Q5_1
+# and IQ4_NL have none, so the order differs from the AVX2 one (Q5_0 4.6x Q4_0, not 1.65x). Planned by the AVX2
+# table, that CPU's files decoded at 0.46-0.88x the presets' speed; by this one, 0.98-1.29x.
+DECODE_COST_AVX512_AMX = {"BF16": 5.1482, "F16": 4.0627, "Q8_0": 2.0008, "Q6_K": 3.0689, "Q5_K": 2.9901,
+                          "Q4_K": 1.8117, "Q5_0": 4.5864, "Q4_0": 1.0, "Q5_1": 4.3236, "Q4_1": 1.1306,
+                          "IQ4_NL": 2.7994, "IQ4_XS": 2.0646, "Q3_K": 2.2212, "Q2_K": 1.4683, "IQ3_XXS": 3.997,
+                          "IQ3_S": 4.3592, "IQ2_XS": 2.6885}
+# which built-in table times a plan made on this CPU: the kernels llama.cpp picks follow these flags (AMX-capable
+# Xeons also take AMX's AVX-512 VNNI layouts); a CPU matching neither is timed by the AVX2 table, with a warning
+BUILTIN_DECODE_COST = {
+    "avx512_amx": ({"avx512f", "avx512_vnni", "amx_int8"}, DECODE_COST_AVX512_AMX,
+                   "Intel Xeon, AVX-512 VNNI + AMX (ewq.backends.llamacpp.DECODE_COST_AVX512_AMX)"),
+    "avx2": ({"avx2"}, DECODE_COST, "AMD EPYC, AVX2 (ewq.backends.llamacpp.DECODE_COST)"),
+}
 # --speed, a plan sized by a llama-quantize preset: "preset", also no slower to decode than the preset's file (by
 # DECODE_COST); a number F, at least F x the preset's speed (0.95: up to 1/0.95 of its decode time); "any", the
 # size is the only limit
@@ -126,13 +141,26 @@ def check_speed(speed) -> str | float:
     return "preset" if fraction == 1 else fraction
 
 
+def builtin_family(flags) -> str | None:
+    """The BUILTIN_DECODE_COST family a CPU with these /proc/cpuinfo flags belongs to; None for one we have not
+    measured (AVX-512 without AMX, ARM, ...)."""
+    for family, (needs, _, _) in BUILTIN_DECODE_COST.items():
+        if needs <= set(flags) and (family != "avx2" or "avx512f" not in flags):
+            return family
+    return None
+
+
 def decode_cost_table(path=None) -> dict:
-    """{"table": {ggml type: time per weight relative to Q4_0}, "source": where it was measured}: DECODE_COST (this
-    repository's AVX2 EPYC), or the table bench/decode_cost.py measured on the CPU the file will run on (its
-    decode_cost.json: each format's cost_vs_q4_0_mean), for --decode-cost FILE. A file that lacks a type the plan or
-    its preset needs is refused when the plan is timed (planning.llamacpp_decode_limit)."""
+    """{"table": {ggml type: time per weight relative to Q4_0}, "source": where it was measured}: the built-in table of
+    this CPU's family (BUILTIN_DECODE_COST; the AVX2 one for a CPU of no measured family), or the table
+    bench/decode_cost.py measured on the CPU the file will run on (its decode_cost.json: each format's
+    cost_vs_q4_0_mean), for --decode-cost FILE. A table lacking a type the plan or its preset needs is refused when
+    the plan is timed (planning.llamacpp_decode_limit)."""
     if path is None:
-        return {"table": dict(DECODE_COST), "source": "built-in: AMD EPYC, AVX2 (ewq.backends.llamacpp.DECODE_COST)"}
+        from ..probes import cpu_info
+
+        _, table, where = BUILTIN_DECODE_COST[builtin_family(cpu_info()[1]) or "avx2"]
+        return {"table": dict(table), "source": f"built-in: {where}"}
     import json
 
     path = Path(path)
@@ -155,27 +183,28 @@ def decode_cost_table(path=None) -> dict:
 
 
 def checked_decode_cost(path, preset, speed) -> dict | None:
-    """--decode-cost FILE as a plan records it (decode_cost_table; None without the flag), refused in one line, before
-    any checkpoint is read, without a --target PRESET to time the file against or with --speed any."""
-    if path is None:
-        return None
+    """The kernel cost table a plan is timed by, as it records it (decode_cost_table: --decode-cost FILE, or without it
+    this CPU's built-in one); None where no speed limit applies (no --target PRESET, or --speed any). --decode-cost
+    there is refused in one line, before any checkpoint is read."""
     if preset is None or check_speed(speed) == "any":
-        raise EWQError("--decode-cost times the file against its preset's: it needs --target PRESET and a --speed "
-                       "other than any")
+        if path is not None:
+            raise EWQError("--decode-cost times the file against its preset's: it needs --target PRESET and a --speed "
+                           "other than any")
+        return None
     return decode_cost_table(path)
 
 
 def builtin_table_warning() -> str | None:
-    """A line for a plan timed by the built-in table on a CPU unlike the one it was measured on (AVX2 without
-    AVX-512): on this repository's AVX-512 Xeon the formats order otherwise (Q5_0 4.6x Q4_0's time per weight, not
-    1.65x; docs/RESULTS.md, round 11). None on an AVX2-only x86 CPU."""
+    """A line for a plan timed by a built-in table on a CPU of no family we measured (BUILTIN_DECODE_COST): the AVX2
+    table then stands in, and on an AVX-512 CPU it can be far off (docs/RESULTS.md, round 11: 0.46x the preset's
+    speed). None on an AVX2-only or an AVX-512 + AMX x86 CPU."""
     from ..probes import cpu_info
 
     name, flags = cpu_info()
-    if "avx2" in flags and "avx512f" not in flags:
+    if builtin_family(flags) is not None:
         return None
-    why = "has AVX-512" if "avx512f" in flags else "is not an AVX2 x86 CPU"
-    return (f"note: the speed limit used the built-in kernel costs (AVX2, no AVX-512); this CPU ({name or 'unknown'}) "
+    why = "has AVX-512 but no AMX" if "avx512f" in flags else "is not an AVX2 x86 CPU"
+    return (f"note: the speed limit used the built-in kernel costs of an AVX2 CPU; this CPU ({name or 'unknown'}) "
             f"{why}, where llama.cpp's formats can order otherwise: measure its own with python bench/decode_cost.py "
             f"(~15 minutes) and plan again with --decode-cost DIR/decode_cost.json")
 
