@@ -68,10 +68,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ewq.common import ArgumentParser, EWQError, run_cli, write_json_atomic
+from ewq.ggml_types import LLAMA_CPP_PYTHON_VERSION as VERSION
+from ewq.ggml_types import TOOLS_CACHE as DEFAULT_CACHE
 from ewq.presets import file_stats, preset_size
 
 SCHEMA_VERSION = 1
-VERSION = "0.3.36"
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")  # the ladder people download
 OVERLAP_CHARS = 64  # evaluation text sharing this many characters in a row with the calibration text is refused
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-bench", "llama-imatrix")
@@ -80,7 +81,6 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED
                "-DLLAMA_BUILD_UI=OFF"]
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 CORPUS = ("gensim", "gensim/test/test_data/lee_background.cor")
-DEFAULT_CACHE = f"~/.cache/ewq/llama.cpp-{VERSION}"
 
 
 def log(msg: str) -> None:

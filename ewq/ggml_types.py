@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from .common import EWQError
 
+# the llama.cpp EWQ builds and checks its emulation against: the one llama-cpp-python 0.3.36 vendors (0c1e570)
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# where bench/llamacpp.py builds its tools (llama-quantize, llama-perplexity, ...) and their libggml-base
+TOOLS_CACHE = f"~/.cache/ewq/llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # The quantized types a plan may name for the llama.cpp executor: ewq.ggml_quants emulates each bit for bit (with
 # and without an importance matrix) and ewq.gguf_export writes each. Order: roughly large to small, as menus show.

@@ -225,6 +225,20 @@ def test_logits_match_transformers_float32(pair):
     assert torch.allclose(lm(ids[1:2]).logits[0], got[1], atol=1e-4)
 
 
+def test_no_weight_repacking_on_a_cpu_with_amx(tiny_gguf, pair, monkeypatch):
+    """llama.cpp's AMX kernel crashed EWQ's process on the first prompt on an AMX Xeon (a 64-token prompt over a
+    Q4_0 file: SIGSEGV; docs/gguf.md): there the file loads without the repacked layouts, computing the same."""
+    from ewq import probes
+
+    _, lm = pair
+    assert lm.config.weights_repacked == (not {"amx_int8", "amx_tile"} & probes.cpu_info()[1])
+    monkeypatch.setattr(probes, "cpu_info", lambda: ("Some Xeon", {"avx2", "avx512f", "amx_tile", "amx_int8"}))
+    ids = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(2))
+    with llamacpp.LlamaCppModel(tiny_gguf[1], n_ctx=256, n_batch=64) as unpacked:
+        assert unpacked.config.weights_repacked is False
+        assert torch.allclose(unpacked(ids).logits, lm(ids).logits, atol=1e-4)
+
+
 def test_quality_evaluate_runs_on_it(pair):
     from ewq import quality
 

@@ -19,7 +19,8 @@ What it is, exactly
     independent, as in a transformers forward without padding) in pieces of n_batch tokens, with logits at
     every position; padding (an attention_mask with zeros) is refused.
   * Threads n_threads for both prompt and decode; flash attention and the rest are llama.cpp's defaults (as
-    llama-bench uses them); the model is memory-mapped (its pages count in the process's RSS once read).
+    llama-bench uses them), but for the weights' repacking, off on CPUs with AMX (amx_cpu: llama.cpp's AMX kernel
+    crashes there; config.weights_repacked says which); the model is memory-mapped (its pages count in the process's RSS once read).
     llama.cpp's threads meet at a barrier after every op: with more runnable processes than cores, 2 threads were
     seen 5-20x slower than 1, so time it on idle cores, or compare at n_threads=1 too.
   * Cost over llama.cpp itself: ~70-80 us per token outside llama_decode (logits view, numpy argmax over the
@@ -52,10 +53,9 @@ import numpy as np
 import torch
 
 from ..common import EWQError
-from ..ggml_types import NEEDS_IMPORTANCE
+from ..ggml_types import LLAMA_CPP_PYTHON_VERSION, NEEDS_IMPORTANCE
 from . import as_linear
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # measured: `pip wheel` of the sdist with -DGGML_NATIVE=ON took 7.5 CPU-minutes (7m02s user + 0m30s sys), 19.6 min
 # wall on a 2-core machine shared with other jobs (load average ~10); llama-cpp-python 0.3.36, gcc 12, ninja
 BUILD_TIME = "about 5-20 minutes on 2 CPU cores"
@@ -353,6 +353,18 @@ def file_weight_bytes(gguf_path) -> dict:
     return {"by_type": by_type, "blocks": blocks, "total": sum(by_type.values())}
 
 
+def amx_cpu() -> bool:
+    """Whether this CPU reports AMX, where the llama.cpp this backend builds (0c1e570) must not repack the weights
+    for it: its AMX matrix kernel, used for batches of tokens (a prompt), died with SIGSEGV/SIGILL on the first
+    quantized product on this repository's AVX-512 + AMX Xeon (docs/RESULTS.md, round 11; llama-bench -p 64 too,
+    --repack 0 ran), as it does on other Sapphire Rapids machines (ggml-org/llama.cpp#20824; the fix proposed in
+    #26954 requests the tile permission per thread). Without the extra buffer types the same products run in the
+    AVX-512 kernels: the weights and results are the same, one token's decode can be slower than repacked."""
+    from ..probes import cpu_info
+
+    return bool({"amx_int8", "amx_tile"} & cpu_info()[1])
+
+
 def _quiet(llama_cpp) -> None:
     """llama.cpp logs every load to stderr; keep errors only (llama-cpp-python's own switch, when it has one)."""
     try:
@@ -386,6 +398,8 @@ class LlamaCppModel:
 
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0  # CPU rows: nothing offloaded even where the build could
+        self.repacked = not amx_cpu()
+        mp.use_extra_bufts = self.repacked  # (llama-cli --no-repack on an AMX CPU: see amx_cpu)
         self._model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise EWQError(f"llama.cpp could not load {path} (not a GGUF file, or an architecture or type this "
@@ -576,7 +590,7 @@ class LlamaCppModel:
             "max_position_embeddings": int(lc.llama_model_n_ctx_train(m)),
             "gguf_path": str(path), "gguf_description": desc.value.decode("utf-8", "replace"),
             "file_type": self._meta("general.file_type"), "n_ctx": self.n_ctx, "n_batch": self.n_batch,
-            "n_threads": self.n_threads, "executor": "llama.cpp",
+            "n_threads": self.n_threads, "executor": "llama.cpp", "weights_repacked": self.repacked,
             "llama_cpp_python_version": getattr(self._lc, "__version__", None),
         }
         config = SimpleNamespace(**values)
