@@ -13,10 +13,11 @@ fast sweep, the whole-plan checks), sampling /proc/self/status every 20 ms:
 Prints a table: parameters, checkpoint GB, owned (anonymous) peak GB, peak RSS (owned + mapped file pages) GB, wall
 seconds, seconds per billion parameters. Random weights are valid for time and memory, never for quality.
 
-    python bench/sweep_scale.py [--dir /tmp/ewq-sweep-scale] [--models smollm2-135m,1.1b,8b] [--blocks-8b 2]
+    python bench/sweep_scale.py [--dir /tmp/ewq-sweep-scale] [--models smollm2-135m,1.1b,8b] [--blocks-8b 2] [--ggml-lib both]
 """
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -48,7 +49,9 @@ seconds = time.perf_counter() - start
 done.set()
 print(json.dumps({"seconds": seconds, "owned_peak_gb": peak["RssAnon"] / 1e9,
                   "rss_peak_gb": (peak["RssAnon"] + peak["RssFile"]) / 1e9, "plan": str(path),
-                  "measured_kl": plan["checks"]["measured_kl"], "blocks": plan["model"]["block_count"]}))
+                  "measured_kl": plan["checks"]["measured_kl"], "blocks": plan["model"]["block_count"],
+                  "rounding": plan["run"].get("ggml_rounding"), "sweep_s": plan["run"].get("sensitivity_s"),
+                  "checks_s": plan["run"].get("checks_s")}))
 """
 
 
@@ -63,11 +66,12 @@ def write_shapes(config: dict, directory: Path, blocks: int | None = None) -> Pa
     return directory
 
 
-def sweep(model: str, threads: int, bits: float) -> dict:
+def sweep(model: str, threads: int, bits: float, ggml_lib: str = "auto") -> dict:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           **({"EWQ_GGML_LIB": "off"} if ggml_lib == "off" else {})}  # (ewq.ggml_native)
     with tempfile.TemporaryDirectory(prefix="ewq-sweep-") as out_dir:  # an empty cache: nothing reused
         done = subprocess.run([sys.executable, "-c", CHILD, model, out_dir, str(bits), str(threads)], cwd=REPO,
-                              capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
-                                                                   "HF_HUB_OFFLINE": "1"})
+                              capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"sweep of {model} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,6 +95,10 @@ def main():
     p.add_argument("--blocks-8b", type=int, default=2, help="blocks of the 8B-shaped checkpoint actually swept (>= 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--target-bits", type=float, default=5.0, help="the plan's size (default 5.0 bits per weight)")
+    p.add_argument("--ggml-lib", default="auto", choices=("auto", "off", "both"),
+                   help="ggml's rounding: auto (default: ggml's own C where llama-cpp-python 0.3.36 or bench's tools "
+                        "are installed, ewq.ggml_native), off (the torch emulation), both (each checkpoint twice, "
+                        "emulation first, to compare side by side)")
     args = p.parse_args()
     if args.blocks_8b < 2:
         p.error("--blocks-8b must be at least 2 (the time per block is the difference of two sweeps)")
@@ -106,12 +114,15 @@ def main():
                      for n in (1, args.blocks_8b)]
         else:
             raise SystemExit(f"unknown model '{name}'; choose from smollm2-135m, 1.1b, 8b")
-        for label, path in cases:
+        for (label, path), lib in itertools.product(cases, ("off", "auto") if args.ggml_lib == "both" else
+                                                     (args.ggml_lib,)):
             t = time.perf_counter()
             facts = checkpoint_facts(path)
-            result = sweep(str(path), args.threads, args.target_bits)
+            result = sweep(str(path), args.threads, args.target_bits, lib)
+            label = f"{label}{', emulated' if lib == 'off' else ', ggml C' if 'C' in str(result['rounding']) else ''}"
             rows.append({"model": label, **facts, **result})
-            print(f"{label}: {result['seconds']:.0f} s, owned peak {result['owned_peak_gb']:.2f} GB "
+            print(f"{label}: {result['seconds']:.0f} s (sweep {result['sweep_s']} s, checks {result['checks_s']} s; "
+                  f"{result['rounding']}), owned peak {result['owned_peak_gb']:.2f} GB "
                   f"({time.perf_counter() - t:.0f} s with start-up)", file=sys.stderr, flush=True)
     small = [r for r in rows if r["model"].startswith("8b shapes, 1 block")]
     big = [r for r in rows if r["model"].startswith("8b shapes") and r not in small]

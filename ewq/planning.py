@@ -371,6 +371,10 @@ def allocated_plan(source, ckpt, analysis, rule_plan, method, entropy, k, bins, 
                           for k, v in checks.items()}
     if cached is not None:  # under "run": not part of the plan's identity
         plan["run"].update(sensitivity_cached=cached, **timing)
+        if settings.backend == "llama.cpp":  # the same bytes either way; the time differs ~2x
+            from .ggml_native import describe
+
+            plan["run"]["ggml_rounding"] = describe()
     return plan
 
 

@@ -14,6 +14,9 @@ from ewq.synthetic import save_byte_tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # per-machine caches (bandwidth, analyses) of a test session stay in a temporary folder, not in ~/.cache/ewq
 os.environ.setdefault("EWQ_CACHE", tempfile.mkdtemp(prefix="ewq-test-cache-"))
+# ggml's rounding by the torch emulation, as on CI (no llama.cpp there), even where a llama.cpp build is found;
+# test_ggml_quants checks that build against it, and EWQ_GGML_LIB=PATH runs the whole suite on ggml's own C
+os.environ.setdefault("EWQ_GGML_LIB", "off")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parent.parent
 

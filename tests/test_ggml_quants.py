@@ -191,6 +191,57 @@ def test_iq_zero_sub_blocks_match_ggml_golden(name):
     np.testing.assert_array_equal(G.quantize_dequantize(w, name, importance=imp)[2, 256:512].numpy(), 0)
 
 
+def _found_library():
+    from ewq import ggml_native
+
+    for path in ggml_native.candidates():
+        if path.is_file():
+            return ggml_native.GgmlLibrary(path)
+    return None
+
+
+@pytest.mark.skipif(_found_library() is None, reason="no llama.cpp 0.3.36 build (llama-cpp-python or bench's tools)")
+def test_ggml_own_quantizer_where_installed_gives_the_same_bytes(monkeypatch):
+    """Where the llama.cpp EWQ emulates is installed, its C rounds instead (ewq.ggml_native): the golden bytes, and
+    the same round trip as the emulation, for every type, with and without importance."""
+    from ewq import ggml_native
+
+    lib = _found_library()
+    emulated = {name: G.quantize_dequantize(det_matrix(8, 1024), name, importance=det_importance(1024))
+                for name in G.EMULATED_TYPES}
+    monkeypatch.setattr(ggml_native, "library", lambda: lib)
+    for name in PLAIN:
+        for coarse in (False, True):
+            packed = G.quantize_to_bytes(det_matrix(64, 4096, coarse), name)
+            assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN[coarse][name], name
+    for name in G.EMULATED_TYPES:
+        packed = G.quantize_to_bytes(det_matrix(32, 4096), name, importance=det_importance(4096))
+        assert hashlib.sha256(packed.tobytes()).hexdigest()[:16] == GOLDEN_IMATRIX[name], name
+        native = G.quantize_dequantize(det_matrix(8, 1024), name, importance=det_importance(1024))
+        assert torch.equal(native, emulated[name]), name
+    with pytest.raises(EWQError, match="IQ2_XS is rounded only with an importance matrix"):
+        G.quantize_dequantize(gauss(4, 256), "IQ2_XS")  # refused before ggml would assert (and abort the process)
+
+
+def test_ggml_library_choice(monkeypatch, tmp_path):
+    from ewq import ggml_native
+
+    for setting, want in (("off", None), (str(tmp_path / "nothing.so"), "EWQ_GGML_LIB=")):
+        monkeypatch.setenv("EWQ_GGML_LIB", setting)
+        ggml_native.library.cache_clear()
+        try:
+            if want is None:
+                assert ggml_native.library() is None and "emulation" in ggml_native.describe()
+            else:
+                with pytest.raises(EWQError, match=want):
+                    ggml_native.library()
+        finally:
+            ggml_native.library.cache_clear()
+    # a llama-cpp-python of another version vendors another ggml, which may round otherwise: never taken
+    monkeypatch.setattr(ggml_native.importlib.metadata, "version", lambda dist: "0.3.99")
+    assert not any("llama_cpp" in str(p) for p in ggml_native.candidates())
+
+
 def test_types_rounded_only_with_importance_refuse_without():
     assert G.NEEDS_IMPORTANCE == ("IQ2_XS",)
     with pytest.raises(EWQError, match="IQ2_XS is rounded only with an importance matrix"):
