@@ -23,7 +23,7 @@ chose, applied to the same tensor of the source file; for a file made with `llam
 """
 
 import argparse
-import ctypes
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,49 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ewq import ggml_quants as G
+os.environ["EWQ_GGML_LIB"] = "off"  # the emulation is what is checked: never let it round with ggml itself
+from ewq import ggml_quants as G  # noqa: E402
+from ewq.ggml_native import GgmlLibrary as Ggml  # noqa: E402  (ggml_quantize_chunk and to_float, via ctypes)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m" / "model.safetensors"
-
-
-class _Traits(ctypes.Structure):  # ggml.h struct ggml_type_traits
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
-
-
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
-
-
-class Ggml:
-    """ggml_quantize_chunk and to_float from a built libggml-base."""
-
-    def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        self.lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        self.lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-        self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-
-    def quantize(self, w: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
-        qtype = gguf.GGMLQuantizationType[name]
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        rows, cols = w.shape
-        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-        out = np.zeros((rows, cols // block * nbytes), dtype=np.uint8)
-        imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-        n = self.lib.ggml_quantize_chunk(qtype.value, w.ctypes.data, out.ctypes.data, 0, rows, cols,
-                                         None if imp is None else imp.ctypes.data)
-        assert n == out.nbytes, (n, out.nbytes)
-        return out
-
-    def dequantize(self, q: np.ndarray, name: str, shape) -> np.ndarray:
-        traits = self.lib.ggml_get_type_traits(gguf.GGMLQuantizationType[name].value).contents
-        out = np.zeros(shape, dtype=np.float32)
-        _TO_FLOAT(traits.to_float)(q.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
-        return out
 
 
 def find_lib(path: Path) -> Path:
