@@ -356,7 +356,7 @@ def file_weight_bytes(gguf_path) -> dict:
 def amx_cpu() -> bool:
     """Whether this CPU reports AMX, where the llama.cpp this backend builds (0c1e570) must not repack the weights
     for it: its AMX matrix kernel, used for batches of tokens (a prompt), died with SIGSEGV/SIGILL on the first
-    quantized product on this repository's AVX-512 + AMX Xeon (docs/RESULTS.md, round 11; llama-bench -p 64 too,
+    quantized product on this repository's AVX-512 + AMX Xeon (docs/RESULTS.md, rounds 11-12; llama-bench -p 64 too,
     --repack 0 ran), as it does on other Sapphire Rapids machines (ggml-org/llama.cpp#20824; the fix proposed in
     #26954 requests the tile permission per thread). Without the extra buffer types the same products run in the
     AVX-512 kernels: the weights and results are the same, one token's decode can be slower than repacked."""
