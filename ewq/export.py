@@ -21,8 +21,8 @@ from pathlib import Path
 
 from . import onnx_export
 from .analysis import fingerprint as weights_fingerprint
-from .backends.llamacpp import (builtin_table_warning, check_speed, checked_decode_cost, ggml_type, parse_formats,
-                                raw_type)
+from .backends.llamacpp import (builtin_table_warning, check_speed, checked_decode_cost, ggml_type, is_builtin,
+                                parse_formats, raw_type)
 from .checkpoint import open_checkpoint
 from .common import ArgumentParser, EWQError, run_cli
 from .plan import check_plan_matches, layer_precision, load_plan, other_matrices
@@ -263,8 +263,7 @@ def gguf_main(args) -> None:
         print(f"decode time by llama.cpp's CPU kernel costs (--speed {target['speed']}): {method['decode_cost']['plan']:.3f}x the "
               f"preset's file (the size-only plan: {method['decode_cost']['without_limit']:.3f}x); kernel costs "
               f"{method['decode_cost'].get('table', 'built-in')}")
-        builtin = str(target.get("decode_cost", {}).get("source", "built-in")).startswith("built-in")
-        warning = builtin_table_warning() if builtin else None
+        warning = builtin_table_warning() if is_builtin(target.get("decode_cost")) else None
         if warning:
             print(warning, file=sys.stderr)
     elif str(target.get("speed", "")).startswith("any:"):

@@ -19,7 +19,7 @@ import torch
 from . import allocate, sensitivity
 from .analysis import analyze, on_q4_1_grid
 from .backends import GROUP_SIZES, QuantSettings, get_backend
-from .backends.llamacpp import FLOAT_MINIMUM, PRECISIONS, check_speed, checked_decode_cost, decode_cost_table
+from .backends.llamacpp import FLOAT_MINIMUM, PRECISIONS, check_speed, checked_decode_cost, decode_cost_table, is_builtin
 from .checkpoint import open_checkpoint
 from .common import EWQError, check_writable_dir, write_json_atomic
 from .device import pick_device, pick_dtype
@@ -181,7 +181,7 @@ def llamacpp_decode_limit(ckpt, items, sizes, target: dict, shape, preset) -> tu
     raw = raw_type(ckpt)
     missing = sorted(({types[n] for n in weights} | {raw} | {ggml_type(p) for s in sizes for p in s if p != "raw"})
                      - set(cost))
-    if missing and source.startswith("built-in"):  # (a preset of formats we never timed: IQ1_S, IQ2_XXS, ...)
+    if missing and is_builtin(measured):  # (a preset of formats we never timed: IQ1_S, IQ2_XXS, ...)
         target["speed"] = f"any: no kernel cost measured for {', '.join(missing)}"
         return None
     if missing:

@@ -160,7 +160,7 @@ def decode_cost_table(path=None) -> dict:
         from ..probes import cpu_info
 
         _, table, where = BUILTIN_DECODE_COST[builtin_family(cpu_info()[1]) or "avx2"]
-        return {"table": dict(table), "source": f"built-in: {where}"}
+        return {"table": dict(table), "source": f"{BUILTIN_SOURCE}: {where}"}
     import json
 
     path = Path(path)
@@ -180,6 +180,16 @@ def decode_cost_table(path=None) -> dict:
     flags = ", ".join(f for f, on in (cpu.get("flags") or {}).items() if on)
     return {"table": {k: round(v, 4) for k, v in sorted(table.items())},
             "source": f"measured: {cpu.get('model_name', 'unknown CPU')}{f' ({flags})' if flags else ''}"}
+
+
+BUILTIN_SOURCE = "built-in"  # how a table's "source" starts when EWQ chose it, not the user's --decode-cost
+
+
+def is_builtin(costs: dict | None) -> bool:
+    """Whether a plan's kernel cost table (decode_cost_table's record; none in plans older than the record) is one of
+    EWQ's built-in tables rather than one measured on the user's CPU: a built-in table lacking a type lifts the speed
+    limit, a measured one is refused; only a built-in one earns builtin_table_warning."""
+    return str((costs or {}).get("source", BUILTIN_SOURCE)).startswith(BUILTIN_SOURCE)
 
 
 def checked_decode_cost(path, preset, speed) -> dict | None:
