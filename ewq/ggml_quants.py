@@ -51,6 +51,7 @@ Public API:
     uses_importance(type_name)         whether an importance matrix changes the type's rounding (not Q8_0)
     quantize_dequantize(weight, type_name, *, importance=None, threads=1) -> float32, the weight after one round trip
     quantize_to_bytes(weight, type_name, *, importance=None, threads=1)   -> numpy uint8 [rows, row_bytes]
+    round_activations(x, type_name)    a product's input as ggml's CPU backend rounds it for weights of that type
 
 Both round with ggml's own C instead where the llama.cpp emulated here is installed (ewq.ggml_native: the same
 bytes, 2-8x faster but for Q8_0); EWQ_GGML_LIB=off keeps the emulation.
@@ -69,7 +70,7 @@ import torch
 
 from ewq import ggml_native
 from ewq.common import EWQError
-from ewq.ggml_types import FLOAT_TYPES, GGML_TYPES, NEEDS_IMPORTANCE, bits_per_weight
+from ewq.ggml_types import FLOAT_TYPES, GGML_TYPES, NEEDS_IMPORTANCE, VEC_DOT_TYPE, bits_per_weight
 from ewq.ggml_types import block as ggml_block
 from ewq.ggml_types import llama_quantize_fallback as _llama_quantize_fallback
 
@@ -1192,6 +1193,31 @@ _IMPL_IMATRIX = {
 
 
 # ------------------------------------------------------------------------------------------------- public
+
+def round_activations(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x [..., cols] as ggml's CPU backend rounds a matrix product's input for weights of `type_name` (VEC_DOT_TYPE),
+    the values its dot products see, in x's dtype. On x86-64: Q8_0 / Q8_1 (quantize_row_q8_0/q8_1's AVX path) per 32
+    values, q = round-half-even(x * 127 / max|x|), times the fp16 of max|x| / 127; Q8_K (quantize_row_q8_K_ref) per
+    256, q = min(127, nearest_int(x * -127 / m)), m the first value of largest |x|, times the float32 1 / (-127 / m);
+    F16 / BF16 the nearest such value. (The Q8_1 block's sum only regroups the same product.)"""
+    kind = VEC_DOT_TYPE[_canonical(type_name)]
+    if kind == "F32":
+        return x
+    if kind in ("F16", "BF16"):
+        return x.to(torch.float16 if kind == "F16" else torch.bfloat16).to(x.dtype)
+    n = 32 if kind in ("Q8_0", "Q8_1") else QK_K
+    xb = x.float().reshape(-1, n)
+    if n == 32:
+        amax = xb.abs().amax(1)
+        inv = _where0(amax != 0, _f32(127.0) / amax)
+        out = torch.round(xb * inv[:, None]) * _fp16(amax / _f32(127.0)).float()[:, None]
+    else:
+        m, amax = _first_absmax(xb, 1)
+        iscale = _where0(amax != 0, _f32(-127.0) / m)
+        d = _where0(amax != 0, _ONE / iscale)
+        out = torch.round(xb * iscale[:, None]).clamp_(max=127) * d[:, None]
+    return out.reshape(x.shape).to(x.dtype)
+
 
 def uses_importance(type_name: str) -> bool:
     """Whether an importance matrix changes how llama-quantize rounds the type (not for Q8_0 and the float types,

@@ -23,6 +23,14 @@ GGML_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0", "Q5_1", "Q4_1", "I
 # (EWQ's own importance covers the blocks' matrices, not the token embeddings) cannot take them
 NEEDS_IMPORTANCE = ("IQ2_XS",)
 
+# ggml-cpu.c type_traits_cpu[type].vec_dot_type: the type ggml's CPU backend converts a product's input (the
+# activations) to before multiplying by a matrix of each type. The activations are rounded as well as the weights:
+# per 32 values with an fp16 scale for the 32-weight types, per 256 with a float32 one for the k- and i-quants
+# (docs/RESULTS.md, round 13: most of a Q8_0 file's KLD on SmolLM2 is this rounding, not the weights').
+VEC_DOT_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q5_0": "Q8_0",
+                "IQ4_NL": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+                **{t: "Q8_K" for t in ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XS")}}
+
 # llama-quant.cpp tensor_type_fallback(): the type llama-quantize writes when a row is not whole blocks of the type
 # it chose (then F16 if the fallback does not fit either). SmolLM2's hidden size 576 is not a multiple of 256, so
 # its Q4_K_M is mostly Q5_0. 32-block types have nothing smaller to fall back to.

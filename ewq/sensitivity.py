@@ -393,12 +393,20 @@ class Calibration:
                     sm.embedding.weight.data = self.round_trip(table, precision)  # the rows used: rows round alone
                     changed = True
                 if sm.head is not None and item["matrix"] == sm.head_info.name:
-                    sm.head.transform = lambda rows, p=precision: self.round_trip(rows, p, sm.head_info.name)
+                    self.round_head(precision)
             yield changed
         finally:
             sm.embedding.weight.data = table
             if sm.head is not None:
-                sm.head.transform = None
+                self.round_head(None)
+
+    def round_head(self, precision: str | None):
+        """The output head computed as the format makes it (its rows' round trip, and its input rounded as the
+        backend's kernel rounds it: llama.cpp's), or as the checkpoint's again (None)."""
+        head, name = self.sm.head, self.sm.head_info.name
+        round_input = getattr(get_backend(self.settings.backend), "round_input", None)
+        head.transform = None if precision is None else lambda rows: self.round_trip(rows, precision, name)
+        head.round_input = None if precision is None or round_input is None else lambda x: round_input(x, precision)
 
     def score(self, assignments) -> float:
         """The damage of the model with `assignments` [(item, precision)] applied, measured exactly from the stored
@@ -580,20 +588,24 @@ def block_items_kl(c: Calibration, i: int, block_items, grads_out: list, capture
                 jobs = [(i, item["matrix"], layer, p) for p in row
                         if not backend.unsupported(matrix_shape(layer), p, c.settings)]
                 for (_, name, _, precision), q in c.quantized_layers(jobs, keep=False):
-                    row[precision] = matrix_kl(c, q, layer, captured[name])
+                    row[precision] = matrix_kl(c, q, layer, captured[name], precision)
             rows[k] = row
     return rows
 
 
-def matrix_kl(c: Calibration, q, layer, cap: dict) -> float:
+def matrix_kl(c: Calibration, q, layer, cap: dict, precision: str) -> float:
     """One matrix at one format (q: the quantized layer): the change of its layer's output on the captured inputs,
     through the Fisher."""
     backend = get_backend(c.settings.backend)
     weight = backend.dequantize(q)
+    round_input = getattr(backend, "round_input", None)
     total = 0.0
     for x, grads in zip(cap["x"], cap["g"]):
-        if weight is not None:  # weight-only: the output's change is x @ (W_q - W)^T, exactly, in fp32
-            delta = x.float() @ (weight - float_weight(layer)[0].float()).T
+        if weight is not None:  # the output's change is x @ (W_q - W)^T, exactly, in fp32 ...
+            x = x.float()
+            delta = x @ (weight - float_weight(layer)[0].float()).T
+            if round_input is not None:  # ... + (x_q - x) @ W_q^T where the kernel rounds its input too (llama.cpp)
+                delta += (round_input(x, precision) - x) @ weight.T
         else:  # the layer quantizes its activations too: run it
             delta = CastIO(q, c.layer_dtype)(x).float() - layer(x).float()
         total += fisher_kl(delta, grads, c.tokens)
@@ -653,11 +665,11 @@ def head_kl(c: Calibration, precision: str) -> float:
     with torch.no_grad():
         for h in c._head_inputs:
             p = torch.log_softmax(sm.head(h).float(), dim=-1)
-            sm.head.transform = lambda rows: c.round_trip(rows, precision, sm.head_info.name)
+            c.round_head(precision)
             try:
                 q = torch.log_softmax(sm.head(h).float(), dim=-1)
             finally:
-                sm.head.transform = None
+                c.round_head(None)
             total += (p.exp() * (p - q)).sum().item()
             n += h.shape[0] * h.shape[1]
     return total / n

@@ -115,11 +115,13 @@ class _ChunkedMatmul(torch.autograd.Function):
 class ChunkedHead(nn.Module):
     """An output head (lm_head) over a mapped weight: logits in the run dtype, the weight never converted whole.
     `transform` (rows -> rows), when set, is applied to every chunk: a row-wise format's round trip (ggml formats
-    quantize each row on its own, so rounding chunk by chunk is rounding the whole)."""
+    quantize each row on its own, so rounding chunk by chunk is rounding the whole); `round_input` (x -> x), when
+    set, to the input first: the rounding of the activations a quantized format's kernel does (llama.cpp's)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         self.weight_rows, self.bias_values, self.dtype, self.device, self.transform = weight, bias, dtype, device, None
+        self.round_input = None
         self.out_features = weight.shape[0]
 
     def rows(self, a: int, b: int) -> torch.Tensor:
@@ -133,6 +135,8 @@ class ChunkedHead(nn.Module):
         return in_threads(rows, starts) if self.transform is not None else map(rows, starts)
 
     def forward(self, x):
+        if self.round_input is not None:
+            x = self.round_input(x.float())
         out = _ChunkedMatmul.apply(x.to(self.dtype), self)
         return out if self.bias_values is None else out + self.bias_values.to(self.dtype)
 

@@ -388,3 +388,85 @@ def test_symmetric_types_are_idempotent(name):
 def test_zero_matrix_stays_zero(name):
     out = G.quantize_dequantize(torch.zeros(2, 256), name, importance=torch.ones(256))
     assert (out == 0).all()
+
+
+def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Activations like a SwiGLU output's: mostly small, a few large values per row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g)
+    return x * torch.rand(rows, cols, generator=g).pow(6) * 20
+
+
+def test_a_llama_cpp_layer_rounds_its_input_as_ggml_does():
+    """llama.cpp multiplies by a quantized matrix after rounding the input too: to 8-bit levels per 32 values (fp16
+    step) for the 32-weight types, per 256 (float32 step) for the k- and i-quants. EWQ's layer does the same, so the
+    sweep sees it; the 256-blocks' coarser step costs more on heavy-tailed inputs (a k-quant down_proj)."""
+    from ewq.backends import QuantSettings, get_backend
+
+    backend = get_backend("llama.cpp")
+    layer = torch.nn.Linear(512, 16, bias=False)
+    x = heavy_tailed(6, 512)
+    errors = {}
+    for fmt, block in (("Q8_0", 32), ("Q4_1", 32), ("IQ4_NL", 32), ("Q6_K", 256), ("IQ4_XS", 256)):
+        rounded = G.round_activations(x, fmt)
+        xb, rb = x.reshape(-1, block), rounded.reshape(-1, block)
+        step = rb.abs().amax(1, keepdim=True) / 127  # the block's largest value sits on level 127
+        assert torch.allclose(rb / step, torch.round(rb / step), atol=1e-3), fmt  # 255 levels, one step
+        assert ((rb - xb).abs() <= 0.6 * step + 1e-6).all(), fmt  # each value to its nearest level
+        errors[block] = (rounded - x).pow(2).sum().item()
+        q = backend.quantize_layer(layer, fmt, QuantSettings(backend="llama.cpp"), torch.float32)
+        assert torch.equal(q(x), torch.nn.functional.linear(rounded, q.weight)), fmt
+        assert not torch.equal(q(x), torch.nn.functional.linear(x, q.weight)), fmt
+    assert errors[256] > 2 * errors[32]
+    assert torch.equal(G.round_activations(x, "BF16"), x.bfloat16().float())
+    assert torch.equal(G.round_activations(torch.zeros(2, 256), "Q6_K"), torch.zeros(2, 256))
+
+
+def _ggml_cpu():
+    """libggml-cpu beside a found libggml-base of the llama.cpp EWQ emulates, or None."""
+    import ctypes
+
+    lib = _found_library()
+    path = lib.path.with_name(lib.path.name.replace("ggml-base", "ggml-cpu")) if lib else None
+    if path is None or not path.is_file():
+        return None
+    ctypes.CDLL(str(lib.path), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(str(path))
+
+
+@pytest.mark.skipif(_ggml_cpu() is None, reason="no llama.cpp 0.3.36 build (llama-cpp-python or bench's tools)")
+def test_activation_rounding_is_ggml_cpus_where_installed():
+    """The input rounding EWQ's sweep applies is the CPU backend's own, bit for bit: the dot-product type it picks
+    for every format (type_traits_cpu's vec_dot_type), and the values its from_float (AVX quantize_row_q8_0/q8_1,
+    quantize_row_q8_K) stores, read back from the blocks."""
+    import ctypes
+
+    class Traits(ctypes.Structure):  # ggml-cpu.h: struct ggml_type_traits_cpu
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                    ("nrows", ctypes.c_int64)]
+
+    cpu = _ggml_cpu()
+    cpu.ggml_cpu_init()
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    from_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    x = heavy_tailed(4, 1024, seed=1).numpy()
+    x[1, :256] = 0  # an empty block
+    for name in G.EMULATED_TYPES + ("F16", "BF16"):
+        vdt = gguf.GGMLQuantizationType(cpu.ggml_get_type_traits_cpu(gguf.GGMLQuantizationType[name].value)
+                                        .contents.vec_dot_type).name
+        assert vdt == G.VEC_DOT_TYPE[name], name
+        traits = _found_library().lib.ggml_get_type_traits(gguf.GGMLQuantizationType[vdt].value).contents
+        block, nbytes = traits.blck_size, traits.type_size  # ggml's own (gguf-py's Q8_1 is an older 40-byte block)
+        out = np.zeros((x.size // block, nbytes), dtype=np.uint8)
+        convert = cpu.ggml_get_type_traits_cpu(gguf.GGMLQuantizationType[vdt].value).contents.from_float
+        from_float(convert)(x.ctypes.data, out.ctypes.data, x.size)
+        if vdt in ("F16", "BF16"):
+            got = out.view(np.float16).astype(np.float32) if vdt == "F16" else \
+                (out.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif vdt == "Q8_K":  # float d, int8 qs[256], int16 bsums[16]
+            got = out[:, 4:260].view(np.int8).astype(np.float32) * out[:, :4].copy().view(np.float32)
+        else:  # fp16 d (Q8_1: then fp16 s), int8 qs[32]
+            got = out[:, -32:].view(np.int8).astype(np.float32) * out[:, :2].copy().view(np.float16).astype(np.float32)
+        want = G.round_activations(torch.from_numpy(x), name).numpy()
+        np.testing.assert_array_equal(got.reshape(x.shape), want, err_msg=name)

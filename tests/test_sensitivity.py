@@ -284,3 +284,29 @@ def test_a_machine_too_small_for_one_block_is_refused_before_any_block_is_read(t
     with pytest.raises(EWQError, match=r"the sensitivity sweep needs about .* GB at once .* more than the 0\.00 GB free"):
         make_plan(model_dir, method="sensitivity", out_dir=tmp_path, progress=False, calib_tokens=200)
     assert reads == [] and not list(tmp_path.glob("quant_plan_*.json"))
+
+
+def test_a_llama_cpp_sweep_sees_the_rounding_of_the_activations(tiny_copy, tmp_path):
+    """llama.cpp rounds a product's input as well as the weights (Q8_0 per 32 values for a Q8_0 matrix): a matrix
+    whose weights Q8_0 keeps exactly still changes the output, and the sweep, the head's estimate and the plan's
+    checks measure it (on SmolLM2 that is most of a Q8_0 file's KLD)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_copy("llama", num_hidden_layers=2)
+    tensors = load_file(model / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name, w in tensors.items():
+        if w.dim() == 2 and (".layers." in name or name == "lm_head.weight"):
+            # on Q8_0's grid, exactly (also in fp16 and bf16): levels -127..127 of a power-of-two step per 32 weights,
+            # each block's largest on level 127
+            q = torch.randint(-127, 128, w.shape, generator=g).float()
+            q.view(-1, 32)[:, 0] = 127
+            tensors[name] = (q * 2.0 ** -9).to(w.dtype)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    _, plan, _ = make_plan(str(model), method="sensitivity", granularity="matrix", backend="llama.cpp",
+                           formats=("Q8_0", "Q4_0"), target_bits=8.5, out_dir=tmp_path, progress=False,
+                           calib_tokens=64)
+    rows = [row for b in plan["blocks"] for row in b["matrix_kl"].values()]
+    assert len(rows) == 14 and all(row["Q8_0"] > 0 for row in rows)  # the weights alone would give 0.0
+    assert plan["other"]["matrix_kl"]["lm_head.weight"]["Q8_0"] > 0 and plan["checks"]["measured_kl"] > 0
+    assert "Q8_K" in plan["method"]["formats"]["activations"]

@@ -12,7 +12,10 @@ Every backend module provides
     dequantize(module)         the float weight a quantized layer computes with, or None if it also quantizes its
                                activations (the fast sensitivity sweep uses it)
     formats(settings)          what "8-bit" and "4-bit" mean with these settings, for result JSONs
-and optionally (torch-dynamic has them)
+and optionally
+    round_input(x, precision)  the input as the layer's kernel rounds it before the product, for the fast sweep's
+                               weight-only path (llama.cpp: ggml's Q8_0/Q8_K activations); absent: not rounded
+and (torch-dynamic has them)
     key(settings)              its options that change the numbers, for QuantSettings.key()
     needs_calibration(settings), prepare(model, layers, batches, settings)
                                a model-level step on the float model before any layer is quantized (calibration

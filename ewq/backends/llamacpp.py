@@ -250,14 +250,36 @@ def round_trip(weight: torch.Tensor, precision: str, settings=None, importance=N
     return quantize_dequantize(weight.detach().float().cpu(), ggml_type(precision), importance=importance)
 
 
+def round_input(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A product's input as llama.cpp's CPU kernels round it for a matrix of this format (Q8_0 / Q8_1 per 32 values,
+    Q8_K per 256 for the k- and i-quants: ewq.ggml_quants.round_activations), in x's dtype."""
+    from ..ggml_quants import round_activations
+
+    return round_activations(x, ggml_type(precision))
+
+
+class GgmlLinear(torch.nn.Linear):
+    """A matrix as llama.cpp's CPU kernels multiply by it: the weight after the format's round trip, and every input
+    rounded first to the type the format's dot products take (round_input). Without the second, a sweep misses what
+    llama.cpp adds: on SmolLM2 most of a Q8_0 file's KLD, and a k-quant down_proj's input rounding costs more than
+    its weights' (docs/RESULTS.md, round 13)."""
+
+    def __init__(self, lin: torch.nn.Linear, precision: str):
+        super().__init__(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        self.weight, self.bias, self.precision = lin.weight, lin.bias, precision
+
+    def forward(self, x):
+        return super().forward(round_input(x, self.precision))
+
+
 def quantize_layer(module, precision: str, settings, dtype, device: str = "cpu"):
-    """The layer with the format's round trip as its weight; rounded with the importance the layer carries
-    (IMPORTANCE_ATTR), if any, as the file will be."""
+    """The layer as llama.cpp computes it (GgmlLinear): the format's round trip as its weight, rounded with the
+    importance the layer carries (IMPORTANCE_ATTR), if any, as the file will be; its input rounded per call."""
     lin = as_linear(module, torch.float32, "cpu")
     lin.weight.data = round_trip(lin.weight.data, precision, importance=getattr(module, IMPORTANCE_ATTR, None)).to(dtype)
     if lin.bias is not None:
         lin.bias.data = lin.bias.data.to(dtype)
-    return lin.to(device)
+    return GgmlLinear(lin, ggml_type(precision)).to(device)
 
 
 def state_bytes(module) -> int:
@@ -265,7 +287,7 @@ def state_bytes(module) -> int:
 
 
 def dequantize(module):
-    return module.weight.float()  # the layer holds the format's round trip already
+    return module.weight.float()  # the layer holds the format's round trip already (its input rounding: round_input)
 
 
 LAYER_DTYPE = torch.float32  # the emulation is exact in float32; rounding it to bf16 would add its own error
@@ -326,10 +348,15 @@ def imatrix_key(settings) -> dict:
     return {"imatrix": {"file": path.name, "sha256": sha256(path.read_bytes()).hexdigest()}}
 
 
+# how the emulation rounds a product's input (in caches' keys: sweeps measured without it are not reused)
+ACTIVATIONS = "rounded as llama.cpp's CPU kernels do: Q8_0/Q8_1 per 32 for the 32-weight types, Q8_K per 256 for k/i-quants"
+
+
 def formats(settings) -> dict:
     how = "with the importance matrix (llama-quantize --imatrix)" if imatrix_key(settings) else "no importance matrix"
     return {"menu": list(menu(settings)), "8-bit": "Q8_0", "4-bit": "Q4_0",
-            "emulation": f"ewq.ggml_quants: ggml's quantizers ({how}), bit-exact on x86-64", **imatrix_key(settings)}
+            "emulation": f"ewq.ggml_quants: ggml's quantizers ({how}), bit-exact on x86-64", **imatrix_key(settings),
+            "activations": ACTIVATIONS}
 
 
 def require():
