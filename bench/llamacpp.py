@@ -575,15 +575,26 @@ def plain_refused(model: Path, presets: list, reference_type: str) -> list:
     return refused
 
 
+def rounding_tag() -> str:
+    """'r<6 hex>-' of how EWQ's sweep rounds for llama.cpp (the backend's record of its weight emulation and of the
+    activations' rounding, which also keys its sweep caches): files made by an EWQ whose sweep rounded otherwise are
+    named apart, so --reuse never measures an earlier version's file as this one's."""
+    from ewq.backends import QuantSettings, get_backend
+
+    record = get_backend("llama.cpp").formats(QuantSettings(backend="llama.cpp", imatrix="none"))
+    what = json.dumps({k: record.get(k) for k in ("emulation", "activations")}, sort_keys=True)
+    return f"r{hashlib.sha256(what.encode()).hexdigest()[:6]}-"
+
+
 def ewq_tag(args) -> str:
-    """'ewq-' for the default menu and speed limit, with '<6 hex of the --ewq-formats list>-' for another menu and
-    'any-' without the speed limit, 'dc<6 hex of the file>-' timed by an --ewq-decode-cost table: files of different
-    settings never share a name (nor does --reuse take one for the other)."""
+    """'ewq-' and the rounding_tag for the default menu and speed limit, with '<6 hex of the --ewq-formats list>-'
+    for another menu and 'any-' without the speed limit, 'dc<6 hex of the file>-' timed by an --ewq-decode-cost table:
+    files of different settings, or of another sweep, never share a name (nor does --reuse take one for the other)."""
     menu = f"{hashlib.sha256(','.join(args.ewq_formats).encode()).hexdigest()[:6]}-" if args.ewq_formats else ""
     speed = "" if args.ewq_speed == "preset" else "any-" if args.ewq_speed == "any" else f"speed{args.ewq_speed:g}-"
     table = f"dc{hashlib.sha256(Path(args.ewq_decode_cost).read_bytes()).hexdigest()[:6]}-" \
         if args.ewq_decode_cost else ""
-    return f"ewq-{menu}{speed}{table}"
+    return f"ewq-{rounding_tag()}{menu}{speed}{table}"
 
 
 def row_names(name: str, reference_type: str, presets: list, extra: list, plans: list, args) -> list:

@@ -49,7 +49,7 @@ def test_bench_refuses_evaluation_text_that_overlaps_the_calibration_text(tiny_f
     bench.check_overlap("\n".join(lines[:60]), "\n".join(lines[60:]), "e")
 
 
-def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_factory, tmp_path, capsys):
+def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_factory, tmp_path, capsys, monkeypatch):
     """--ewq-formats: EWQ files of another menu never take the default menu's names (nor --reuse its files); an
     unknown type is one line, exit 2, before anything is made."""
     from bench import llamacpp as bench
@@ -70,11 +70,17 @@ def test_bench_ewq_formats_names_its_files_apart_and_refuses_unknown_types(tiny_
     args = bench.parse_args(["--model", model, "--presets", "Q8_0", "--ewq-decode-cost", str(table)])
     bench.check_args(args)
     names["dc"] = [n for n, kind, _ in bench.ladder_rows("m", ["Q8_0"], args) if kind.startswith("ewq")]
-    assert names["dc"][0].startswith("m-ewq-dc") and names["dc"][0] not in names[None]
-    assert names["any"][0] == "m-ewq-any-Q8_0.gguf" and names["0.95"][0] == "m-ewq-speed0.95-Q8_0.gguf"
-    assert names[None] == ["m-ewq-Q8_0.gguf", "m-ewq-Q8_0-imatrix.gguf"]
+    r = bench.rounding_tag()
+    assert names["dc"][0].startswith(f"m-ewq-{r}dc") and names["dc"][0] not in names[None]
+    assert names["any"][0] == f"m-ewq-{r}any-Q8_0.gguf" and names["0.95"][0] == f"m-ewq-{r}speed0.95-Q8_0.gguf"
+    assert names[None] == [f"m-ewq-{r}Q8_0.gguf", f"m-ewq-{r}Q8_0-imatrix.gguf"]
     assert names["Q8_0,Q5_1"] == names["q8_0, Q5_1"]  # the same menu, however written
     assert len({n for v in names.values() for n in v if v is not names["q8_0, Q5_1"]}) == 12
+    # a sweep that rounds otherwise (another EWQ) names its files apart: --reuse never takes an earlier one's
+    from ewq.backends import llamacpp
+
+    monkeypatch.setattr(llamacpp, "ACTIVATIONS", "not rounded")
+    assert bench.rounding_tag() != r
     out = tmp_path / "out"
     for bad, message in ((["--ewq-formats", "Q8_0,Q7_K"], "Q7_K"), (["--ewq-decode-cost", str(model)], "is not a decode "
                                                                      "cost table")):
