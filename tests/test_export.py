@@ -214,8 +214,8 @@ def test_iq2_xs_is_written_only_with_importance(tiny_factory, tmp_path, capsys):
     model = tiny_factory("llama", **KQ)
     kwargs = dict(method="position", granularity="matrix", backend="llama.cpp", out_dir=tmp_path, progress=False)
     with pytest.raises(EWQError, match="IQ2_XS is rounded only with an importance matrix.*--no-imatrix"):
-        make_plan(str(model), target_bpw=3.0, formats=("IQ2_XS", "IQ4_NL"), imatrix="none", **kwargs)
-    path, plan, _ = make_plan(str(model), target_bpw=3.0, formats=("IQ2_XS", "IQ4_NL"), **kwargs)
+        make_plan(str(model), target_bpw=3.5, formats=("IQ2_XS", "IQ4_NL"), imatrix="none", **kwargs)
+    path, plan, _ = make_plan(str(model), target_bpw=3.5, formats=("IQ2_XS", "IQ4_NL"), **kwargs)
     assert "IQ2_XS" in plan["matrix_counts"] and "IQ2_XS" not in plan["other"]["matrices"].values()
     out = tmp_path / "iq2.gguf"
     code, io = run_export(path, model, out, capsys)  # a position plan measured nothing: no importance recorded

@@ -156,7 +156,7 @@ def test_saved_torchao_models_give_identical_logits_and_keep_their_settings(tiny
 def test_matrix_sensitivity_is_per_backend_resumable_and_checked(tiny_factory, tmp_path, monkeypatch):
     from ewq import sensitivity
 
-    model_dir = str(tiny_factory("llama"))
+    model_dir = str(tiny_factory("llama", num_hidden_layers=2))
     calls = {"n": 0}
     real_sweep = sensitivity.sweep
 
