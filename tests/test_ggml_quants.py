@@ -445,7 +445,7 @@ def test_activation_rounding_is_ggml_cpus_where_installed():
         _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
                     ("nrows", ctypes.c_int64)]
 
-    cpu = _ggml_cpu()
+    cpu, base = _ggml_cpu(), _found_library()
     cpu.ggml_cpu_init()
     cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
     cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
@@ -456,7 +456,7 @@ def test_activation_rounding_is_ggml_cpus_where_installed():
         vdt = gguf.GGMLQuantizationType(cpu.ggml_get_type_traits_cpu(gguf.GGMLQuantizationType[name].value)
                                         .contents.vec_dot_type).name
         assert vdt == G.VEC_DOT_TYPE[name], name
-        traits = _found_library().lib.ggml_get_type_traits(gguf.GGMLQuantizationType[vdt].value).contents
+        traits = base.lib.ggml_get_type_traits(gguf.GGMLQuantizationType[vdt].value).contents
         block, nbytes = traits.blck_size, traits.type_size  # ggml's own (gguf-py's Q8_1 is an older 40-byte block)
         out = np.zeros((x.size // block, nbytes), dtype=np.uint8)
         convert = cpu.ggml_get_type_traits_cpu(gguf.GGMLQuantizationType[vdt].value).contents.from_float
