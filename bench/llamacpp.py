@@ -353,12 +353,15 @@ def grab(pattern: str, text: str, what: str, n: int = 1):
     return tuple(float(m.group(i + 1)) for i in range(n)) if n > 1 else float(m.group(1))
 
 
-def perplexity_flags(cpu: dict) -> list:
-    """llama-perplexity's extra flags on this CPU: --no-repack where the CPU reports AMX. This llama.cpp's AMX matrix
-    kernel (the weights repacked for it, used for batches of tokens) dies with SIGILL at its first `tilezero` on
-    this repository's 2-core Xeon VM, whose cpuid reports amx_tile/amx_int8 (every quantized file; BF16 and tg64 were
+def perplexity_flags() -> list:
+    """llama-perplexity's extra flags on this CPU: --no-repack where the CPU reports AMX (the backend's amx_cpu, which
+    makes EWQ's own llama.cpp executor skip the repacking for the same reason). This llama.cpp's AMX matrix kernel
+    (the weights repacked for it, used for batches of tokens) dies with SIGILL at its first `tilezero` on this
+    repository's 2-core Xeon VM, whose cpuid reports amx_tile/amx_int8 (every quantized file; BF16 and tg64 were
     unaffected); without the repacked layout the same product runs in the AVX-512 kernels."""
-    return ["--no-repack"] if cpu["flags"].get("amx") else []
+    from ewq.backends.llamacpp import amx_cpu
+
+    return ["--no-repack"] if amx_cpu() else []
 
 
 def perplexity_base(bin_dir: Path, bf16: Path, text: Path, base: Path, args) -> dict:
@@ -749,7 +752,7 @@ def main(argv=None) -> int:
     calib, text = texts(args, model, out_dir)
     cpu = cpu_info()
     log(f"CPU: {cpu['model_name']}, {cpu['logical_cpus']} logical CPUs; " + cpu_flags(cpu))
-    args.perplexity_flags = perplexity_flags(cpu)
+    args.perplexity_flags = perplexity_flags()
     if args.perplexity_flags:
         log(f"llama-perplexity {' '.join(args.perplexity_flags)}: this CPU has AMX, whose kernel in this llama.cpp "
             f"dies with SIGILL in batched products (bench/llamacpp.py, perplexity_flags)")
