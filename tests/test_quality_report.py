@@ -217,6 +217,15 @@ def test_windows_are_disjoint_between_evaluation_and_calibration(tiny_factory):
     cal = make_windows(tok, corpus, 1000, 64, from_end=True)
     assert ev.shape == cal.shape == (16, 64)
     assert not set(map(tuple, ev.tolist())) & set(map(tuple, cal.tolist()))
+    # the corpus is tokenized once per tokenizer and process: the windows again are the same ids, a caller's changes
+    # to its windows never reach the next caller's, and another vocabulary gets its own ids
+    ev[:] = 0
+    again = make_windows(tok, corpus, 1000, 64)
+    assert torch.equal(again, tok(corpus.text, add_special_tokens=False, return_tensors="pt").input_ids[0][:1024]
+                       .view(16, 64))
+    other = AutoTokenizer.from_pretrained(tiny_factory("llama"))
+    other.add_tokens(["Hundreds of people"])
+    assert not torch.equal(make_windows(other, corpus, 1000, 64), again)
 
 
 def constructed_result(variant, kind, compiled, tok_s, weight_gb, kl=None, backend="torchao", bits=16.0):
