@@ -507,6 +507,7 @@ def _load_then_quantize_blocks(path, dtype, kind, settings, device, targets: dic
         for module, weights in held:
             for tensor_name, _ in list(module.named_parameters(recurse=False)):
                 set_module_tensor_to_device(module, tensor_name, "cpu", value=weights[tensor_name])
+        freed = module_bytes(block)  # the float weights, let go once the planned layers are replaced
         for layer_name, layer in quantizable_layers(block):
             precision = targets.get(f"{name}.{layer_name}.weight")
             if precision:
@@ -515,7 +516,7 @@ def _load_then_quantize_blocks(path, dtype, kind, settings, device, targets: dic
         block.to(target)
         model.hf_device_map[name] = target
         del held, layer, block
-        release_freed_memory()
+        release_freed_memory(freed)
     if len(set(model.hf_device_map.values())) == 1 and "disk" not in model.hf_device_map.values():
         remove_hook_from_module(model, recurse=True)  # nothing offloaded any more: no per-forward hooks
         del model.hf_device_map
@@ -554,12 +555,26 @@ def _heap_trimmed(every_s: float = 0.25):
             helper.join()
 
 
-def release_freed_memory() -> None:
+# Below this many bytes freed since the last collection, release_freed_memory waits: one pass of the cycle collector
+# takes 0.1-0.2 s in a process holding torch and transformers, more than a small block's memory is worth (a tiny or
+# 135M model's blocks: 0.01-14 MB). A 1B+ model's blocks (40 MB and up) are collected every time, as before.
+COLLECT_AFTER_BYTES = 32 << 20
+_freed_since_collect = 0
+
+
+def release_freed_memory(freed_bytes: int | None = None) -> None:
     """Free the float block just replaced, and give its memory back to the OS. Its layers sit in reference cycles
     (accelerate's hooks set `module.forward` to a method bound to the module itself, and removing them leaves such an
     attribute), which only the cycle collector frees: without gc.collect the float weights of every block stay alive
     until it happens to run. And glibc serves allocations below its mmap threshold (which rises, after the first large
-    free, up to 32 MB: most weight matrices) from the heap and keeps what is freed there."""
+    free, up to 32 MB: most weight matrices) from the heap and keeps what is freed there.
+    freed_bytes: about how much was let go; the collection waits until COLLECT_AFTER_BYTES have been (None: now)."""
+    global _freed_since_collect
+    if freed_bytes is not None:
+        _freed_since_collect += freed_bytes
+        if _freed_since_collect < COLLECT_AFTER_BYTES:
+            return
+    _freed_since_collect = 0
     gc.collect()
     trim = _malloc_trim()
     if trim:
@@ -581,6 +596,11 @@ def tensor_bytes(t) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (tensor subclasses counted by the tensors inside them)."""
+    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def layer_state_bytes(module) -> int:

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import embed
-from .apply import matrix_shape, quantizable_layers, quantize_layer
+from .apply import matrix_shape, module_bytes, quantizable_layers, quantize_layer
 from .backends import QuantSettings, float_weight, get_backend
 from .common import EWQError, write_json_atomic
 from .device import pick_dtype
@@ -97,12 +97,6 @@ class CastIO(torch.nn.Module):
 def _job_key(job) -> tuple:
     block, name, _, precision = job
     return block, name, precision
-
-
-def module_bytes(module) -> int:
-    from .apply import tensor_bytes
-
-    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def calibration_key(fingerprint: str, corpus, sample: dict, settings: QuantSettings, dtype, device: str,
@@ -496,7 +490,7 @@ def measure_plans(calibration: Calibration, items, plans, progress: bool = True)
                     states[k] = [c.sm.run_block(i, h, b) for b, h in enumerate(states[k])]
                 c.forget_layers(over_bytes=256 << 20)
             c.forget_layers()
-            release_freed_memory()
+            release_freed_memory(len(per_plan) * c.sm.block_bytes(i))  # each plan's quantized copies of block i
     out = []
     for k, assignments in enumerate(per_plan):
         with c.rounded_others([(it, p) for it, p in assignments if it["block"] is None]):
@@ -704,7 +698,8 @@ def fast_sweep(calibration: Calibration, items, progress: bool = True, state_dir
         rows.update(block_items_kl(c, i, block_items, grads, captured, float_out))
         grads = grads_in
         del captured, float_out
-        release_freed_memory()  # the block's captures and quantized copies: back to the OS, not kept as heap
+        # the block's captures and quantized copies: back to the OS, not kept as heap
+        release_freed_memory(c.sm.block_bytes(i) * (1 + len(block_items)))
         if state:
             state.save_progress(i - 1, rows, grads)
         bar.update(1)

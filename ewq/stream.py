@@ -306,7 +306,7 @@ class StreamedModel:
             module, _, attr = name.rpartition(".")
             owner = block.get_submodule(module) if module else block
             setattr(owner, attr, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-        release_freed_memory()
+        release_freed_memory(self.block_bytes(i))
 
     def release(self):
         """Drop every materialised block."""
