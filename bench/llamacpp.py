@@ -236,9 +236,11 @@ def make_imatrix(bin_dir: Path, reference: Path, calib_file: Path, out: Path, th
     return out
 
 
-def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, weighted: bool) -> dict:
+def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, weighted: bool,
+                  gptq: bool = False) -> dict:
     """EWQ at a preset's file size: `python -m ewq.export gguf --model M --target PRESET --out F`, the plan made from
-    scratch (with its own importance from the calibration text, or --no-imatrix). Returns the row's file and plan."""
+    scratch (with its own importance from the calibration text, or --no-imatrix; gptq: the same plan's file rounded
+    with --rounding gptq on --gptq-tokens tokens). Returns the row's file and plan."""
     if reused(out, args):
         return {"file": out, "plan": None, "reused": True}
     start = time.perf_counter()
@@ -246,11 +248,12 @@ def export_target(model: Path, preset: str, out: Path, plans_dir: Path, args, we
            "--plans-dir", plans_dir, "--calib-tokens", args.calib_tokens, "--no-progress",
            *(["--calib-text", args.calib_text] if args.calib_text else []), *([] if weighted else ["--no-imatrix"]),
            *(["--formats", ",".join(args.ewq_formats)] if args.ewq_formats else []), "--speed", str(args.ewq_speed),
-           *(["--decode-cost", args.ewq_decode_cost] if args.ewq_decode_cost else [])]
+           *(["--decode-cost", args.ewq_decode_cost] if args.ewq_decode_cost else []),
+           *(["--rounding", "gptq", "--gptq-tokens", args.gptq_tokens] if gptq else [])]
     p = run(cmd, f"python -m ewq.export gguf --target {preset}", cwd=REPO)
     plan = next((line[len("plan: "):] for line in p.stdout.splitlines() if line.startswith("plan: ")), None)
     log(f"wrote {out.name} ({out.stat().st_size / 1e6:.1f} MB) with EWQ at {preset}'s size"
-        f"{' with importance' if weighted else ''} in {time.perf_counter() - start:.0f} s (plan {plan})")
+        f"{' with importance' if weighted else ''}{', rounded by GPTQ' if gptq else ''} in {time.perf_counter() - start:.0f} s (plan {plan})")
     return {"file": out, "plan": plan, "export_s": round(time.perf_counter() - start, 1),
             "command": " ".join(map(str, cmd[1:]))}
 
@@ -486,6 +489,12 @@ def parse_args(argv=None):
                    help="python -m ewq.export gguf --decode-cost: time EWQ's speed limit by this CPU's kernel costs "
                         "(bench/decode_cost.py's decode_cost.json) instead of the built-in table of this CPU's family (files named "
                         "...-ewq-dcXXXXXX-PRESET...)")
+    p.add_argument("--ewq-gptq", action="store_true",
+                   help="one more EWQ row per rung: the importance plan's file rounded with error feedback "
+                        "(python -m ewq.export gguf ... --rounding gptq); llama-imatrix then calibrates on the same "
+                        "--gptq-tokens tokens")
+    p.add_argument("--gptq-tokens", type=int, default=12288,
+                   help="--ewq-gptq: calibration tokens of the GPTQ rounding (default 12288, ewq.gptq's)")
     p.add_argument("--reuse", action="store_true",
                    help="measure the files an earlier run of the same command left in --out-dir as they are (the "
                         "reference, the importance matrix, presets, EWQ files; each reuse is printed), e.g. after an "
@@ -558,12 +567,14 @@ def cpu_flags(cpu: dict) -> str:
 
 
 def ladder_rows(name: str, presets: list, args, plain_refused=()) -> list:
-    """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix.
+    """The ladder's rows, rung by rung: (file name, kind, preset); kinds preset, preset+imatrix, ewq, ewq+imatrix
+    (and ewq+imatrix+gptq with --ewq-gptq).
     plain_refused: presets llama-quantize will not make without an importance matrix (IQ3_XXS, IQ2_*): no "preset"
     row for them."""
-    kinds = [k for k in ("preset", "preset+imatrix", "ewq", "ewq+imatrix")
-             if not (args.no_imatrix and k.endswith("imatrix")) and not (args.no_ewq and k.startswith("ewq"))]
-    return [(f"{name}-{ewq_tag(args) if k.startswith('ewq') else ''}{p}{'-imatrix' if k.endswith('imatrix') else ''}.gguf",
+    kinds = [k for k in ("preset", "preset+imatrix", "ewq", "ewq+imatrix") + (("ewq+imatrix+gptq",) if args.ewq_gptq else ())
+             if not (args.no_imatrix and "imatrix" in k) and not (args.no_ewq and k.startswith("ewq"))]
+    suffix = {"preset+imatrix": "-imatrix", "ewq+imatrix": "-imatrix", "ewq+imatrix+gptq": f"-imatrix-gptq{args.gptq_tokens}"}
+    return [(f"{name}-{ewq_tag(args) if k.startswith('ewq') else ''}{p}{suffix.get(k, '')}.gguf",
              k, p) for p in presets for k in kinds if not (k == "preset" and p in plain_refused)]
 
 
@@ -619,7 +630,7 @@ def make_files(args, model: Path, out_dir: Path, reference: str, presets: list, 
     planned = [{"name": f"{name}-plan-{plan.stem}.gguf", "kind": "plan", "plan": str(plan),
                 "file": export_plan(plan, model, out_dir / f"{name}-plan-{plan.stem}.gguf")} for plan in plans]
     ladder = ladder_rows(name, presets, args, plain_refused(model, presets, args.reference_type))
-    ewq = {file: export_target(model, preset, out_dir / file, out_dir / "plans", args, kind == "ewq+imatrix")
+    ewq = {file: export_target(model, preset, out_dir / file, out_dir / "plans", args, "imatrix" in kind, "gptq" in kind)
            for file, kind, preset in ladder if kind.startswith("ewq")}
     bin_dir, tools = build_tools(args)
     threads = max(args.threads)
@@ -653,7 +664,9 @@ def measure_quality(rows: list, bin_dir: Path, bf16: Path, text: dict, model: Pa
 
 def texts(args, model: Path, out_dir: Path) -> tuple[dict, dict]:
     """(calibration, evaluation) texts, checked not to overlap before anything is written, then written to out_dir."""
-    calib = calibration_slice(args.calib_text, model, args.calib_tokens)
+    # llama-imatrix gets as much text as any EWQ row calibrates on: GPTQ's tokens too with --ewq-gptq (it
+    # includes the sweep's, which are its end); the evaluation text is checked against all of it
+    calib = calibration_slice(args.calib_text, model, max(args.calib_tokens, args.gptq_tokens if args.ewq_gptq else 0))
     corpus = corpus_path(args.eval_text)
     text, piece = text_slice(corpus, model, args.chunks * args.ctx)
     calib_text = calib.pop("text")

@@ -46,12 +46,14 @@ def tensor_types(plan: dict, ckpt) -> dict:
 
 
 def write_gguf(plan: dict, source, ckpt, out, llama_quantize: bool = False, progress: bool = True,
-               imatrix=None) -> dict:
+               imatrix=None, rounding: str = "llama-quantize", gptq_tokens: int | None = None,
+               calib_text=None) -> dict:
     """Write the plan's GGUF for a checkpoint the plan was already matched to (fingerprint checked by the caller).
     imatrix: an ewq.imatrix.Imatrix whose importance rounds the matrices as llama-quantize --imatrix does (None:
-    plain rounding)."""
+    plain rounding). rounding "gptq": the block matrices rounded with error feedback on gptq_tokens tokens of
+    calib_text (ewq.gptq; the importance, if any, still picks each block's scales)."""
     from .ggml_quants import quantize_to_bytes
-    from .gguf_export import export_gguf, tensor_shapes
+    from .gguf_export import export_gguf, llama_layout, tensor_names, tensor_shapes
 
     if ckpt.kind != "decoder":
         raise EWQError(f"{source.id} is an encoder; llama.cpp runs the decoder layouts Llama, Mistral and Qwen2")
@@ -63,9 +65,23 @@ def write_gguf(plan: dict, source, ckpt, out, llama_quantize: bool = False, prog
 
         check_imatrix(imatrix, tensor_shapes(source.path), source.id)
         importance, metadata = imatrix.importance, imatrix.gguf_metadata()
-    return export_gguf(source.path, Path(out), tensor_types(plan, ckpt), default_type=raw_type(ckpt),
-                       progress=progress, quantize_fn=None if llama_quantize else quantize_to_bytes, strict=True,
-                       model_name=source.id, importance=importance, imatrix_metadata=metadata)
+    types = tensor_types(plan, ckpt)
+    if rounding != "gptq":
+        return export_gguf(source.path, Path(out), types, default_type=raw_type(ckpt), progress=progress,
+                           quantize_fn=None if llama_quantize else quantize_to_bytes, strict=True,
+                           model_name=source.id, importance=importance, imatrix_metadata=metadata)
+    from . import gptq
+
+    tokens = gptq_tokens or gptq.GPTQ_TOKENS
+    work = gptq.work_dir_beside(out)
+    try:
+        rounded = gptq.round_plan(source, ckpt, types, importance, tensor_names(source.path),
+                                  llama_layout(source.path), work, tokens, calib_text, progress)
+        return export_gguf(source.path, Path(out), types, default_type=raw_type(ckpt), progress=progress,
+                           quantize_fn=quantize_to_bytes, strict=True, model_name=source.id, importance=importance,
+                           imatrix_metadata=metadata, rounded=rounded)  # no key of its own: the size of the plan
+    finally:
+        gptq.remove(work)
 
 
 def plan_imatrix(plan: dict, plan_path, imatrix_file=None, use_imatrix: bool = True):
@@ -90,7 +106,8 @@ def plan_imatrix(plan: dict, plan_path, imatrix_file=None, use_imatrix: bool = T
 
 
 def export_plan_gguf(plan_path, model: str, out, models_dir=DEFAULT_MODELS_DIR, llama_quantize: bool = False,
-                     progress: bool = True, imatrix_file=None, use_imatrix: bool = True) -> dict:
+                     progress: bool = True, imatrix_file=None, use_imatrix: bool = True,
+                     rounding: str = "llama-quantize", gptq_tokens: int | None = None, calib_text=None) -> dict:
     """Write the plan file's GGUF; refuses, before writing anything, a plan made for other weights."""
     plan = load_plan(plan_path)
     source = resolve_model(model, models_dir)
@@ -100,7 +117,7 @@ def export_plan_gguf(plan_path, model: str, out, models_dir=DEFAULT_MODELS_DIR, 
                        "not here")
     imatrix = plan_imatrix(plan, plan_path, imatrix_file, use_imatrix and not llama_quantize)
     check_plan_matches(plan, weights_fingerprint(ckpt, progress=progress), len(ckpt.blocks), plan_path, ckpt.kind)
-    return write_gguf(plan, source, ckpt, out, llama_quantize, progress, imatrix)
+    return write_gguf(plan, source, ckpt, out, llama_quantize, progress, imatrix, rounding, gptq_tokens, calib_text)
 
 
 # what each step costs, measured on this repository's 2-core AVX-512 machine (docs/RESULTS.md, issue 26)
@@ -163,6 +180,16 @@ def add_gguf_parser(formats):
                          "(llama-imatrix's GGUF or legacy .dat); default: the one the plan's sweep measured with")
     im.add_argument("--no-imatrix", action="store_true",
                     help="plain rounding (llama-quantize without --imatrix), whatever the plan was measured with")
+    g.add_argument("--rounding", choices=("llama-quantize", "gptq"), default="llama-quantize",
+                   help="llama-quantize (default): every weight to the nearest value of its block, as llama-quantize "
+                        "(--imatrix) writes it, bit for bit; gptq: the same types, scales and size, each block "
+                        "matrix rounded with error feedback on the calibration text's inputs (ewq.gptq; its own pass "
+                        "over --gptq-tokens tokens, then one pass per matrix over its columns: about a minute for "
+                        "SmolLM2-135M on 2 cores, hours for 8B). The plan's own KL figures were measured with the "
+                        "default rounding")
+    g.add_argument("--gptq-tokens", type=int, default=None,
+                   help="--rounding gptq: calibration tokens from the end of --calib-text (default 12288; below a "
+                        "few thousand the rounding fits the calibration text and does worse on other text)")
     g.add_argument("--llama-quantize-args", action="store_true",
                    help="write k-quant matrices unquantized and print the llama-quantize command (its --tensor-type "
                         "arguments) with which llama.cpp's own quantizer turns this file into the plan")
@@ -203,7 +230,8 @@ def check_gguf_args(args) -> None:
         raise EWQError(f"--plan already fixes every tensor's type; drop {target} (or drop --plan to plan for it here)")
     if not args.plan and not target:
         raise EWQError("give --plan PLAN, or --target PRESET / --target-bpw B to make the plan here")
-    given = [flag for flag, name in PLANNING_FLAGS if getattr(args, name) is not None]
+    given = [flag for flag, name in PLANNING_FLAGS if getattr(args, name) is not None
+             and not (name == "calib_text" and args.rounding == "gptq")]  # GPTQ's text too
     if args.plan and given:
         raise EWQError(f"{', '.join(given)} make a plan; with --plan there is none to make: drop them")
     if args.speed is not None and args.target is None:
@@ -211,6 +239,12 @@ def check_gguf_args(args) -> None:
     if args.speed is not None:
         check_speed(args.speed)
     checked_decode_cost(args.decode_cost, args.target, args.speed or "preset")  # before the checkpoint is opened
+    if args.gptq_tokens is not None and args.rounding != "gptq":
+        raise EWQError("--gptq-tokens is the calibration of --rounding gptq; add --rounding gptq or drop it")
+    if args.gptq_tokens is not None and args.gptq_tokens < 256:
+        raise EWQError(f"--gptq-tokens must be at least 256 (one window; thousands to generalize), got {args.gptq_tokens}")
+    if args.rounding == "gptq" and args.llama_quantize_args:
+        raise EWQError("--llama-quantize-args leaves the rounding to llama-quantize; drop it or --rounding gptq")
     if target and args.llama_quantize_args:
         raise EWQError("--llama-quantize-args writes the k-quants unquantized, so the file cannot meet a size "
                        f"target; drop one of them")
@@ -240,7 +274,8 @@ def gguf_main(args) -> None:
     try:
         result = export_plan_gguf(plan_path, args.model, tmp, args.models_dir, args.llama_quantize_args,
                                   progress=not args.no_progress, imatrix_file=args.imatrix,
-                                  use_imatrix=not args.no_imatrix)
+                                  use_imatrix=not args.no_imatrix, rounding=args.rounding,
+                                  gptq_tokens=args.gptq_tokens, calib_text=args.calib_text)
         stats = within_target(tmp, load_plan(plan_path))
         os.replace(tmp, out)
     finally:

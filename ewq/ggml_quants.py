@@ -52,6 +52,8 @@ Public API:
     quantize_dequantize(weight, type_name, *, importance=None, threads=1) -> float32, the weight after one round trip
     quantize_to_bytes(weight, type_name, *, importance=None, threads=1)   -> numpy uint8 [rows, row_bytes]
     round_activations(x, type_name)    a product's input as ggml's CPU backend rounds it for weights of that type
+    block_grid, pack_levels, row_sigma2, GRID_LEVELS   a block's scales as ggml picks them, every value each weight
+                                       can take under them, and the bytes for any choice (ewq.gptq rounds with them)
 
 Both round with ggml's own C instead where the llama.cpp emulated here is installed (ewq.ggml_native: the same
 bytes, 2-8x faster but for Q8_0); EWQ_GGML_LIB=off keeps the emulation.
@@ -1271,6 +1273,45 @@ def _quantized_blocks(x, name, qw):
     quant = _IMPL_IMATRIX[name] if qw is not None else _IMPL[name][0]
     for xb, qwb, sigma2 in _chunks(x, name, qw):
         yield quant(xb, qwb, sigma2) if qw is not None else quant(xb)
+
+
+# ----------------------------------------------------------- grids, for rounding with error feedback (ewq.gptq)
+# The field holding each weight's level, and the levels' range, of the types whose values, once the block's scales
+# are fixed, are one of a few per weight (IQ3/IQ2's lattice codebooks pick 4-8 weights at a time: not here).
+GRID_LEVELS = {"Q8_0": ("q", -127, 127), "Q4_0": ("L", 0, 15), "Q5_0": ("L", 0, 31), "Q4_1": ("L", 0, 15),
+               "Q5_1": ("L", 0, 31), "Q6_K": ("L", 0, 63), "Q5_K": ("L", 0, 31), "Q4_K": ("L", 0, 15),
+               "Q3_K": ("L", 0, 7), "Q2_K": ("L", 0, 3), "IQ4_NL": ("L", 0, 15), "IQ4_XS": ("L", 0, 15)}
+
+
+def row_sigma2(weight: torch.Tensor) -> torch.Tensor:
+    """The mean x^2 of each row [rows], as the 32-weight types' importance paths weight their blocks by it."""
+    return _row_sigma2(weight.to(torch.float32).contiguous(), weight.shape[1])
+
+
+def block_grid(blocks: torch.Tensor, type_name: str, importance=None, row_sigma2=None) -> tuple[dict, torch.Tensor]:
+    """For blocks [nb, block] of one column range (float32), the scales llama-quantize's search picks for them (with
+    the importance [nb, block] and, for the 32-weight types, each block's row_sigma2 [nb], as quantize_row_*_impl;
+    without, as the _ref path), and every value each weight can take under those scales: (the stored fields,
+    grid [levels, nb, block]). pack_levels writes the blocks with any choice of levels."""
+    name = _canonical(type_name)
+    key, lo, hi = GRID_LEVELS[name]
+    with torch.no_grad():
+        if importance is not None and name in _IMPL_IMATRIX:
+            fields = _IMPL_IMATRIX[name](blocks, importance, row_sigma2)
+        else:
+            fields = _IMPL[name][0](blocks)
+        dequant = _IMPL[name][1]
+        grid = torch.stack([dequant({**fields, key: torch.full_like(fields[key], k)}).reshape(blocks.shape)
+                            for k in range(lo, hi + 1)])
+    return fields, grid
+
+
+def pack_levels(fields: dict, type_name: str, levels: torch.Tensor) -> np.ndarray:
+    """ggml's bytes [nb, bytes per block] of blocks with block_grid's scales `fields` and, per weight, the index of
+    its value in block_grid's grid (levels [nb, block], int)."""
+    name = _canonical(type_name)
+    key, lo, _ = GRID_LEVELS[name]
+    return _IMPL[name][2]({**fields, key: (levels + lo).to(fields[key].dtype).reshape(fields[key].shape)})
 
 
 @contextmanager

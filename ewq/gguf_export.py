@@ -687,7 +687,8 @@ def _write_tensor(fout, data, written_type: str, name: str, quantize_fn, progres
 def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_type: str | None = "BF16",
                 progress: bool = True, *, kquant_intermediate: str = "auto", quantize_fn: Callable | None = None,
                 strict: bool = False, pre_tokenizer: str | None = None, model_name: str | None = None,
-                importance: dict | None = None, imatrix_metadata: dict | None = None) -> dict:
+                importance: dict | None = None, imatrix_metadata: dict | None = None,
+                rounded: dict | None = None) -> dict:
     """Write `out_path` (GGUF) from the safetensors checkpoint `model_dir`, each matrix in its planned type.
 
     tensor_types: HF tensor name -> ggml type (see TYPES); matrices not named get default_type (None: all
@@ -701,6 +702,8 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
         importance (all quantized types but Q8_0) is rounded as llama-quantize --imatrix rounds it; others as without.
         Needs quantize_fn (the types are written here, not left to llama-quantize).
     imatrix_metadata: key-values written into the file, llama-quantize's quantize.imatrix.* (Imatrix.gguf_metadata).
+    rounded: {GGUF tensor name: .npy file of its bytes in its written type, uint8 [rows, row bytes]}: written as they
+        are (ewq.gptq's rounding, in llama.cpp's layout).
 
     Returns a dict: path, arch, bytes, pre_tokenizer (+ how it was found), final_types {HF: type of the plan,
     after fallbacks}, written_types {HF: type in the file}, gguf_names {HF: GGUF}, fallbacks, warnings,
@@ -734,7 +737,7 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
                            "--llama-quantize-args; give llama-quantize the --imatrix file instead)")
         result = _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tensor_types,
                          default_type, progress, inter, quantize_fn, strict, pre_tokenizer, model_name, warnings,
-                         importance or {}, imatrix_metadata or {})
+                         importance or {}, imatrix_metadata or {}, rounded or {})
         os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
@@ -744,11 +747,11 @@ def export_gguf(model_dir, out_path, tensor_types: dict | None = None, default_t
 
 
 def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tensor_types, default_type, progress,
-            inter, quantize_fn, strict, pre_override, model_name, warnings, importance, imatrix_metadata) -> dict:
+            inter, quantize_fn, strict, pre_override, model_name, warnings, importance, imatrix_metadata,
+            rounded) -> dict:
     gguf = _gguf()
     block_count = find_hparam(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"], optional=False)
-    n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"], optional=False)
-    heads = (n_head, find_hparam(hparams, ["n_kv_heads", "num_key_value_heads"]) or n_head) if permute else None
+    heads = _heads(hparams, permute)
     entries = _checkpoint_entries(model_dir, gguf_arch, block_count)
     plan, fallbacks, fb_warnings = resolve_plan(entries, tensor_types, default_type, strict, model_dir.name)
     warnings += fb_warnings
@@ -765,7 +768,7 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
         (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)  # as llama-quant.cpp
     for w in warnings:
         sys.stderr.write(f"warning: {w}\n")
-    _write_file(writer, tmp, order, entries, extra, heads, quantize_fn, progress, used)
+    _write_file(writer, tmp, order, entries, extra, heads, quantize_fn, progress, used, rounded)
 
     args = _llama_quantize_rest(entries, plan, pending, out_path, gguf_arch, block_count)
     if args and progress:
@@ -779,6 +782,7 @@ def _export(model_dir, out_path, tmp, hparams, hf_arch, gguf_arch, permute, tens
         "fallbacks": fallbacks, "warnings": warnings, "pending_kquants": pending, "kquant_intermediate": inter,
         "llama_quantize_args": args, "llama_quantize_command": ("llama-quantize " + shlex.join(args)) if args else "",
         "imatrix_tensors": sorted(used), "imatrix_metadata": imatrix_metadata if used else {},
+        "rounded_tensors": sorted(rounded),
     }
 
 
@@ -934,7 +938,7 @@ def _add_vocab(writer, model_dir: Path, hparams: dict, gguf_arch: str, pre_overr
 
 
 def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, quantize_fn, progress: bool,
-                importance: dict) -> None:
+                importance: dict, rounded: dict) -> None:
     """Header, key-values, tensor infos; then the data, one tensor at a time, one safetensors file open at a time.
     heads: (n_head, n_kv_head) where q and k are permuted to llama.cpp's rotary layout, else None."""
     from safetensors import safe_open
@@ -950,6 +954,14 @@ def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, qua
     part, f = None, None
     try:
         for gname, name, t, nbytes in order:
+            if gname in rounded:  # rounded already (ewq.gptq), in this type and layout
+                data = np.load(rounded[gname], mmap_mode="r")
+                if data.nbytes != nbytes:
+                    raise EWQError(f"{gname}: {data.nbytes} rounded bytes, {t} needs {nbytes}")
+                np.ascontiguousarray(data).reshape(-1).tofile(fout)
+                bar.update(nbytes)
+                writer.write_padding(fout, nbytes)
+                continue
             if name is None:
                 data = extra
             else:
@@ -976,6 +988,25 @@ def _source_tensor(f, name: str, heads):
     data = f.get_tensor(name)
     if data.dtype not in (torch.float16, torch.float32, torch.bfloat16):
         data = data.to(torch.float32)
+    return _in_layout(name, data, heads)
+
+
+def llama_layout(model_dir):
+    """fn(checkpoint name, tensor) -> the tensor as this exporter writes it (q and k rows permuted to llama.cpp's
+    rotary layout where the architecture needs it; other tensors as they are)."""
+    hparams = load_hparams(Path(model_dir))
+    _, _, permute = detect_arch(Path(model_dir), hparams)
+    heads = _heads(hparams, permute)
+    return lambda name, data: _in_layout(name, data, heads)
+
+
+def _heads(hparams: dict, permute: bool):
+    """(n_head, n_kv_head) where q and k rows are permuted to llama.cpp's rotary layout, else None."""
+    n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"], optional=False)
+    return (n_head, find_hparam(hparams, ["n_kv_heads", "num_key_value_heads"]) or n_head) if permute else None
+
+
+def _in_layout(name: str, data, heads):
     if heads and name.endswith(("q_proj.weight", "q_proj.bias")):
         data = llama_permute(data, heads[0], heads[0])
     elif heads and name.endswith(("k_proj.weight", "k_proj.bias")):
