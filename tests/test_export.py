@@ -15,7 +15,7 @@ from ewq.common import EWQError, run_cli, write_json_atomic
 from ewq.ggml_quants import quantize_dequantize
 from ewq.gguf_export import llama_unpermute
 from ewq.imatrix import load_imatrix
-from ewq.backends.llamacpp import DECODE_COST, DECODE_COST_AVX512_AMX
+from ewq.backends.llamacpp import DECODE_COST, DECODE_COST_AVX512_AMX, builtin_table_warning, decode_cost_table
 from ewq.plan import load_plan, plan_hash
 from ewq.planning import make_plan
 
@@ -36,6 +36,9 @@ def run_export(plan, model, out, capsys, *extra):
 
 
 def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsys, monkeypatch):
+    from ewq import sensitivity
+
+    monkeypatch.setattr(sensitivity, "RANDOM_PLANS", 1)  # the random plans beside each plan are not what this checks
     model = tiny_factory("llama", **KQ)
     path, plan, _ = make_plan(str(model), method="sensitivity", granularity="matrix", backend="llama.cpp",
                               target_bits=5.5, out_dir=tmp_path, progress=False, calib_tokens=200)
@@ -108,21 +111,24 @@ def test_a_llama_cpp_plan_is_written_type_for_type(tiny_factory, tmp_path, capsy
 
     assert decode_time(out, DECODE_COST) <= sum(n * DECODE_COST[target.types[k]] for k, n in decode.items())
     assert plan["method"]["target"]["speed"] == "preset" and plan["method"]["decode_cost"]["plan"] <= 1.0
-    # the built-in table is chosen by the CPU's flags: an AVX-512 + AMX Xeon has its own (its formats order
-    # otherwise); a CPU of no measured family is timed by the AVX2 one and told to measure its own
+    assert "bench/decode_cost.py" not in io.err  # an AVX2 CPU: the table was measured on one
+    # the built-in table is chosen by the CPU's flags: an AVX-512 + AMX Xeon has its own (its formats order otherwise)
     amx = {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}
-    for flags, table, warned in (({"avx2", "avx512f"}, DECODE_COST, True), (amx, DECODE_COST_AVX512_AMX, False)):
-        monkeypatch.setattr(probes, "cpu_info", lambda flags=flags: ("Some CPU", flags))
-        cpu_out = tmp_path / f"cpu{len(flags)}.gguf"
-        code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(cpu_out),
-                                     "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
-        io = capsys.readouterr()
-        assert code == 0 and ("bench/decode_cost.py" in io.err and "--decode-cost" in io.err) == warned, io.err
-        cpu_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
-        assert cpu_plan["method"]["target"]["decode_cost"]["table"] == table
-        assert decode_time(cpu_out, table) <= sum(n * table[target.types[k]] for k, n in decode.items())
-        assert cpu_plan["run"]["sensitivity_cached"]
+    monkeypatch.setattr(probes, "cpu_info", lambda: ("Some CPU", amx))
+    cpu_out = tmp_path / "amx.gguf"
+    code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(cpu_out),
+                                 "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress"])
+    io = capsys.readouterr()
+    assert code == 0 and "bench/decode_cost.py" not in io.err, io.err
+    cpu_plan = load_plan(next(line for line in io.out.splitlines() if line.startswith("plan: "))[len("plan: "):])
+    assert cpu_plan["method"]["target"]["decode_cost"]["table"] == DECODE_COST_AVX512_AMX
+    assert decode_time(cpu_out, DECODE_COST_AVX512_AMX) <= sum(n * DECODE_COST_AVX512_AMX[target.types[k]]
+                                                               for k, n in decode.items())
+    assert cpu_plan["run"]["sensitivity_cached"]
+    # a CPU of no measured family (AVX-512 without AMX) is timed by the AVX2 table and told to measure its own
     monkeypatch.setattr(probes, "cpu_info", lambda: ("Some CPU", {"avx2", "avx512f"}))
+    assert decode_cost_table()["table"] == DECODE_COST
+    assert "bench/decode_cost.py" in builtin_table_warning() and "--decode-cost" in builtin_table_warning()
     # --speed any: the size is the only limit; another plan (its own name), the sweep reused
     code = run_cli(export.main, ["gguf", "--model", str(model), "--target", "Q4_K_M", "--out", str(tmp_path / "any.gguf"),
                                  "--plans-dir", str(tmp_path), "--calib-tokens", "200", "--no-progress", "--speed", "any"])

@@ -73,7 +73,7 @@ def test_export_rounds_with_feedback_at_the_same_types_and_size(tiny_factory, tm
     from ewq import export
     from ewq.planning import make_plan
 
-    model = tiny_factory("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    model = tiny_factory("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     plan = make_plan(str(model), method="position", granularity="matrix", backend="llama.cpp", target="Q4_K_M",
                      out_dir=tmp_path, progress=False)[0]
@@ -81,7 +81,7 @@ def test_export_rounds_with_feedback_at_the_same_types_and_size(tiny_factory, tm
     for rounding in ("llama-quantize", "gptq"):
         files[rounding] = tmp_path / f"{rounding}.gguf"
         argv = ["gguf", "--plan", str(plan), "--model", str(model), "--out", str(files[rounding]), "--no-progress",
-                "--rounding", rounding] + (["--gptq-tokens", "1024"] if rounding == "gptq" else [])
+                "--rounding", rounding] + (["--gptq-tokens", "512"] if rounding == "gptq" else [])
         assert run_cli(export.main, argv) == 0, capsys.readouterr().err
     capsys.readouterr()
     plain, fed = (gguf.GGUFReader(files[r]) for r in ("llama-quantize", "gptq"))
