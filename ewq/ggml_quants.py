@@ -52,8 +52,9 @@ Public API:
     quantize_dequantize(weight, type_name, *, importance=None, threads=1) -> float32, the weight after one round trip
     quantize_to_bytes(weight, type_name, *, importance=None, threads=1)   -> numpy uint8 [rows, row_bytes]
     round_activations(x, type_name)    a product's input as ggml's CPU backend rounds it for weights of that type
-    block_grid, pack_levels, row_sigma2, GRID_LEVELS   a block's scales as ggml picks them, every value each weight
-                                       can take under them, and the bytes for any choice (ewq.gptq rounds with them)
+    block_grid, level_values, pack_levels, row_sigma2, GRID_LEVELS, AFFINE_GRID   a block's scales as ggml picks
+                                       them, the values each weight can take under them, the values and bytes of any
+                                       choice (ewq.gptq rounds with them)
 
 Both round with ggml's own C instead where the llama.cpp emulated here is installed (ewq.ggml_native: the same
 bytes, 2-8x faster but for Q8_0); EWQ_GGML_LIB=off keeps the emulation.
@@ -1288,11 +1289,18 @@ def row_sigma2(weight: torch.Tensor) -> torch.Tensor:
     return _row_sigma2(weight.to(torch.float32).contiguous(), weight.shape[1])
 
 
+# The types whose values are affine in the level (scale x level + offset, per weight): the nearest level is a
+# division away; the others (IQ4_NL / IQ4_XS: 16 non-linear values) are searched over every level.
+AFFINE_GRID = frozenset(GRID_LEVELS) - {"IQ4_NL", "IQ4_XS"}
+
+
 def block_grid(blocks: torch.Tensor, type_name: str, importance=None, row_sigma2=None) -> tuple[dict, torch.Tensor]:
     """For blocks [nb, block] of one column range (float32), the scales llama-quantize's search picks for them (with
     the importance [nb, block] and, for the 32-weight types, each block's row_sigma2 [nb], as quantize_row_*_impl;
-    without, as the _ref path), and every value each weight can take under those scales: (the stored fields,
-    grid [levels, nb, block]). pack_levels writes the blocks with any choice of levels."""
+    without, as the _ref path), and the values each weight can take under those scales: (the stored fields, grid).
+    grid: [levels, nb, block], every level's value; for AFFINE_GRID types only the first two levels' (the rest
+    follow: value(k) = grid[0] + k * (grid[1] - grid[0]), to a rounding). level_values gives the values of a choice
+    exactly, pack_levels the blocks' bytes."""
     name = _canonical(type_name)
     key, lo, hi = GRID_LEVELS[name]
     with torch.no_grad():
@@ -1301,9 +1309,19 @@ def block_grid(blocks: torch.Tensor, type_name: str, importance=None, row_sigma2
         else:
             fields = _IMPL[name][0](blocks)
         dequant = _IMPL[name][1]
+        top = lo + 1 if name in AFFINE_GRID else hi
         grid = torch.stack([dequant({**fields, key: torch.full_like(fields[key], k)}).reshape(blocks.shape)
-                            for k in range(lo, hi + 1)])
+                            for k in range(lo, top + 1)])
     return fields, grid
+
+
+def level_values(fields: dict, type_name: str, levels: torch.Tensor) -> torch.Tensor:
+    """The values ggml reads back from blocks with these scales and levels (indices from 0, as pack_levels)."""
+    name = _canonical(type_name)
+    key, lo, _ = GRID_LEVELS[name]
+    with torch.no_grad():
+        return _IMPL[name][1]({**fields, key: (levels + lo).to(fields[key].dtype).reshape(fields[key].shape)}) \
+            .reshape(levels.shape)
 
 
 def pack_levels(fields: dict, type_name: str, levels: torch.Tensor) -> np.ndarray:
@@ -1315,7 +1333,7 @@ def pack_levels(fields: dict, type_name: str, levels: torch.Tensor) -> np.ndarra
 
 
 @contextmanager
-def _torch_threads(n):
+def torch_threads(n):
     if n is None or n == torch.get_num_threads():
         yield
         return
@@ -1349,7 +1367,7 @@ def quantize_dequantize(weight: torch.Tensor, type_name: str, *, importance=None
         packed = lib.quantize(x.numpy(), name, None if qw is None else qw.numpy())
         return torch.from_numpy(lib.dequantize(packed, name, tuple(x.shape)))
     dequant = _IMPL[name][1]
-    with torch.no_grad(), _torch_threads(threads):
+    with torch.no_grad(), torch_threads(threads):
         out = torch.cat([dequant(f).reshape(-1) for f in _quantized_blocks(x, name, qw)])
     return out.view(x.shape)
 
@@ -1371,6 +1389,6 @@ def quantize_to_bytes(weight: torch.Tensor, type_name: str, *, importance=None,
     if lib is not None:
         return lib.quantize(x.numpy(), name, None if qw is None else qw.numpy())
     pack = _IMPL[name][2]
-    with torch.no_grad(), _torch_threads(threads):
+    with torch.no_grad(), torch_threads(threads):
         packed = np.concatenate([pack(f) for f in _quantized_blocks(x, name, qw)])
     return packed.reshape(rows, -1)
