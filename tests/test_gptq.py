@@ -91,6 +91,19 @@ def test_export_rounds_with_feedback_at_the_same_types_and_size(tiny_factory, tm
     changed = {n for n in a if not np.array_equal(a[n].data, b[n].data)}
     blocks = {n for n, t in a.items() if n.startswith("blk.") and t.tensor_type.name in gq.GRID_LEVELS}
     assert changed == blocks and blocks
+    # ... each still the checkpoint's matrix in llama.cpp's layout (q/k rows permuted as the exporter writes them):
+    # GPTQ trades some error in the weights for less in the outputs, never a different matrix
+    from safetensors.torch import load_file
+
+    from ewq.gguf_export import llama_layout, tensor_names
+
+    layout, weights = llama_layout(model), load_file(model / "model.safetensors")
+    for hf, name in tensor_names(model).items():
+        if name in blocks:
+            w = layout(hf, weights[hf].float())
+            plain_w, fed_w = (torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+                              .reshape(w.shape) for t in (a[name], b[name]))
+            assert (fed_w - w).norm() < 3 * (plain_w - w).norm() < 0.5 * w.norm(), name
     for argv, message in ((["--gptq-tokens", "1024"], "--gptq-tokens is the calibration of --rounding gptq"),
                           (["--rounding", "gptq", "--llama-quantize-args"], "drop it or --rounding gptq"),
                           (["--rounding", "gptq", "--gptq-tokens", "100"], "at least 256")):
