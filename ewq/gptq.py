@@ -15,10 +15,11 @@ The file is an ordinary GGUF of the same types and size; llama.cpp reads it as a
 
 Measured on SmolLM2-135M moved off its Q4_1 grid (docs/RESULTS.md, round 14): with 12288 calibration tokens, each
 matrix's output error on unseen text is 0.3-0.9x llama-quantize --imatrix's at the same format (median ~0.5 for
-Q4_0/IQ4_NL, ~0.8 for the k-quants); with 768 tokens GPTQ overfits (down_proj's 1536 inputs, up to 2x worse on
+Q4_0/IQ4_NL, ~0.65 for the k-quants); with 768 tokens GPTQ overfits (down_proj's 1536 inputs, up to 2x worse on
 unseen text): it needs many more tokens than the sweep. IQ3_XXS / IQ3_S / IQ2_XS (lattice codebooks) and the float
 types are written as llama-quantize writes them. Cost: the calibration pass, plus, per matrix, one pass over its
-columns (O(rows x cols^2)); SmolLM2 ~1 min on 2 cores.
+columns (O(rows x cols^2)): 126-139 s for SmolLM2-135M's 210 matrices on 2 cores shared with another job
+(bench/llamacpp.py --ewq-gptq, round 14), the plan reused.
 """
 
 import shutil
