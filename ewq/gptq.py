@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .apply import quantizable_layers
+from .common import EWQError
 from .ggml_quants import (AFFINE_GRID, GRID_LEVELS, TYPES, _canonical, block_grid, level_values, pack_levels, row_sigma2,
                           torch_threads)
 from .quality import BATCH, load_corpus, make_windows
@@ -161,7 +162,12 @@ def round_plan(source, ckpt, types: dict, importance: dict | None, gguf_names: d
     todo = {n: t for n, t in types.items() if n.startswith(prefix) and can_round(t)}
     if not todo:
         return {}
-    windows = make_windows(load_tokenizer(source.path), load_corpus(calib_text), tokens, 256, from_end=True)
+    corpus = load_corpus(calib_text)
+    try:
+        windows = make_windows(load_tokenizer(source.path), corpus, tokens, 256, from_end=True)
+    except EWQError:  # (its advice names the evaluation's flag)
+        raise EWQError(f"--gptq-tokens {tokens}: {corpus.name} has fewer tokens than that; lower --gptq-tokens or "
+                       f"give a longer --calib-text") from None
     sm = StreamedModel(source.path, ckpt, torch.float32, "decoder", [{"input_ids": w} for w in windows.split(BATCH)])
     out = {}
     with torch.no_grad():

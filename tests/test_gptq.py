@@ -106,8 +106,10 @@ def test_export_rounds_with_feedback_at_the_same_types_and_size(tiny_factory, tm
             assert (fed_w - w).norm() < 3 * (plain_w - w).norm() < 0.5 * w.norm(), name
     for argv, message in ((["--gptq-tokens", "1024"], "--gptq-tokens is the calibration of --rounding gptq"),
                           (["--rounding", "gptq", "--llama-quantize-args"], "drop it or --rounding gptq"),
-                          (["--rounding", "gptq", "--gptq-tokens", "100"], "at least 256")):
+                          (["--rounding", "gptq", "--gptq-tokens", "100"], "at least 256"),
+                          (["--rounding", "gptq", "--gptq-tokens", "1000000"], "fewer tokens than that")):
         out = tmp_path / "refused.gguf"
         code = run_cli(export.main, ["gguf", "--plan", str(plan), "--model", str(model), "--out", str(out), *argv])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1 and not out.exists(), err
+        assert not list(tmp_path.glob(".refused.gguf*"))  # nor its temporary files
