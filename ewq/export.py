@@ -66,22 +66,22 @@ def write_gguf(plan: dict, source, ckpt, out, llama_quantize: bool = False, prog
         check_imatrix(imatrix, tensor_shapes(source.path), source.id)
         importance, metadata = imatrix.importance, imatrix.gguf_metadata()
     types = tensor_types(plan, ckpt)
-    if rounding != "gptq":
+    work = None
+    if rounding == "gptq":
+        from . import gptq
+
+        work = gptq.work_dir_beside(out)
+    try:
+        rounded = None if work is None else gptq.round_plan(
+            source, ckpt, types, importance, tensor_names(source.path), llama_layout(source.path), work,
+            gptq_tokens or gptq.GPTQ_TOKENS, calib_text, progress)
+        # (a GPTQ file has no key of its own: it is the plan's size to the byte)
         return export_gguf(source.path, Path(out), types, default_type=raw_type(ckpt), progress=progress,
                            quantize_fn=None if llama_quantize else quantize_to_bytes, strict=True,
-                           model_name=source.id, importance=importance, imatrix_metadata=metadata)
-    from . import gptq
-
-    tokens = gptq_tokens or gptq.GPTQ_TOKENS
-    work = gptq.work_dir_beside(out)
-    try:
-        rounded = gptq.round_plan(source, ckpt, types, importance, tensor_names(source.path),
-                                  llama_layout(source.path), work, tokens, calib_text, progress)
-        return export_gguf(source.path, Path(out), types, default_type=raw_type(ckpt), progress=progress,
-                           quantize_fn=quantize_to_bytes, strict=True, model_name=source.id, importance=importance,
-                           imatrix_metadata=metadata, rounded=rounded)  # no key of its own: the size of the plan
+                           model_name=source.id, importance=importance, imatrix_metadata=metadata, rounded=rounded)
     finally:
-        gptq.remove(work)
+        if work is not None:
+            gptq.remove(work)
 
 
 def plan_imatrix(plan: dict, plan_path, imatrix_file=None, use_imatrix: bool = True):

@@ -1315,21 +1315,24 @@ def block_grid(blocks: torch.Tensor, type_name: str, importance=None, row_sigma2
     return fields, grid
 
 
+def _with_levels(fields: dict, name: str, levels: torch.Tensor) -> dict:
+    """block_grid's fields with each weight's level replaced by `levels` (indices from 0 into its grid)."""
+    key, lo, _ = GRID_LEVELS[name]
+    return {**fields, key: (levels + lo).to(fields[key].dtype).reshape(fields[key].shape)}
+
+
 def level_values(fields: dict, type_name: str, levels: torch.Tensor) -> torch.Tensor:
     """The values ggml reads back from blocks with these scales and levels (indices from 0, as pack_levels)."""
     name = _canonical(type_name)
-    key, lo, _ = GRID_LEVELS[name]
     with torch.no_grad():
-        return _IMPL[name][1]({**fields, key: (levels + lo).to(fields[key].dtype).reshape(fields[key].shape)}) \
-            .reshape(levels.shape)
+        return _IMPL[name][1](_with_levels(fields, name, levels)).reshape(levels.shape)
 
 
 def pack_levels(fields: dict, type_name: str, levels: torch.Tensor) -> np.ndarray:
     """ggml's bytes [nb, bytes per block] of blocks with block_grid's scales `fields` and, per weight, the index of
     its value in block_grid's grid (levels [nb, block], int)."""
     name = _canonical(type_name)
-    key, lo, _ = GRID_LEVELS[name]
-    return _IMPL[name][2]({**fields, key: (levels + lo).to(fields[key].dtype).reshape(fields[key].shape)})
+    return _IMPL[name][2](_with_levels(fields, name, levels))
 
 
 @contextmanager

@@ -954,21 +954,19 @@ def _write_file(writer, tmp: Path, order: list, entries: dict, extra, heads, qua
     part, f = None, None
     try:
         for gname, name, t, nbytes in order:
-            if gname in rounded:  # rounded already (ewq.gptq), in this type and layout
+            if gname in rounded:  # rounded already (ewq.gptq), in this type and layout: its bytes as they are
                 data = np.load(rounded[gname], mmap_mode="r")
-                if data.nbytes != nbytes:
-                    raise EWQError(f"{gname}: {data.nbytes} rounded bytes, {t} needs {nbytes}")
                 np.ascontiguousarray(data).reshape(-1).tofile(fout)
-                bar.update(nbytes)
-                writer.write_padding(fout, nbytes)
-                continue
-            if name is None:
-                data = extra
+                n = data.nbytes
+                bar.update(n)
             else:
-                if entries[name]["part"] != part:
-                    part, f = entries[name]["part"], safe_open(entries[name]["part"], framework="pt")
-                data = _source_tensor(f, name, heads)
-            n = _write_tensor(fout, data, t, gname, quantize_fn, bar, importance.get(gname))
+                if name is None:
+                    data = extra
+                else:
+                    if entries[name]["part"] != part:
+                        part, f = entries[name]["part"], safe_open(entries[name]["part"], framework="pt")
+                    data = _source_tensor(f, name, heads)
+                n = _write_tensor(fout, data, t, gname, quantize_fn, bar, importance.get(gname))
             if n != nbytes:
                 raise EWQError(f"{gname}: wrote {n} bytes, expected {nbytes}")
             writer.write_padding(fout, n)
